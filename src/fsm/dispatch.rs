@@ -1,0 +1,322 @@
+//! The dispatch record, its identifiers, and the timestamp type.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::state::{DispatchState, FailReason};
+
+/// The longest broker, node, session id or op accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Microseconds since the Unix epoch, UTC.
+///
+/// The one time type of the crate. Arithmetic saturates instead of overflowing, so a huge lease or
+/// window can never wrap a deadline into the past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The epoch itself.
+    pub const EPOCH: Timestamp = Timestamp(0);
+    /// The latest representable instant.
+    pub const MAX: Timestamp = Timestamp(i64::MAX);
+
+    /// A timestamp `micros` microseconds after the epoch (negative: before it).
+    pub const fn from_micros(micros: i64) -> Self {
+        Timestamp(micros)
+    }
+
+    /// Microseconds since the epoch.
+    pub const fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    /// Converts a wall-clock reading. Instants before the epoch map to negative values; ones beyond
+    /// the range saturate.
+    pub fn from_system_time(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+            Err(e) => Timestamp(-i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX)),
+        }
+    }
+
+    /// `self + d`, saturating at [`Timestamp::MAX`].
+    pub fn saturating_add(self, d: Duration) -> Self {
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Timestamp(self.0.saturating_add(micros))
+    }
+
+    /// `self - d`, saturating at `i64::MIN` microseconds.
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Timestamp(self.0.saturating_sub(micros))
+    }
+
+    /// How long after `earlier` this is; zero if it is not after it.
+    pub fn duration_since(self, earlier: Timestamp) -> Duration {
+        let micros = self.0.saturating_sub(earlier.0);
+        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}µs", self.0)
+    }
+}
+
+/// The fencing token: how many times a dispatch has been claimed. `0` means never claimed.
+pub type Attempt = u32;
+
+/// A bad identifier: empty, too long, or containing a control character.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdError {
+    /// The identifier is empty.
+    #[error("{what} is empty")]
+    Empty {
+        /// Which kind of identifier.
+        what: &'static str,
+    },
+    /// The identifier is longer than [`MAX_ID_LEN`] bytes.
+    #[error("{what} is {len} bytes long; the limit is {MAX_ID_LEN}")]
+    TooLong {
+        /// Which kind of identifier.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The identifier contains a control character (newlines, NUL, …).
+    #[error("{what} contains a control character")]
+    ControlChar {
+        /// Which kind of identifier.
+        what: &'static str,
+    },
+    /// A dispatch id that is not a UUID.
+    #[error("dispatch id is not a uuid: {0}")]
+    NotUuid(String),
+}
+
+/// Checks a user-supplied name (id or op): non-empty, at most [`MAX_ID_LEN`] bytes, no control
+/// characters.
+pub(crate) fn check_name(what: &'static str, s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        Err(IdError::Empty { what })
+    } else if s.len() > MAX_ID_LEN {
+        Err(IdError::TooLong { what, len: s.len() })
+    } else if s.chars().any(char::is_control) {
+        Err(IdError::ControlChar { what })
+    } else {
+        Ok(())
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates and wraps an identifier.
+            ///
+            /// # Errors
+            ///
+            /// [`IdError`] if it is empty, longer than [`MAX_ID_LEN`] bytes, or holds a control
+            /// character.
+            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+                let s = s.into();
+                check_name($what, &s)?;
+                Ok($name(s))
+            }
+
+            /// The identifier as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                $name::new(s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A broker: a remote runtime host with one control connection to one node at a time.
+    BrokerId,
+    "broker id"
+);
+string_id!(
+    /// A hub replica. Must be unique per running process (e.g. pod name plus a UUID).
+    NodeId,
+    "node id"
+);
+string_id!(
+    /// One control connection of a broker; a reconnect gets a new session.
+    SessionId,
+    "session id"
+);
+
+/// A dispatch's id: a UUID v7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DispatchId(Uuid);
+
+impl DispatchId {
+    /// A fresh time-ordered id from the system's clock and randomness.
+    ///
+    /// This is the one impure constructor of the core (it exists so callers can mint an id
+    /// before writing, to subscribe first); use [`DispatchId::from_uuid`] for deterministic ids.
+    pub fn new() -> Self {
+        DispatchId(Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID.
+    pub const fn from_uuid(u: Uuid) -> Self {
+        DispatchId(u)
+    }
+
+    /// The UUID.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    /// Parses the hyphenated text form.
+    ///
+    /// # Errors
+    ///
+    /// [`IdError::NotUuid`] if `s` is not a UUID.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        Uuid::parse_str(s)
+            .map(DispatchId)
+            .map_err(|_| IdError::NotUuid(s.chars().take(64).collect()))
+    }
+}
+
+impl Default for DispatchId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for DispatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// The latest progress an executor reported. A new `seq` is what extends an originator's wait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Monotone sequence number, per dispatch.
+    pub seq: u64,
+    /// Free-form detail for humans and dashboards.
+    pub detail: serde_json::Value,
+}
+
+/// One dispatch: a command for a broker, and everything known about its execution.
+///
+/// A `Dispatch` is a snapshot read from a store; changing it locally changes nothing. Stores move
+/// it only through [`apply`](super::apply)'s transitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// Its id (UUID v7).
+    pub id: DispatchId,
+    /// The broker that must execute it.
+    pub broker: BrokerId,
+    /// What to do (`"start"`, `"message"`, …): the executor's switch.
+    pub op: String,
+    /// The command's arguments, as given. Stored as is: never put secrets here unless the store
+    /// is configured with an [`ArgsCodec`](crate::store::ArgsCodec) that protects them.
+    pub args: serde_json::Value,
+    /// Where it is in its life.
+    pub state: DispatchState,
+    /// The fencing token: incremented by every claim.
+    pub attempt: Attempt,
+    /// The most executions it may get (at least 1).
+    pub max_attempts: u32,
+    /// The node holding (or that last held) the claim.
+    pub claimed_by: Option<NodeId>,
+    /// Until when the holder's claim is guaranteed; after it, another node may re-claim.
+    pub lease_until: Option<Timestamp>,
+    /// Not claimable before this instant (set by retries).
+    pub available_at: Timestamp,
+    /// Never claimed at or after this instant; the sweeper then fails it as `Expired`.
+    pub deadline: Option<Timestamp>,
+    /// The executor's result, once `Done`.
+    pub result: Option<serde_json::Value>,
+    /// Why it failed, once `Failed`.
+    pub failure: Option<FailReason>,
+    /// The latest progress the holder reported.
+    pub progress: Option<Progress>,
+    /// The caller's deduplication key: a second insert with the same key returns this row.
+    pub idempotency_key: Option<String>,
+    /// When it was written.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+impl Dispatch {
+    /// Whether a claim by another node at `now` would succeed ([`apply`](super::apply)'s claim
+    /// guard, shared by every store's claim query).
+    pub fn is_claimable(&self, now: Timestamp) -> bool {
+        let before_deadline = self.deadline.is_none_or(|d| now < d);
+        match self.state {
+            DispatchState::Pending => self.available_at <= now && before_deadline,
+            DispatchState::InProgress => {
+                self.lease_until.is_some_and(|l| l <= now)
+                    && self.attempt < self.max_attempts
+                    && before_deadline
+            }
+            DispatchState::Done | DispatchState::Failed => false,
+        }
+    }
+
+    /// Whether the lease of an in-progress dispatch has run out at `now`.
+    pub fn lease_expired(&self, now: Timestamp) -> bool {
+        self.state == DispatchState::InProgress && self.lease_until.is_some_and(|l| l <= now)
+    }
+
+    /// Whether the deadline has passed at `now`.
+    pub fn past_deadline(&self, now: Timestamp) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+}
+
+/// Checks an op name: non-empty, at most [`MAX_ID_LEN`] bytes, no control characters.
+///
+/// # Errors
+///
+/// [`IdError`] naming the op.
+pub fn check_op(op: &str) -> Result<(), IdError> {
+    check_name("op", op)
+}

@@ -1,0 +1,307 @@
+//! Events and [`apply`]: the specification of every legal state change.
+//!
+//! | event | from | guard | to / writes |
+//! |---|---|---|---|
+//! | `Claim` | Pending | `available_at <= now`, before the deadline | InProgress; `attempt += 1`, `claimed_by`, `lease_until = now + lease` |
+//! | `Claim` | InProgress | `lease_until <= now`, `attempt < max_attempts`, before the deadline | InProgress; same writes (the old holder is now fenced) |
+//! | `Heartbeat` | InProgress | attempt matches | `lease_until = now + lease`; progress stored if given |
+//! | `Complete` | InProgress | attempt matches | Done; result stored |
+//! | `Fail` | InProgress | attempt matches | Failed(Error) |
+//! | `Retry` | InProgress | attempt matches, `attempt < max_attempts` | Pending; `available_at = at` |
+//! | `Release` | InProgress | attempt matches | Pending; `available_at = now` (handed back unexecuted) |
+//! | `Cancel` | Pending | — | Failed(Cancelled) |
+//! | `Expire` | Pending, or InProgress with `lease_until <= now` | `deadline <= now` | Failed(Expired) |
+//! | `Exhaust` | InProgress | `lease_until <= now`, `attempt >= max_attempts` | Failed(AttemptsExhausted) |
+//!
+//! Every other pair is a [`TransitionError`]. Events that carry an attempt are checked against the
+//! row's attempt first: a mismatch is [`TransitionError::Fenced`], whatever the state.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::dispatch::{Attempt, Dispatch, NodeId, Progress, Timestamp};
+use super::state::{DispatchState, FailReason};
+
+/// An input to the state machine. Each carries the `now` of the caller (a store's clock).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A node takes the dispatch for one attempt, with a lease.
+    Claim {
+        /// The claiming node.
+        node: NodeId,
+        /// The current time.
+        now: Timestamp,
+        /// How long the claim holds without a heartbeat.
+        lease: Duration,
+    },
+    /// The holder of `attempt` is alive (and maybe reports progress).
+    Heartbeat {
+        /// The attempt the holder claimed.
+        attempt: Attempt,
+        /// The current time.
+        now: Timestamp,
+        /// The new lease, from `now`.
+        lease: Duration,
+        /// New progress, if any.
+        progress: Option<Progress>,
+    },
+    /// The holder of `attempt` finished successfully.
+    Complete {
+        /// The attempt the holder claimed.
+        attempt: Attempt,
+        /// The current time.
+        now: Timestamp,
+        /// The executor's result.
+        result: serde_json::Value,
+    },
+    /// The holder of `attempt` failed fatally.
+    Fail {
+        /// The attempt the holder claimed.
+        attempt: Attempt,
+        /// The current time.
+        now: Timestamp,
+        /// The executor's message.
+        error: String,
+    },
+    /// The holder of `attempt` asks to run it again later.
+    Retry {
+        /// The attempt the holder claimed.
+        attempt: Attempt,
+        /// The current time.
+        now: Timestamp,
+        /// When it becomes claimable again.
+        at: Timestamp,
+    },
+    /// The holder of `attempt` hands it back without having executed it (shutdown, or the broker
+    /// left this node).
+    Release {
+        /// The attempt the holder claimed.
+        attempt: Attempt,
+        /// The current time.
+        now: Timestamp,
+    },
+    /// The originator gave up on a pending dispatch.
+    Cancel {
+        /// The current time.
+        now: Timestamp,
+    },
+    /// The deadline passed before the work could (re-)run.
+    Expire {
+        /// The current time.
+        now: Timestamp,
+    },
+    /// The holder's lease ran out with no attempts left.
+    Exhaust {
+        /// The current time.
+        now: Timestamp,
+    },
+}
+
+/// The name of an [`Event`], for errors and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// [`Event::Claim`].
+    Claim,
+    /// [`Event::Heartbeat`].
+    Heartbeat,
+    /// [`Event::Complete`].
+    Complete,
+    /// [`Event::Fail`].
+    Fail,
+    /// [`Event::Retry`].
+    Retry,
+    /// [`Event::Release`].
+    Release,
+    /// [`Event::Cancel`].
+    Cancel,
+    /// [`Event::Expire`].
+    Expire,
+    /// [`Event::Exhaust`].
+    Exhaust,
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            EventKind::Claim => "claim",
+            EventKind::Heartbeat => "heartbeat",
+            EventKind::Complete => "complete",
+            EventKind::Fail => "fail",
+            EventKind::Retry => "retry",
+            EventKind::Release => "release",
+            EventKind::Cancel => "cancel",
+            EventKind::Expire => "expire",
+            EventKind::Exhaust => "exhaust",
+        };
+        f.write_str(s)
+    }
+}
+
+impl Event {
+    /// The event's name.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Claim { .. } => EventKind::Claim,
+            Event::Heartbeat { .. } => EventKind::Heartbeat,
+            Event::Complete { .. } => EventKind::Complete,
+            Event::Fail { .. } => EventKind::Fail,
+            Event::Retry { .. } => EventKind::Retry,
+            Event::Release { .. } => EventKind::Release,
+            Event::Cancel { .. } => EventKind::Cancel,
+            Event::Expire { .. } => EventKind::Expire,
+            Event::Exhaust { .. } => EventKind::Exhaust,
+        }
+    }
+
+    /// The attempt a holder's event presents, if it is a holder's event.
+    pub fn attempt(&self) -> Option<Attempt> {
+        match self {
+            Event::Heartbeat { attempt, .. }
+            | Event::Complete { attempt, .. }
+            | Event::Fail { attempt, .. }
+            | Event::Retry { attempt, .. }
+            | Event::Release { attempt, .. } => Some(*attempt),
+            Event::Claim { .. } | Event::Cancel { .. } | Event::Expire { .. } | Event::Exhaust { .. } => {
+                None
+            }
+        }
+    }
+
+    /// The event's `now`.
+    pub fn now(&self) -> Timestamp {
+        match self {
+            Event::Claim { now, .. }
+            | Event::Heartbeat { now, .. }
+            | Event::Complete { now, .. }
+            | Event::Fail { now, .. }
+            | Event::Retry { now, .. }
+            | Event::Release { now, .. }
+            | Event::Cancel { now }
+            | Event::Expire { now }
+            | Event::Exhaust { now } => *now,
+        }
+    }
+}
+
+/// Why [`apply`] refused an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransitionError {
+    /// The event carries an attempt that is no longer the dispatch's: its holder was fenced out.
+    #[error("fenced: attempt {presented} is stale, the dispatch is at attempt {current}")]
+    Fenced {
+        /// The attempt the writer presented.
+        presented: Attempt,
+        /// The dispatch's attempt.
+        current: Attempt,
+    },
+    /// The event is not legal in this state, or its guard does not hold.
+    #[error("illegal transition: {event} in state {from}")]
+    Illegal {
+        /// The dispatch's state.
+        from: DispatchState,
+        /// The refused event.
+        event: EventKind,
+    },
+}
+
+/// Applies `event` to `d`, returning the next version of the record.
+///
+/// This is the specification of the dispatch life cycle (see the module table). It never panics,
+/// and on error the input is unchanged (it is borrowed).
+///
+/// # Errors
+///
+/// [`TransitionError::Fenced`] when a holder's event carries a stale attempt;
+/// [`TransitionError::Illegal`] for any other (state, event) pair the table does not allow.
+pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
+    let kind = event.kind();
+    let illegal = TransitionError::Illegal {
+        from: d.state,
+        event: kind,
+    };
+    if let Some(presented) = event.attempt() {
+        if presented != d.attempt {
+            return Err(TransitionError::Fenced {
+                presented,
+                current: d.attempt,
+            });
+        }
+    }
+    let mut next = d.clone();
+    next.updated_at = event.now();
+    match (d.state, event) {
+        (DispatchState::Pending | DispatchState::InProgress, Event::Claim { node, now, lease }) => {
+            if !d.is_claimable(now) {
+                return Err(illegal);
+            }
+            next.state = DispatchState::InProgress;
+            next.attempt = d.attempt.checked_add(1).ok_or(illegal)?;
+            next.claimed_by = Some(node);
+            next.lease_until = Some(now.saturating_add(lease));
+        }
+        (
+            DispatchState::InProgress,
+            Event::Heartbeat {
+                now,
+                lease,
+                progress,
+                ..
+            },
+        ) => {
+            next.lease_until = Some(now.saturating_add(lease));
+            if progress.is_some() {
+                next.progress = progress;
+            }
+        }
+        (DispatchState::InProgress, Event::Complete { result, .. }) => {
+            next.state = DispatchState::Done;
+            next.result = Some(result);
+            next.lease_until = None;
+        }
+        (DispatchState::InProgress, Event::Fail { error, .. }) => {
+            next.state = DispatchState::Failed;
+            next.failure = Some(FailReason::Error(error));
+            next.lease_until = None;
+        }
+        (DispatchState::InProgress, Event::Retry { at, .. }) => {
+            if d.attempt >= d.max_attempts {
+                return Err(illegal);
+            }
+            next.state = DispatchState::Pending;
+            next.available_at = at;
+            next.lease_until = None;
+        }
+        (DispatchState::InProgress, Event::Release { now, .. }) => {
+            next.state = DispatchState::Pending;
+            next.available_at = now;
+            next.lease_until = None;
+        }
+        (DispatchState::Pending, Event::Cancel { .. }) => {
+            next.state = DispatchState::Failed;
+            next.failure = Some(FailReason::Cancelled);
+        }
+        (DispatchState::Pending | DispatchState::InProgress, Event::Expire { now }) => {
+            let abandoned = d.state == DispatchState::Pending || d.lease_expired(now);
+            if !(abandoned && d.past_deadline(now)) {
+                return Err(illegal);
+            }
+            next.state = DispatchState::Failed;
+            next.failure = Some(FailReason::Expired);
+            next.lease_until = None;
+        }
+        (DispatchState::InProgress, Event::Exhaust { now }) => {
+            if !(d.lease_expired(now) && d.attempt >= d.max_attempts) {
+                return Err(illegal);
+            }
+            next.state = DispatchState::Failed;
+            next.failure = Some(FailReason::AttemptsExhausted);
+            next.lease_until = None;
+        }
+        _ => return Err(illegal),
+    }
+    Ok(next)
+}

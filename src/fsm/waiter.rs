@@ -1,0 +1,63 @@
+//! [`RollingDeadline`]: the originator's give-up rule.
+//!
+//! The wait ends `window` after the last real progress (a state change or a new progress sequence
+//! number, never a repeated heartbeat), and never later than the optional hard cap. Like
+//! quinn-proto's timers, it reads no clock: the shell calls [`RollingDeadline::touch`] with `now`,
+//! sleeps until [`RollingDeadline::poll_timeout`], and asks [`RollingDeadline::is_expired`].
+
+use std::time::Duration;
+
+use super::dispatch::Timestamp;
+
+/// A deadline that moves forward on progress, bounded by an optional hard cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollingDeadline {
+    window: Duration,
+    hard_cap: Option<Timestamp>,
+    deadline: Timestamp,
+}
+
+impl RollingDeadline {
+    /// Starts a wait at `now`. `hard_cap`, if any, is measured from `now` too.
+    pub fn new(now: Timestamp, window: Duration, hard_cap: Option<Duration>) -> Self {
+        let hard_cap = hard_cap.map(|c| now.saturating_add(c));
+        let mut d = RollingDeadline {
+            window,
+            hard_cap,
+            deadline: now,
+        };
+        d.deadline = d.capped(now.saturating_add(window));
+        d
+    }
+
+    fn capped(&self, t: Timestamp) -> Timestamp {
+        match self.hard_cap {
+            Some(cap) => t.min(cap),
+            None => t,
+        }
+    }
+
+    /// Records progress at `now`: the deadline becomes `now + window` (capped). It never moves
+    /// backwards, so a touch with a stale `now` cannot shorten the wait.
+    pub fn touch(&mut self, now: Timestamp) {
+        let next = self.capped(now.saturating_add(self.window));
+        if next > self.deadline {
+            self.deadline = next;
+        }
+    }
+
+    /// When the wait ends if nothing else happens.
+    pub fn poll_timeout(&self) -> Timestamp {
+        self.deadline
+    }
+
+    /// Whether the wait is over at `now`.
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        now >= self.deadline
+    }
+
+    /// The hard cap, if one was set.
+    pub fn hard_cap(&self) -> Option<Timestamp> {
+        self.hard_cap
+    }
+}

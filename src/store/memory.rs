@@ -1,0 +1,326 @@
+//! [`MemoryStore`]: the reference store. Every mutation is [`fsm::apply`] under one lock.
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+
+use super::{
+    check_limit, check_positive, system_now, CancelParams, ClaimParams, Claimed, ConnectOutcome,
+    ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch,
+    Outcome, Store, SweepParams, SweepReport, TouchParams,
+};
+use crate::error::StoreError;
+use crate::fsm::{
+    self, Affinity, BrokerId, ConnectDecision, Dispatch, DispatchId, Event, Timestamp,
+};
+use crate::sync::Mutex;
+
+/// An in-process store: the reference implementation of [`Store`].
+///
+/// Nothing survives the process. Use it for tests, the demo, and single-process hubs; share one
+/// instance (behind an `Arc`) between hubs in one process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    rows: HashMap<DispatchId, Dispatch>,
+    /// Non-terminal rows per broker, in claim order.
+    active: HashMap<BrokerId, BTreeSet<(Timestamp, DispatchId)>>,
+    keys: HashMap<String, DispatchId>,
+    affinity: HashMap<BrokerId, Affinity>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many rows it holds (all states).
+    pub fn len(&self) -> usize {
+        self.inner.lock().rows.len()
+    }
+
+    /// Whether it holds no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The synchronous core of [`Store::insert`].
+    pub fn insert_sync(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
+        new.validate()?;
+        let now = new.now.unwrap_or_else(system_now);
+        let mut inner = self.inner.lock();
+        let existing = inner.rows.get(&new.id).or_else(|| {
+            new.idempotency_key
+                .as_ref()
+                .and_then(|k| inner.keys.get(k))
+                .and_then(|id| inner.rows.get(id))
+        });
+        if let Some(d) = existing {
+            return if new.same_payload(d) {
+                Ok(d.clone())
+            } else {
+                Err(StoreError::Conflict(format!(
+                    "dispatch {} exists with a different payload",
+                    d.id
+                )))
+            };
+        }
+        let d = new.into_dispatch(now);
+        if let Some(k) = &d.idempotency_key {
+            inner.keys.insert(k.clone(), d.id);
+        }
+        inner
+            .active
+            .entry(d.broker.clone())
+            .or_default()
+            .insert((d.created_at, d.id));
+        inner.rows.insert(d.id, d.clone());
+        Ok(d)
+    }
+
+    /// The synchronous core of [`Store::claim`].
+    pub fn claim_sync(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        p.validate()?;
+        let now = p.now.unwrap_or_else(system_now);
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let Some(active) = inner.active.get(&p.broker) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (_, id) in active {
+            if out.len() >= p.limit as usize {
+                break;
+            }
+            let Some(row) = inner.rows.get_mut(id) else {
+                continue;
+            };
+            if !row.is_claimable(now) {
+                continue;
+            }
+            let next = fsm::apply(
+                row,
+                Event::Claim {
+                    node: p.node.clone(),
+                    now,
+                    lease: p.lease,
+                },
+            )?;
+            *row = next.clone();
+            out.push(Claimed::new(next));
+        }
+        Ok(out)
+    }
+
+    /// The synchronous core of [`Store::finish`].
+    pub fn finish_sync(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        let attempt = c.attempt();
+        let event = match p.outcome {
+            Outcome::Complete(result) => Event::Complete {
+                attempt,
+                now,
+                result,
+            },
+            Outcome::Fail(error) => Event::Fail {
+                attempt,
+                now,
+                error,
+            },
+            Outcome::Retry { after } => Event::Retry {
+                attempt,
+                now,
+                at: now.saturating_add(after),
+            },
+            Outcome::Release => Event::Release { attempt, now },
+        };
+        self.transition(c.id(), event)
+    }
+
+    fn transition(&self, id: DispatchId, event: Event) -> Result<Dispatch, StoreError> {
+        let mut inner = self.inner.lock();
+        let row = inner.rows.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let next = fsm::apply(row, event)?;
+        *row = next.clone();
+        if next.state.is_terminal() {
+            if let Some(set) = inner.active.get_mut(&next.broker) {
+                set.remove(&(next.created_at, id));
+            }
+        }
+        Ok(next)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
+        self.insert_sync(new)
+    }
+
+    async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        self.claim_sync(p)
+    }
+
+    async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
+        check_positive("lease", p.lease)?;
+        let now = p.now.unwrap_or_else(system_now);
+        self.transition(
+            c.id(),
+            Event::Heartbeat {
+                attempt: c.attempt(),
+                now,
+                lease: p.lease,
+                progress: p.progress,
+            },
+        )
+    }
+
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        self.finish_sync(c, p)
+    }
+
+    async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        self.transition(p.id, Event::Cancel { now })
+    }
+
+    async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
+        Ok(self.inner.lock().rows.get(&id).cloned())
+    }
+
+    async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
+        check_limit(f.limit)?;
+        let inner = self.inner.lock();
+        let mut rows: Vec<&Dispatch> = inner
+            .rows
+            .values()
+            .filter(|d| f.broker.as_ref().is_none_or(|b| *b == d.broker))
+            .filter(|d| f.state.is_none_or(|s| s == d.state))
+            .filter(|d| f.after.is_none_or(|a| d.id > a))
+            .collect();
+        rows.sort_by_key(|d| d.id);
+        Ok(rows.into_iter().take(f.limit as usize).cloned().collect())
+    }
+
+    async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
+        check_limit(p.limit)?;
+        let now = p.now.unwrap_or_else(system_now);
+        let limit = p.limit as usize;
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let mut report = SweepReport {
+            swept: true,
+            ..SweepReport::default()
+        };
+        let mut ids: Vec<DispatchId> = inner.active.values().flatten().map(|(_, id)| *id).collect();
+        ids.sort();
+        let mut claimable = BTreeSet::new();
+        for id in ids {
+            let Some(row) = inner.rows.get_mut(&id) else {
+                continue;
+            };
+            let next = if report.expired.len() < limit {
+                fsm::apply(row, Event::Expire { now }).ok()
+            } else {
+                None
+            };
+            let next = next.or_else(|| {
+                if report.exhausted.len() < limit {
+                    fsm::apply(row, Event::Exhaust { now }).ok()
+                } else {
+                    None
+                }
+            });
+            match next {
+                Some(next) => {
+                    match next.failure {
+                        Some(fsm::FailReason::Expired) => report.expired.push(id),
+                        _ => report.exhausted.push(id),
+                    }
+                    if let Some(set) = inner.active.get_mut(&next.broker) {
+                        set.remove(&(next.created_at, id));
+                    }
+                    *row = next;
+                }
+                None => {
+                    if row.is_claimable(now) {
+                        claimable.insert(row.broker.clone());
+                    }
+                }
+            }
+        }
+        report.claimable = claimable.into_iter().take(limit).collect();
+        let cutoff = now.saturating_sub(p.retention);
+        let mut purge: Vec<DispatchId> = inner
+            .rows
+            .values()
+            .filter(|d| d.state.is_terminal() && d.updated_at < cutoff)
+            .map(|d| d.id)
+            .collect();
+        purge.sort();
+        purge.truncate(limit);
+        for id in purge {
+            if let Some(d) = inner.rows.remove(&id) {
+                if let Some(k) = &d.idempotency_key {
+                    inner.keys.remove(k);
+                }
+                report.purged += 1;
+            }
+        }
+        inner.active.retain(|_, set| !set.is_empty());
+        Ok(report)
+    }
+
+    async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        let mut inner = self.inner.lock();
+        let current = inner.affinity.get(&p.broker);
+        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now) {
+            ConnectDecision::Claim(a) => {
+                inner.affinity.insert(p.broker, a.clone());
+                Ok(ConnectOutcome::Claimed(a))
+            }
+            ConnectDecision::Superseded => Ok(ConnectOutcome::Superseded(
+                current.cloned().ok_or_else(|| StoreError::invalid("superseded without a row"))?,
+            )),
+        }
+    }
+
+    async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        let mut inner = self.inner.lock();
+        match inner.affinity.get_mut(&p.broker) {
+            Some(a) if a.is_held_by(&p.node, &p.session) => {
+                a.node = None;
+                a.last_seen = now;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn touch(&self, p: TouchParams) -> Result<bool, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        let mut inner = self.inner.lock();
+        match inner.affinity.get_mut(&p.broker) {
+            Some(a) if a.is_held_by(&p.node, &p.session) => {
+                a.last_seen = a.last_seen.max(now);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
+        Ok(self.inner.lock().affinity.get(broker).cloned())
+    }
+}

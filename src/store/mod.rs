@@ -1,0 +1,437 @@
+//! Stores: where dispatches and affinity rows live. The row is the truth.
+//!
+//! [`Store`] is the one seam every backend implements: [`MemoryStore`] (the reference, always
+//! built), [`SqliteStore`] (the embedded default, `sqlite` feature) and `PgStore` (`postgres`
+//! feature). Each mutating method is one [`fsm::apply`](crate::fsm::apply) transition, guarded
+//! by state and attempt: memory calls `apply` under a lock, the SQL stores encode the same guards
+//! in their `WHERE` clauses, and the conformance suite proves they agree.
+//!
+//! Every params struct has an optional `now`. `None` means "the store's clock" (the system clock
+//! for memory and SQLite, the database clock for Postgres, so node clock skew cannot shorten a
+//! lease); tests pass an explicit `now` to control time.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+use crate::fsm::{
+    Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, Progress,
+    SessionId, Timestamp,
+};
+
+mod memory;
+pub use memory::MemoryStore;
+
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use sqlite::SqliteStore;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::PgStore;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+/// The most rows one claim, list or sweep step may touch.
+pub const MAX_BATCH: u32 = 1000;
+
+/// The largest `args` accepted, in bytes of JSON.
+pub const MAX_ARGS_BYTES: usize = 16 * 1024 * 1024;
+
+/// The durable home of dispatches and broker affinity.
+///
+/// # Contract
+///
+/// - Each mutating method applies exactly one [`fsm::apply`](crate::fsm::apply) transition per
+///   row, atomically: on error nothing changed.
+/// - `claim` is exclusive: for each (dispatch, attempt) at most one caller ever receives a
+///   [`Claimed`], even under concurrent callers on several processes.
+/// - Writes carrying a [`Claimed`] are fenced by its attempt: a stale holder gets
+///   [`StoreError::Fenced`], never a silent success.
+/// - Methods are cancel safe in the sense that dropping the future either leaves the
+///   transition applied in full or not at all; a dropped `claim` may leave rows claimed, which
+///   are re-claimed after their lease.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs and summaries (`"memory"`, `"sqlite"`, `"postgres"`).
+    fn name(&self) -> &'static str;
+
+    /// Writes a new pending dispatch.
+    ///
+    /// Idempotent: inserting an id (or idempotency key) that exists with the same broker, op and
+    /// args returns the existing row unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Conflict`] if the id or key exists with a different payload;
+    /// [`StoreError::InvalidInput`] for bad fields.
+    async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError>;
+
+    /// Claims up to `limit` claimable dispatches of one broker, oldest first (by creation time,
+    /// then id). Claimable: pending and available and before the deadline, or in progress with an
+    /// expired lease, attempts left, and before the deadline.
+    async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Extends the holder's lease and optionally records progress.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Fenced`] if the attempt is stale; [`StoreError::Illegal`] if the dispatch is
+    /// no longer in progress.
+    async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError>;
+
+    /// Finishes the holder's attempt: complete, fail, retry later, or release unexecuted.
+    ///
+    /// # Errors
+    ///
+    /// As [`heartbeat`](Store::heartbeat); a `Retry` with no attempts left is `Illegal`.
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError>;
+
+    /// Cancels a pending dispatch so it never runs.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`]; [`StoreError::Illegal`] if it is not pending.
+    async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError>;
+
+    /// Reads one dispatch.
+    async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError>;
+
+    /// Lists dispatches by ascending id, one page at a time.
+    async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError>;
+
+    /// One sweep step: expire, exhaust, purge old terminal rows, and report the brokers that have
+    /// claimable work (so the caller can signal their owners).
+    async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError>;
+
+    /// Claims a broker's affinity for `node`/`session` if it is the newest connection.
+    async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError>;
+
+    /// Releases the affinity if `node`/`session` still holds it (compare-and-clear). Returns
+    /// whether it did.
+    async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError>;
+
+    /// Refreshes the holder's `last_seen`. Returns `false` if `node`/`session` no longer holds it.
+    async fn touch(&self, p: TouchParams) -> Result<bool, StoreError>;
+
+    /// Reads a broker's affinity row.
+    async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError>;
+}
+
+/// Proof that the caller holds one attempt of one dispatch.
+///
+/// Minted by a store's [`claim`](Store::claim) (store implementations call [`Claimed::new`]);
+/// [`Store::finish`] consumes it, so one holder cannot finish twice by accident.
+#[derive(Debug)]
+pub struct Claimed {
+    dispatch: Dispatch,
+}
+
+impl Claimed {
+    /// Wraps a freshly claimed dispatch. For store implementations: anything else holding a
+    /// forged `Claimed` is simply fenced by the store.
+    pub fn new(dispatch: Dispatch) -> Self {
+        Claimed { dispatch }
+    }
+
+    /// The dispatch as it was claimed.
+    pub fn dispatch(&self) -> &Dispatch {
+        &self.dispatch
+    }
+
+    /// Its id.
+    pub fn id(&self) -> DispatchId {
+        self.dispatch.id
+    }
+
+    /// The attempt this claim holds.
+    pub fn attempt(&self) -> Attempt {
+        self.dispatch.attempt
+    }
+
+    /// Unwraps the snapshot.
+    pub fn into_dispatch(self) -> Dispatch {
+        self.dispatch
+    }
+}
+
+/// A dispatch to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDispatch {
+    /// Its id; mint it first to subscribe before writing.
+    pub id: DispatchId,
+    /// The target broker.
+    pub broker: BrokerId,
+    /// The operation.
+    pub op: String,
+    /// The arguments (stored as given; see [`ArgsCodec`]).
+    pub args: serde_json::Value,
+    /// At least 1.
+    pub max_attempts: u32,
+    /// Not claimable before this instant (`None`: now).
+    pub available_at: Option<Timestamp>,
+    /// Never claimed at or after this instant.
+    pub deadline: Option<Timestamp>,
+    /// Deduplication key, unique across the store.
+    pub idempotency_key: Option<String>,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+impl NewDispatch {
+    /// A dispatch with a fresh id, three attempts, no deadline.
+    pub fn new(broker: BrokerId, op: impl Into<String>, args: serde_json::Value) -> Self {
+        NewDispatch {
+            id: DispatchId::new(),
+            broker,
+            op: op.into(),
+            args,
+            max_attempts: 3,
+            available_at: None,
+            deadline: None,
+            idempotency_key: None,
+            now: None,
+        }
+    }
+
+    /// Validates the fields every store checks the same way.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        crate::fsm::check_op(&self.op)?;
+        if self.max_attempts == 0 {
+            return Err(StoreError::invalid("max_attempts must be at least 1"));
+        }
+        if let Some(k) = &self.idempotency_key {
+            if k.is_empty() || k.len() > crate::fsm::MAX_ID_LEN {
+                return Err(StoreError::invalid("idempotency key must be 1..=256 bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an existing row carries the same payload (the idempotency comparison).
+    pub fn same_payload(&self, d: &Dispatch) -> bool {
+        self.broker == d.broker && self.op == d.op && self.args == d.args
+    }
+
+    /// The row this insert creates at `now` (shared by every store).
+    pub fn into_dispatch(self, now: Timestamp) -> Dispatch {
+        Dispatch {
+            id: self.id,
+            broker: self.broker,
+            op: self.op,
+            args: self.args,
+            state: DispatchState::Pending,
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            claimed_by: None,
+            lease_until: None,
+            available_at: self.available_at.unwrap_or(now),
+            deadline: self.deadline,
+            result: None,
+            failure: None,
+            progress: None,
+            idempotency_key: self.idempotency_key,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// Parameters of [`Store::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimParams {
+    /// Whose work.
+    pub broker: BrokerId,
+    /// The claiming node.
+    pub node: NodeId,
+    /// At most this many rows (1..=[`MAX_BATCH`]).
+    pub limit: u32,
+    /// The lease each claimed row gets (> 0).
+    pub lease: Duration,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+impl ClaimParams {
+    /// Checks limit and lease.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        check_limit(self.limit)?;
+        check_positive("lease", self.lease)
+    }
+}
+
+/// Parameters of [`Store::heartbeat`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatParams {
+    /// The new lease, from now (> 0).
+    pub lease: Duration,
+    /// New progress, if any.
+    pub progress: Option<Progress>,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Success, with the executor's result.
+    Complete(serde_json::Value),
+    /// Fatal failure, with a message.
+    Fail(String),
+    /// Run again after this delay (uses up the attempt).
+    Retry {
+        /// Delay before the row is claimable again.
+        after: Duration,
+    },
+    /// Hand back without having executed (the attempt is spent as a fencing token only).
+    Release,
+}
+
+/// Parameters of [`Store::finish`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishParams {
+    /// How the attempt ended.
+    pub outcome: Outcome,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+impl FinishParams {
+    /// An outcome at the store's clock.
+    pub fn new(outcome: Outcome) -> Self {
+        FinishParams { outcome, now: None }
+    }
+}
+
+/// Parameters of [`Store::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelParams {
+    /// The dispatch.
+    pub id: DispatchId,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+/// A page request for [`Store::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this broker's dispatches.
+    pub broker: Option<BrokerId>,
+    /// Only dispatches in this state.
+    pub state: Option<DispatchState>,
+    /// Only ids strictly greater than this (the previous page's last id).
+    pub after: Option<DispatchId>,
+    /// Page size (1..=[`MAX_BATCH`]).
+    pub limit: u32,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        ListFilter {
+            broker: None,
+            state: None,
+            after: None,
+            limit: 100,
+        }
+    }
+}
+
+/// Parameters of [`Store::sweep`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepParams {
+    /// Terminal rows last updated longer ago than this are deleted.
+    pub retention: Duration,
+    /// At most this many rows per kind of work (1..=[`MAX_BATCH`]).
+    pub limit: u32,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Dispatches it moved to `Failed(Expired)`.
+    pub expired: Vec<DispatchId>,
+    /// Dispatches it moved to `Failed(AttemptsExhausted)`.
+    pub exhausted: Vec<DispatchId>,
+    /// How many terminal rows it deleted.
+    pub purged: u64,
+    /// Brokers with claimable work (sorted, deduplicated): signal their owners.
+    pub claimable: Vec<BrokerId>,
+    /// Whether this caller actually swept (`false` when another node holds the sweep lock).
+    pub swept: bool,
+}
+
+/// Parameters of [`Store::connect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectParams {
+    /// The broker.
+    pub broker: BrokerId,
+    /// The node that received the connection.
+    pub node: NodeId,
+    /// The connection's session.
+    pub session: SessionId,
+    /// When the connection was accepted (the ordering key: newest wins).
+    pub connected_at: Timestamp,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+/// The result of [`Store::connect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// The caller now holds the broker.
+    Claimed(Affinity),
+    /// A newer session holds (or held) it; the claim was refused.
+    Superseded(Affinity),
+}
+
+/// Parameters of [`Store::disconnect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisconnectParams {
+    /// The broker.
+    pub broker: BrokerId,
+    /// The node releasing it.
+    pub node: NodeId,
+    /// The session being torn down.
+    pub session: SessionId,
+    /// The store's clock if `None`.
+    pub now: Option<Timestamp>,
+}
+
+/// Parameters of [`Store::touch`].
+pub type TouchParams = DisconnectParams;
+
+/// Encodes `args` before they are written and decodes them after they are read: the hook to
+/// encrypt or redact secrets at rest. The default stores JSON as given.
+pub trait ArgsCodec: Send + Sync + fmt::Debug + 'static {
+    /// Turns the caller's args into what is stored.
+    fn encode(&self, args: &serde_json::Value) -> Result<serde_json::Value, StoreError>;
+    /// Turns what is stored back into the caller's args.
+    fn decode(&self, stored: serde_json::Value) -> Result<serde_json::Value, StoreError>;
+}
+
+pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
+    if limit == 0 || limit > MAX_BATCH {
+        return Err(StoreError::invalid(format!("limit must be in 1..={MAX_BATCH}, got {limit}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_positive(what: &str, d: Duration) -> Result<(), StoreError> {
+    if d.is_zero() {
+        return Err(StoreError::invalid(format!("{what} must be positive")));
+    }
+    Ok(())
+}
+
+pub(crate) fn system_now() -> Timestamp {
+    Timestamp::from_system_time(std::time::SystemTime::now())
+}

@@ -1,0 +1,5 @@
+//! [`SqliteStore`]: the embedded default store.
+
+/// Placeholder until the SQLite store lands.
+#[derive(Debug)]
+pub struct SqliteStore;

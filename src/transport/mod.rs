@@ -1,0 +1,103 @@
+//! Transports: wake-ups between nodes. A notice is a hint; the store is the truth.
+//!
+//! Two kinds of notices travel: **signals** ("broker B may have claimable work") and **events**
+//! ("dispatch D changed"). Losing one costs latency, never data: hubs poll as a fallback, and a
+//! [`Notice::Resync`] tells a subscriber that notices may have been missed, so it re-reads
+//! everything it cares about.
+//!
+//! Built in: [`MemoryTransport`] (several hubs in one process), [`NoopTransport`] (nothing;
+//! polling carries the load), and `PgTransport` (`postgres` feature, LISTEN/NOTIFY). Write your
+//! own against the [`Transport`] contract; `examples/custom_transport.rs` shows one.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TransportError;
+use crate::fsm::{BrokerId, DispatchId};
+
+mod memory;
+mod noop;
+pub use memory::MemoryTransport;
+pub use noop::NoopTransport;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::PgTransport;
+
+/// A wake-up.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Notice {
+    /// The broker may have claimable work: its owner should drain it.
+    Signal {
+        /// The broker.
+        broker: BrokerId,
+    },
+    /// The dispatch changed (claimed, progressed, finished): its waiters should re-read it.
+    Event {
+        /// The dispatch.
+        id: DispatchId,
+    },
+    /// Notices may have been lost (a reconnect, an overflow): re-read everything.
+    Resync,
+}
+
+/// A subscription's stream of notices. It ends only when the transport closes.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = Notice> + Send + 'static>>,
+}
+
+impl Subscription {
+    /// Wraps any stream of notices.
+    pub fn new(stream: impl Stream<Item = Notice> + Send + 'static) -> Self {
+        Subscription {
+            inner: Box::pin(stream),
+        }
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Notice;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Notice>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// Carries [`Notice`]s between the nodes of a cluster.
+///
+/// # Contract
+///
+/// - `subscribe` returns once the subscription is live: a notice published (by anyone) after it
+///   returns is delivered, or else the subscriber later receives [`Notice::Resync`].
+/// - Delivery is best-effort, may duplicate, and may reorder; subscribers must treat notices as
+///   hints and re-read the store.
+/// - A publisher receives its own notices too (hubs rely on this in a one-node cluster).
+/// - `publish` does not wait for delivery. Dropping its future may drop the notice.
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs (`"memory"`, `"noop"`, `"postgres"`).
+    fn name(&self) -> &'static str;
+
+    /// Starts a live subscription to every notice.
+    async fn subscribe(&self) -> Result<Subscription, TransportError>;
+
+    /// Publishes a notice to every subscriber.
+    async fn publish(&self, notice: Notice) -> Result<(), TransportError>;
+}
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;

@@ -1,0 +1,5 @@
+//! [`PgTransport`]: LISTEN/NOTIFY wake-ups.
+
+/// Placeholder until the Postgres transport lands.
+#[derive(Debug)]
+pub struct PgTransport;
