@@ -1,5 +1,1112 @@
-//! [`PgStore`]: the Postgres store.
+//! [`PgStore`]: the Postgres store, for hubs whose replicas share one database.
+//!
+//! Every mutation is one SQL statement whose `WHERE` clause encodes the guard of the matching
+//! [`fsm::apply`] transition, so a row moves atomically or not at all. When a guarded update
+//! touches no row, the store reads the row and asks [`fsm::apply`] why, so its errors are exactly
+//! the memory store's. The claim is a single `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP
+//! LOCKED LIMIT n) RETURNING …` that also re-claims expired leases. An insert and the `pg_notify`
+//! that signals the broker's owner are one statement, hence one transaction.
+//!
+//! Time: a `now` of `None` is read from the database clock inside the statement that uses it, so
+//! clock skew between nodes cannot shorten a lease. Timestamps are `BIGINT` microseconds.
 
-/// Placeholder until the Postgres store lands.
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, NoTls, Row, ToStatement};
+use uuid::Uuid;
+
+use super::{
+    check_limit, check_positive, ArgsCodec, CancelParams, ClaimParams, Claimed, ConnectOutcome,
+    ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch,
+    Outcome, Store, SweepParams, SweepReport, TouchParams,
+};
+use crate::error::StoreError;
+use crate::fsm::{
+    self, Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, Event, FailReason,
+    NodeId, SessionId, Timestamp,
+};
+use crate::transport::postgres::{check_channel_prefix, signal_channel};
+
+/// The migrations, in order: `(version, SQL)`. `{schema}` stands for the quoted schema name.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+
+/// The newest schema version this build understands.
+pub const PG_SCHEMA_VERSION: i64 = 1;
+
+/// The dispatch columns, in the order [`PgStore::decode`] reads them.
+const COLS: &str = "d.id, d.broker, d.op, d.args, d.state, d.attempt, d.max_attempts, \
+    d.claimed_by, d.lease_until, d.available_at, d.deadline, d.result, d.failure, d.progress, \
+    d.idempotency_key, d.created_at, d.updated_at";
+const NCOLS: usize = 17;
+
+/// How [`PgStore`] connects and where it keeps its tables.
+#[derive(Debug, Clone)]
+pub struct PgStoreOptions {
+    /// The schema holding the tables (created by [`PgStore::migrate`]). Lowercase ASCII letters,
+    /// digits and `_`, starting with a letter or `_`, at most 63 bytes.
+    pub schema: String,
+    /// The most pooled connections ([`PgStore::connect`] only).
+    pub pool_size: usize,
+    /// The prefix of the notification channels (`{prefix}_signal`, `{prefix}_event`). It must
+    /// match the [`PgTransport`](crate::transport::PgTransport)'s. Same alphabet as `schema`, at
+    /// most 40 bytes.
+    pub channel_prefix: String,
+    /// Encodes args at rest (encryption, redaction); `None` stores them as given.
+    pub args_codec: Option<Arc<dyn ArgsCodec>>,
+    /// How long to wait for a connection, new or pooled ([`PgStore::connect`] only).
+    pub connect_timeout: Duration,
+    /// The server-side `statement_timeout` of every pooled connection, if any
+    /// ([`PgStore::connect`] only). A statement that runs out is reported as
+    /// [`StoreError::Unavailable`]: the same call may well succeed later.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl Default for PgStoreOptions {
+    fn default() -> Self {
+        PgStoreOptions {
+            schema: "broker_dispatch".to_owned(),
+            pool_size: 16,
+            channel_prefix: "broker_dispatch".to_owned(),
+            args_codec: None,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+        }
+    }
+}
+
+/// The statements, rendered once for the store's schema.
 #[derive(Debug)]
-pub struct PgStore;
+struct Sql {
+    insert: String,
+    find_existing: String,
+    claim: String,
+    heartbeat: String,
+    complete: String,
+    fail: String,
+    retry: String,
+    release: String,
+    cancel: String,
+    read_at: String,
+    get: String,
+    list: String,
+    sweep_lock: String,
+    sweep_expire: String,
+    sweep_exhaust: String,
+    sweep_claimable: String,
+    sweep_purge: String,
+    connect: String,
+    affinity: String,
+    disconnect: String,
+    touch: String,
+}
+
+/// `x` is claimable at `clock.now`: [`Dispatch::is_claimable`] in SQL.
+fn claimable(x: &str) -> String {
+    format!(
+        "((({x}.state = 'pending' AND {x}.available_at <= clock.now) \
+           OR ({x}.state = 'in_progress' AND {x}.lease_until <= clock.now \
+               AND {x}.attempt < {x}.max_attempts)) \
+          AND ({x}.deadline IS NULL OR clock.now < {x}.deadline))"
+    )
+}
+
+impl Sql {
+    fn new(s: &str) -> Sql {
+        // Reads the database clock once per statement (MATERIALIZED: a volatile CTE evaluated
+        // once), unless the caller passed an explicit `now` as parameter `$n`.
+        let clock = |n: u32| {
+            format!(
+                "WITH clock AS MATERIALIZED \
+                 (SELECT COALESCE(${n}::bigint, {s}.clock_micros()) AS now)"
+            )
+        };
+        // A guarded holder transition: $1 id, $2 now, $3 attempt, then the event's own values.
+        let holder = |set: &str, guard: &str| {
+            format!(
+                "{} UPDATE {s}.dispatch AS d SET {set}, updated_at = clock.now FROM clock \
+                 WHERE d.id = $1 AND d.attempt = $3 AND d.state = 'in_progress'{guard} \
+                 RETURNING {COLS}",
+                clock(2)
+            )
+        };
+        Sql {
+            insert: format!(
+                "{}, ins AS ( \
+                   INSERT INTO {s}.dispatch AS d (id, broker, op, args, state, attempt, \
+                     max_attempts, available_at, deadline, idempotency_key, created_at, updated_at) \
+                   SELECT $1::uuid, $2::text, $3::text, $4::json, 'pending', 0, $5::bigint, \
+                     COALESCE($6::bigint, clock.now), $7::bigint, $8::text, clock.now, clock.now \
+                   FROM clock \
+                   ON CONFLICT DO NOTHING \
+                   RETURNING {COLS}), \
+                 sig AS (SELECT pg_notify($9::text, ins.broker) FROM ins) \
+                 SELECT ins.*, (SELECT count(*) FROM sig) FROM ins",
+                clock(10)
+            ),
+            find_existing: format!(
+                "SELECT {COLS} FROM {s}.dispatch AS d \
+                 WHERE d.id = $1::uuid OR d.idempotency_key = $2::text \
+                 ORDER BY (d.id = $1::uuid) DESC LIMIT 1"
+            ),
+            claim: format!(
+                "{} UPDATE {s}.dispatch AS d \
+                 SET state = 'in_progress', attempt = d.attempt + 1, claimed_by = $2::text, \
+                     lease_until = {s}.sat_add(clock.now, $3::bigint), updated_at = clock.now \
+                 FROM clock \
+                 WHERE d.id IN ( \
+                     SELECT c.id FROM {s}.dispatch AS c, clock \
+                     WHERE c.broker = $1::text AND c.state IN ('pending', 'in_progress') \
+                       AND {} \
+                     ORDER BY c.created_at, c.id \
+                     LIMIT $4::bigint \
+                     FOR UPDATE OF c SKIP LOCKED) \
+                   AND {} \
+                 RETURNING {COLS}",
+                clock(5),
+                claimable("c"),
+                claimable("d"),
+            ),
+            heartbeat: holder(
+                "lease_until = {s}.sat_add(clock.now, $4::bigint), \
+                 progress = COALESCE($5::json, d.progress)"
+                    .replace("{s}", s)
+                    .as_str(),
+                "",
+            ),
+            complete: holder("state = 'done', result = $4::json, lease_until = NULL", ""),
+            fail: holder("state = 'failed', failure = $4::json, lease_until = NULL", ""),
+            retry: holder(
+                format!(
+                    "state = 'pending', available_at = {s}.sat_add(clock.now, $4::bigint), \
+                     lease_until = NULL"
+                )
+                .as_str(),
+                " AND d.attempt < d.max_attempts",
+            ),
+            release: holder(
+                "state = 'pending', available_at = clock.now, lease_until = NULL",
+                "",
+            ),
+            cancel: format!(
+                "{} UPDATE {s}.dispatch AS d \
+                 SET state = 'failed', failure = $3::json, updated_at = clock.now FROM clock \
+                 WHERE d.id = $1 AND d.state = 'pending' RETURNING {COLS}",
+                clock(2)
+            ),
+            read_at: format!(
+                "SELECT {COLS}, COALESCE($2::bigint, {s}.clock_micros()) \
+                 FROM {s}.dispatch AS d WHERE d.id = $1::uuid"
+            ),
+            get: format!("SELECT {COLS} FROM {s}.dispatch AS d WHERE d.id = $1::uuid"),
+            list: format!(
+                "SELECT {COLS} FROM {s}.dispatch AS d \
+                 WHERE ($1::text IS NULL OR d.broker = $1::text) \
+                   AND ($2::text IS NULL OR d.state = $2::text) \
+                   AND ($3::uuid IS NULL OR d.id > $3::uuid) \
+                 ORDER BY d.id LIMIT $4::bigint"
+            ),
+            sweep_lock: format!(
+                "SELECT pg_try_advisory_xact_lock($1::bigint), \
+                        COALESCE($2::bigint, {s}.clock_micros())"
+            ),
+            sweep_expire: format!(
+                "UPDATE {s}.dispatch AS d \
+                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
+                     updated_at = $1::bigint \
+                 WHERE d.id IN ( \
+                     SELECT c.id FROM {s}.dispatch AS c \
+                     WHERE c.state IN ('pending', 'in_progress') AND c.deadline <= $1::bigint \
+                       AND (c.state = 'pending' OR c.lease_until <= $1::bigint) \
+                     ORDER BY c.id LIMIT $2::bigint FOR UPDATE) \
+                 RETURNING d.id"
+            ),
+            sweep_exhaust: format!(
+                "UPDATE {s}.dispatch AS d \
+                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
+                     updated_at = $1::bigint \
+                 WHERE d.id IN ( \
+                     SELECT c.id FROM {s}.dispatch AS c \
+                     WHERE c.state = 'in_progress' AND c.lease_until <= $1::bigint \
+                       AND c.attempt >= c.max_attempts \
+                     ORDER BY c.id LIMIT $2::bigint FOR UPDATE) \
+                 RETURNING d.id"
+            ),
+            sweep_claimable: format!(
+                "WITH clock AS (SELECT $1::bigint AS now) \
+                 SELECT DISTINCT d.broker FROM {s}.dispatch AS d, clock \
+                 WHERE d.state IN ('pending', 'in_progress') AND {} \
+                 ORDER BY d.broker LIMIT $2::bigint",
+                claimable("d")
+            ),
+            sweep_purge: format!(
+                "DELETE FROM {s}.dispatch WHERE id IN ( \
+                     SELECT c.id FROM {s}.dispatch AS c \
+                     WHERE c.state IN ('done', 'failed') AND c.updated_at < $1::bigint \
+                     ORDER BY c.id LIMIT $2::bigint)"
+            ),
+            // `decide_connect` in SQL: the claim wins unless (connected_at, session) is older
+            // than the row's, or this very session already released the broker.
+            connect: format!(
+                "{} INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
+                 SELECT $1::text, $2::text, $3::text, $4::bigint, clock.now FROM clock \
+                 ON CONFLICT (broker) DO UPDATE \
+                 SET node = EXCLUDED.node, session = EXCLUDED.session, \
+                     connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen \
+                 WHERE (a.connected_at, a.session) <= (EXCLUDED.connected_at, EXCLUDED.session) \
+                   AND NOT (a.session = EXCLUDED.session \
+                            AND a.connected_at = EXCLUDED.connected_at AND a.node IS NULL) \
+                 RETURNING a.broker, a.node, a.session, a.connected_at, a.last_seen",
+                clock(5)
+            ),
+            affinity: format!(
+                "SELECT a.broker, a.node, a.session, a.connected_at, a.last_seen \
+                 FROM {s}.affinity AS a WHERE a.broker = $1::text"
+            ),
+            disconnect: format!(
+                "{} UPDATE {s}.affinity AS a SET node = NULL, last_seen = clock.now FROM clock \
+                 WHERE a.broker = $1::text AND a.node = $2::text AND a.session = $3::text",
+                clock(4)
+            ),
+            touch: format!(
+                "{} UPDATE {s}.affinity AS a SET last_seen = GREATEST(a.last_seen, clock.now) \
+                 FROM clock \
+                 WHERE a.broker = $1::text AND a.node = $2::text AND a.session = $3::text",
+                clock(4)
+            ),
+        }
+    }
+}
+
+/// The Postgres store (`postgres` feature).
+///
+/// Build one with [`PgStore::connect`] (from a DSN) or [`PgStore::from_pool`] (sharing a
+/// `deadpool_postgres` pool), then call [`PgStore::migrate`] once per deployment (it is
+/// idempotent and safe to run from every replica at start-up). Clone it freely: clones share
+/// the pool.
+///
+/// Connections made by [`PgStore::connect`] do not use TLS; to use TLS, build the pool yourself
+/// with a TLS connector and pass it to [`PgStore::from_pool`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    sql: Arc<Sql>,
+    schema: Arc<str>,
+    signal_channel: Arc<str>,
+    codec: Option<Arc<dyn ArgsCodec>>,
+    sweep_key: i64,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("schema", &self.schema)
+            .field("signal_channel", &self.signal_channel)
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a schema name: plain lowercase identifier, so it never needs escaping and never
+/// changes case.
+fn check_schema(schema: &str) -> Result<(), StoreError> {
+    let mut chars = schema.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || schema.len() > 63 {
+        return Err(StoreError::invalid(format!(
+            "schema name must match [a-z_][a-z0-9_]* and be at most 63 bytes, got {schema:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A stable 64-bit key for an advisory lock (FNV-1a), so every replica derives the same key.
+fn lock_key(purpose: &str, schema: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "broker_dispatch:"
+        .bytes()
+        .chain(purpose.bytes())
+        .chain(b":".iter().copied())
+        .chain(schema.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| StoreError::Backend(Box::new(e)))
+}
+
+fn corrupt(what: impl fmt::Display) -> StoreError {
+    StoreError::Backend(format!("corrupt row: {what}").into())
+}
+
+/// Whether a driver error is one a retry may fix.
+///
+/// Retryable: connection failures and losses, timeouts, server shutdown (`57P01`..`57P03`),
+/// cancelled statements including `statement_timeout` (`57014`), lock timeouts (`55P03`),
+/// serialization failures and deadlocks (`40001`, `40P01`), too many connections (`53300`),
+/// and SQLSTATE class `08`. Everything else (bad SQL, constraint violations, permissions,
+/// authentication, encoding) is not.
+pub(crate) fn is_retryable_pg(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || matches!(
+                    c,
+                    "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "40001" | "40P01" | "53300"
+                )
+        }
+        None => {
+            // Without a SQLSTATE the driver failed on the wire: closed, I/O, connect, timeout.
+            // The driver's error kinds are private; their messages are stable within 0.7.
+            let text = e.to_string();
+            e.is_closed()
+                || text.starts_with("error communicating")
+                || text.starts_with("error connecting")
+                || text.starts_with("timeout")
+        }
+    }
+}
+
+/// Classifies a driver error: what a retry may fix is [`StoreError::Unavailable`], the rest
+/// [`StoreError::Backend`]; the driver error is the boxed source.
+fn map_pg(e: tokio_postgres::Error) -> StoreError {
+    if is_retryable_pg(&e) {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+fn map_pool(e: deadpool_postgres::PoolError) -> StoreError {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => map_pg(e),
+        PoolError::Timeout(_) => StoreError::Unavailable(Box::new(e)),
+        other => StoreError::Backend(Box::new(other)),
+    }
+}
+
+impl PgStore {
+    /// Connects a pool to the database at `dsn` (a `postgres://` URL or a `key=value`
+    /// string) and checks that one connection can be made.
+    ///
+    /// It does not create or migrate the schema: call [`migrate`](Self::migrate).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a malformed DSN, schema or channel prefix;
+    /// [`StoreError::Unavailable`] if the server cannot be reached within
+    /// `options.connect_timeout`; [`StoreError::Backend`] if it refuses the connection
+    /// (authentication, unknown database).
+    pub async fn connect(dsn: &str, options: PgStoreOptions) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = dsn
+            .parse()
+            .map_err(|e| StoreError::invalid(format!("bad postgres dsn: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.connect_timeout);
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        if let Some(t) = options.statement_timeout {
+            let ms = t.as_millis().max(1);
+            let opts = match config.get_options() {
+                Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={ms}"),
+                _ => format!("-c statement_timeout={ms}"),
+            };
+            config.options(opts);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let store = Self::from_pool(pool, options)?;
+        drop(store.client().await?);
+        Ok(store)
+    }
+
+    /// Wraps an existing pool (for TLS, or to share connections with the rest of a server).
+    /// The pool's size, timeouts and connection settings are the caller's; only `schema`,
+    /// `channel_prefix` and `args_codec` of `options` apply.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a malformed schema name or channel prefix.
+    pub fn from_pool(pool: Pool, options: PgStoreOptions) -> Result<Self, StoreError> {
+        check_schema(&options.schema)?;
+        check_channel_prefix(&options.channel_prefix)
+            .map_err(|e| StoreError::invalid(e.to_string()))?;
+        let quoted = format!("\"{}\"", options.schema);
+        Ok(PgStore {
+            pool,
+            sql: Arc::new(Sql::new(&quoted)),
+            sweep_key: lock_key("sweep", &options.schema),
+            schema: options.schema.into(),
+            signal_channel: signal_channel(&options.channel_prefix).into(),
+            codec: options.args_codec,
+        })
+    }
+
+    /// The pool this store uses.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The schema holding the store's tables.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The advisory lock key a sweep holds for the length of its transaction: one sweeper per
+    /// schema at a time, across the cluster.
+    pub fn sweep_lock_key(&self) -> i64 {
+        self.sweep_key
+    }
+
+    /// Creates the schema and applies the embedded migrations it lacks, in one transaction
+    /// under an advisory lock (so replicas starting together do not race). Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::SchemaTooNew`] if a newer build already migrated the schema; otherwise
+    /// as any call.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future rolls the transaction back: the schema is migrated fully or not at all.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let s = format!("\"{}\"", self.schema);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_pg)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1::bigint)",
+            &[&lock_key("migrate", &self.schema)],
+        )
+        .await
+        .map_err(map_pg)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s}; \
+             CREATE TABLE IF NOT EXISTS {s}.schema_version ( \
+                 version bigint PRIMARY KEY, \
+                 applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .await
+        .map_err(map_pg)?;
+        let found: i64 = tx
+            .query_one(
+                &format!("SELECT COALESCE(max(version), 0)::bigint FROM {s}.schema_version"),
+                &[],
+            )
+            .await
+            .map_err(map_pg)?
+            .get(0);
+        if found > PG_SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: PG_SCHEMA_VERSION,
+            });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+            tx.batch_execute(&sql.replace("{schema}", &s))
+                .await
+                .map_err(map_pg)?;
+            tx.execute(
+                &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+                &[version],
+            )
+            .await
+            .map_err(map_pg)?;
+        }
+        tx.commit().await.map_err(map_pg)
+    }
+
+    /// Inserts a dispatch through `client`, typically inside the caller's own transaction: the
+    /// row and its signal (`pg_notify` on `{prefix}_signal`) then become visible when, and only
+    /// if, that transaction commits. Semantics as [`Store::insert`].
+    ///
+    /// `client` must be connected to the database this store uses, with the store's schema
+    /// migrated. Statements are prepared on `client` for each call (they are not cached).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::insert`]. After an error inside a transaction, the transaction is aborted
+    /// (Postgres semantics): roll it back.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the statement applied within the caller's transaction.
+    pub async fn insert_in<C>(&self, client: &C, new: NewDispatch) -> Result<Dispatch, StoreError>
+    where
+        C: GenericClient + Sync,
+    {
+        self.insert_on(
+            client,
+            self.sql.insert.as_str(),
+            self.sql.find_existing.as_str(),
+            new,
+        )
+        .await
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(map_pool)
+    }
+
+    async fn insert_on<C, S1, S2>(
+        &self,
+        client: &C,
+        insert: &S1,
+        find: &S2,
+        new: NewDispatch,
+    ) -> Result<Dispatch, StoreError>
+    where
+        C: GenericClient + Sync,
+        S1: ?Sized + ToStatement + Sync + Send,
+        S2: ?Sized + ToStatement + Sync + Send,
+    {
+        new.validate()?;
+        let args = match &self.codec {
+            Some(codec) => codec.encode(&new.args)?,
+            None => new.args.clone(),
+        };
+        let id: &Uuid = new.id.as_uuid();
+        let max_attempts = i64::from(new.max_attempts);
+        let available_at = new.available_at.map(Timestamp::as_micros);
+        let deadline = new.deadline.map(Timestamp::as_micros);
+        let now = new.now.map(Timestamp::as_micros);
+        let channel: &str = &self.signal_channel;
+        // A conflicting row can vanish (purged) between the insert and the lookup: try again.
+        for _ in 0..3 {
+            let inserted = client
+                .query_opt(
+                    insert,
+                    &[
+                        id,
+                        &new.broker.as_str(),
+                        &new.op,
+                        &args,
+                        &max_attempts,
+                        &available_at,
+                        &deadline,
+                        &new.idempotency_key,
+                        &channel,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            if let Some(row) = inserted {
+                return self.decode(&row);
+            }
+            let existing = client
+                .query_opt(find, &[id, &new.idempotency_key])
+                .await
+                .map_err(map_pg)?;
+            if let Some(row) = existing {
+                let d = self.decode(&row)?;
+                return if new.same_payload(&d) {
+                    Ok(d)
+                } else {
+                    Err(StoreError::Conflict(format!(
+                        "dispatch {} exists with a different payload",
+                        d.id
+                    )))
+                };
+            }
+        }
+        Err(StoreError::Unavailable(
+            "insert kept conflicting with rows that were deleted concurrently".into(),
+        ))
+    }
+
+    /// Runs a guarded transition (`$1` id, `$2` now, then `params`). When it touches no row,
+    /// reads the row and lets [`fsm::apply`] say why, so errors match the memory store's.
+    async fn guarded(
+        &self,
+        sql: &str,
+        id: DispatchId,
+        now: Option<Timestamp>,
+        params: &[&(dyn ToSql + Sync)],
+        event: impl Fn(Timestamp) -> Event,
+    ) -> Result<Dispatch, StoreError> {
+        let uuid: &Uuid = id.as_uuid();
+        let now = now.map(Timestamp::as_micros);
+        let mut all: Vec<&(dyn ToSql + Sync)> = vec![uuid, &now];
+        all.extend_from_slice(params);
+        let client = self.client().await?;
+        for _ in 0..3 {
+            let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
+            if let Some(row) = client.query_opt(&stmt, &all).await.map_err(map_pg)? {
+                return self.decode(&row);
+            }
+            let read = client
+                .prepare_cached(&self.sql.read_at)
+                .await
+                .map_err(map_pg)?;
+            let Some(row) = client
+                .query_opt(&read, &[uuid, &now])
+                .await
+                .map_err(map_pg)?
+            else {
+                return Err(StoreError::NotFound(id));
+            };
+            let current = self.decode(&row)?;
+            let at = Timestamp::from_micros(row.try_get(NCOLS).map_err(map_pg)?);
+            fsm::apply(&current, event(at))?;
+            // The guard holds now: the row changed between the update and the read. Again.
+        }
+        Err(StoreError::Unavailable(
+            format!("dispatch {id} kept changing under concurrent writers").into(),
+        ))
+    }
+
+    fn decode(&self, r: &Row) -> Result<Dispatch, StoreError> {
+        let id: Uuid = r.try_get(0).map_err(map_pg)?;
+        let broker: String = r.try_get(1).map_err(map_pg)?;
+        let state: String = r.try_get(4).map_err(map_pg)?;
+        let attempt: i64 = r.try_get(5).map_err(map_pg)?;
+        let max_attempts: i64 = r.try_get(6).map_err(map_pg)?;
+        let claimed_by: Option<String> = r.try_get(7).map_err(map_pg)?;
+        let stored_args: serde_json::Value = r.try_get(3).map_err(map_pg)?;
+        let failure: Option<serde_json::Value> = r.try_get(12).map_err(map_pg)?;
+        let progress: Option<serde_json::Value> = r.try_get(13).map_err(map_pg)?;
+        let ts = |i: usize| -> Result<Timestamp, StoreError> {
+            Ok(Timestamp::from_micros(r.try_get(i).map_err(map_pg)?))
+        };
+        let opt_ts = |i: usize| -> Result<Option<Timestamp>, StoreError> {
+            Ok(r.try_get::<_, Option<i64>>(i)
+                .map_err(map_pg)?
+                .map(Timestamp::from_micros))
+        };
+        let args = match &self.codec {
+            Some(codec) => codec.decode(stored_args)?,
+            None => stored_args,
+        };
+        Ok(Dispatch {
+            id: DispatchId::from_uuid(id),
+            broker: BrokerId::new(broker).map_err(corrupt)?,
+            op: r.try_get(2).map_err(map_pg)?,
+            args,
+            state: state.parse::<DispatchState>().map_err(corrupt)?,
+            attempt: Attempt::try_from(attempt).map_err(corrupt)?,
+            max_attempts: u32::try_from(max_attempts).map_err(corrupt)?,
+            claimed_by: claimed_by.map(NodeId::new).transpose().map_err(corrupt)?,
+            lease_until: opt_ts(8)?,
+            available_at: ts(9)?,
+            deadline: opt_ts(10)?,
+            result: r.try_get(11).map_err(map_pg)?,
+            failure: failure
+                .map(serde_json::from_value::<FailReason>)
+                .transpose()
+                .map_err(corrupt)?,
+            progress: progress
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(corrupt)?,
+            idempotency_key: r.try_get(14).map_err(map_pg)?,
+            created_at: ts(15)?,
+            updated_at: ts(16)?,
+        })
+    }
+}
+
+fn decode_affinity(r: &Row) -> Result<Affinity, StoreError> {
+    let broker: String = r.try_get(0).map_err(map_pg)?;
+    let node: Option<String> = r.try_get(1).map_err(map_pg)?;
+    let session: String = r.try_get(2).map_err(map_pg)?;
+    Ok(Affinity {
+        broker: BrokerId::new(broker).map_err(corrupt)?,
+        node: node.map(NodeId::new).transpose().map_err(corrupt)?,
+        session: SessionId::new(session).map_err(corrupt)?,
+        connected_at: Timestamp::from_micros(r.try_get(3).map_err(map_pg)?),
+        last_seen: Timestamp::from_micros(r.try_get(4).map_err(map_pg)?),
+    })
+}
+
+/// Every method runs one statement (or, for `sweep`, one transaction) on a pooled connection.
+///
+/// # Errors
+///
+/// Besides each method's own, [`StoreError::Unavailable`] when the database is unreachable, the
+/// connection drops, or a statement times out; [`StoreError::Backend`] for anything else the
+/// database refuses (a missing schema: run [`PgStore::migrate`]).
+///
+/// # Cancel safety
+///
+/// A statement runs in its own implicit transaction: dropping a future applies it fully or not
+/// at all. A dropped `claim` may leave rows claimed; they are re-claimed after their lease.
+#[async_trait]
+impl Store for PgStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
+        new.validate()?;
+        let client = self.client().await?;
+        let insert = client
+            .prepare_cached(&self.sql.insert)
+            .await
+            .map_err(map_pg)?;
+        let find = client
+            .prepare_cached(&self.sql.find_existing)
+            .await
+            .map_err(map_pg)?;
+        let plain: &tokio_postgres::Client = &client;
+        self.insert_on(plain, &insert, &find, new).await
+    }
+
+    async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        p.validate()?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.claim)
+            .await
+            .map_err(map_pg)?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &p.broker.as_str(),
+                    &p.node.as_str(),
+                    &micros(p.lease),
+                    &i64::from(p.limit),
+                    &p.now.map(Timestamp::as_micros),
+                ],
+            )
+            .await
+            .map_err(map_pg)?;
+        let mut out = rows
+            .iter()
+            .map(|r| self.decode(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|d| (d.created_at, d.id));
+        Ok(out.into_iter().map(Claimed::new).collect())
+    }
+
+    async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
+        check_positive("lease", p.lease)?;
+        let attempt = i64::from(c.attempt());
+        let progress = p.progress.as_ref().map(to_json).transpose()?;
+        let lease = micros(p.lease);
+        self.guarded(
+            &self.sql.heartbeat,
+            c.id(),
+            p.now,
+            &[&attempt, &lease, &progress],
+            |now| Event::Heartbeat {
+                attempt: c.attempt(),
+                now,
+                lease: p.lease,
+                progress: p.progress.clone(),
+            },
+        )
+        .await
+    }
+
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        let attempt = c.attempt();
+        let a = i64::from(attempt);
+        match p.outcome {
+            Outcome::Complete(result) => {
+                self.guarded(&self.sql.complete, c.id(), p.now, &[&a, &result], |now| {
+                    Event::Complete {
+                        attempt,
+                        now,
+                        result: result.clone(),
+                    }
+                })
+                .await
+            }
+            Outcome::Fail(error) => {
+                let failure = to_json(&FailReason::Error(error.clone()))?;
+                self.guarded(&self.sql.fail, c.id(), p.now, &[&a, &failure], |now| {
+                    Event::Fail {
+                        attempt,
+                        now,
+                        error: error.clone(),
+                    }
+                })
+                .await
+            }
+            Outcome::Retry { after } => {
+                let delay = micros(after);
+                self.guarded(&self.sql.retry, c.id(), p.now, &[&a, &delay], |now| {
+                    Event::Retry {
+                        attempt,
+                        now,
+                        at: now.saturating_add(after),
+                    }
+                })
+                .await
+            }
+            Outcome::Release => {
+                self.guarded(&self.sql.release, c.id(), p.now, &[&a], |now| {
+                    Event::Release { attempt, now }
+                })
+                .await
+            }
+        }
+    }
+
+    async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        let failure = to_json(&FailReason::Cancelled)?;
+        self.guarded(&self.sql.cancel, p.id, p.now, &[&failure], |now| {
+            Event::Cancel { now }
+        })
+        .await
+    }
+
+    async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.get).await.map_err(map_pg)?;
+        client
+            .query_opt(&stmt, &[id.as_uuid()])
+            .await
+            .map_err(map_pg)?
+            .map(|r| self.decode(&r))
+            .transpose()
+    }
+
+    async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
+        check_limit(f.limit)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.list)
+            .await
+            .map_err(map_pg)?;
+        let broker = f.broker.as_ref().map(BrokerId::as_str);
+        let state = f.state.map(DispatchState::as_str);
+        let after = f.after.as_ref().map(DispatchId::as_uuid);
+        let rows = client
+            .query(&stmt, &[&broker, &state, &after, &i64::from(f.limit)])
+            .await
+            .map_err(map_pg)?;
+        rows.iter().map(|r| self.decode(r)).collect()
+    }
+
+    async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
+        check_limit(p.limit)?;
+        let limit = i64::from(p.limit);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(map_pg)?;
+        let lock = tx
+            .prepare_cached(&self.sql.sweep_lock)
+            .await
+            .map_err(map_pg)?;
+        let row = tx
+            .query_one(&lock, &[&self.sweep_key, &p.now.map(Timestamp::as_micros)])
+            .await
+            .map_err(map_pg)?;
+        let held: bool = row.get(0);
+        if !held {
+            tx.rollback().await.map_err(map_pg)?;
+            return Ok(SweepReport::default());
+        }
+        let now: i64 = row.get(1);
+        let ids = |rows: Vec<Row>| -> Vec<DispatchId> {
+            let mut ids: Vec<DispatchId> = rows
+                .iter()
+                .map(|r| DispatchId::from_uuid(r.get::<_, Uuid>(0)))
+                .collect();
+            ids.sort();
+            ids
+        };
+        let expire = tx
+            .prepare_cached(&self.sql.sweep_expire)
+            .await
+            .map_err(map_pg)?;
+        let expired = ids(tx
+            .query(&expire, &[&now, &limit, &to_json(&FailReason::Expired)?])
+            .await
+            .map_err(map_pg)?);
+        let exhaust = tx
+            .prepare_cached(&self.sql.sweep_exhaust)
+            .await
+            .map_err(map_pg)?;
+        let exhausted = ids(tx
+            .query(
+                &exhaust,
+                &[&now, &limit, &to_json(&FailReason::AttemptsExhausted)?],
+            )
+            .await
+            .map_err(map_pg)?);
+        let claimable = tx
+            .prepare_cached(&self.sql.sweep_claimable)
+            .await
+            .map_err(map_pg)?;
+        let claimable = tx
+            .query(&claimable, &[&now, &limit])
+            .await
+            .map_err(map_pg)?
+            .iter()
+            .map(|r| BrokerId::new(r.get::<_, String>(0)).map_err(corrupt))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cutoff = Timestamp::from_micros(now)
+            .saturating_sub(p.retention)
+            .as_micros();
+        let purge = tx
+            .prepare_cached(&self.sql.sweep_purge)
+            .await
+            .map_err(map_pg)?;
+        let purged = tx
+            .execute(&purge, &[&cutoff, &limit])
+            .await
+            .map_err(map_pg)?;
+        tx.commit().await.map_err(map_pg)?;
+        Ok(SweepReport {
+            expired,
+            exhausted,
+            purged,
+            claimable,
+            swept: true,
+        })
+    }
+
+    async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
+        let client = self.client().await?;
+        let connect = client
+            .prepare_cached(&self.sql.connect)
+            .await
+            .map_err(map_pg)?;
+        let read = client
+            .prepare_cached(&self.sql.affinity)
+            .await
+            .map_err(map_pg)?;
+        let now = p.now.map(Timestamp::as_micros);
+        for _ in 0..3 {
+            let claimed = client
+                .query_opt(
+                    &connect,
+                    &[
+                        &p.broker.as_str(),
+                        &p.node.as_str(),
+                        &p.session.as_str(),
+                        &p.connected_at.as_micros(),
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            if let Some(row) = claimed {
+                return Ok(ConnectOutcome::Claimed(decode_affinity(&row)?));
+            }
+            if let Some(row) = client
+                .query_opt(&read, &[&p.broker.as_str()])
+                .await
+                .map_err(map_pg)?
+            {
+                return Ok(ConnectOutcome::Superseded(decode_affinity(&row)?));
+            }
+        }
+        Err(StoreError::Unavailable(
+            "affinity kept changing under concurrent writers".into(),
+        ))
+    }
+
+    async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError> {
+        self.affinity_cas(&self.sql.disconnect, p).await
+    }
+
+    async fn touch(&self, p: TouchParams) -> Result<bool, StoreError> {
+        self.affinity_cas(&self.sql.touch, p).await
+    }
+
+    async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.affinity)
+            .await
+            .map_err(map_pg)?;
+        client
+            .query_opt(&stmt, &[&broker.as_str()])
+            .await
+            .map_err(map_pg)?
+            .map(|r| decode_affinity(&r))
+            .transpose()
+    }
+}
+
+impl PgStore {
+    async fn affinity_cas(&self, sql: &str, p: DisconnectParams) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
+        let n = client
+            .execute(
+                &stmt,
+                &[
+                    &p.broker.as_str(),
+                    &p.node.as_str(),
+                    &p.session.as_str(),
+                    &p.now.map(Timestamp::as_micros),
+                ],
+            )
+            .await
+            .map_err(map_pg)?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema("broker_dispatch").is_ok());
+        assert!(check_schema("_t1").is_ok());
+        for bad in ["", "1abc", "Upper", "a-b", "a\"b", "a b", &"x".repeat(64)] {
+            assert!(
+                matches!(check_schema(bad), Err(StoreError::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_distinct() {
+        assert_eq!(lock_key("sweep", "a"), lock_key("sweep", "a"));
+        assert_ne!(lock_key("sweep", "a"), lock_key("sweep", "b"));
+        assert_ne!(lock_key("sweep", "a"), lock_key("migrate", "a"));
+    }
+
+    #[test]
+    fn every_migration_is_versioned_in_order() {
+        let versions: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        let expected: Vec<i64> = (1..=PG_SCHEMA_VERSION).collect();
+        assert_eq!(versions, expected);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_dsn_is_invalid_input() {
+        let err = PgStore::connect("postgres://host:notaport/db", PgStoreOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    }
+}

@@ -26,10 +26,10 @@ pub use memory::MemoryTransport;
 pub use noop::NoopTransport;
 
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::PgTransport;
+pub use postgres::{PgTransport, PgTransportOptions};
 
 /// A wake-up.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
