@@ -17,8 +17,8 @@ use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::fsm::{
-    Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, Progress, SessionId,
-    Timestamp,
+    Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, Progress,
+    SessionId, Timestamp,
 };
 
 mod memory;
@@ -420,9 +420,7 @@ pub trait ArgsCodec: Send + Sync + fmt::Debug + 'static {
 
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     if limit == 0 || limit > MAX_BATCH {
-        return Err(StoreError::invalid(format!(
-            "limit must be in 1..={MAX_BATCH}, got {limit}"
-        )));
+        return Err(StoreError::invalid(format!("limit must be in 1..={MAX_BATCH}, got {limit}")));
     }
     Ok(())
 }
