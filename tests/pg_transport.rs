@@ -1,0 +1,230 @@
+//! `PgTransport`: the transport conformance suite, plus what only LISTEN/NOTIFY has (payloads
+//! from other writers, a server restart, signals from the store's insert transaction).
+//!
+//! Each case gets its own channel prefix, so cases sharing a server do not hear each other.
+
+#![cfg(all(feature = "postgres", feature = "conformance"))]
+
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_dispatch::fsm::{BrokerId, DispatchId};
+use broker_dispatch::store::{NewDispatch, PgStore, PgStoreOptions, Store};
+use broker_dispatch::transport::conformance::{
+    expect_all, expect_silence, Capabilities, TransportHarness,
+};
+use broker_dispatch::transport::{Notice, PgTransport, PgTransportOptions, Transport};
+use broker_dispatch::TransportError;
+
+fn options(prefix: &str) -> PgTransportOptions {
+    PgTransportOptions {
+        channel_prefix: prefix.to_owned(),
+        // Reconnect quickly: the cases wait for it.
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(500),
+        ..PgTransportOptions::default()
+    }
+}
+
+/// Terminates the backend of a transport's LISTEN connection, as a network failure or a
+/// failover would.
+async fn kill_listener(dsn: &str, node: &PgTransport) {
+    let pid = node.listener_pid().expect("the transport is listening");
+    let admin = pg::client(dsn).await;
+    let killed: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("pg_terminate_backend")
+        .get(0);
+    assert!(killed, "backend {pid} was not terminated");
+}
+
+struct PgHarness {
+    db: pg::TestDb,
+}
+
+#[async_trait]
+impl TransportHarness for PgHarness {
+    type Transport = PgTransport;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            delivers: true,
+            can_drop_connection: true,
+        }
+    }
+
+    async fn node(&self) -> PgTransport {
+        PgTransport::connect(&self.db.dsn, options(&self.db.schema))
+            .await
+            .expect("connect the transport")
+    }
+
+    async fn drop_connection(&self, node: &PgTransport) {
+        kill_listener(&self.db.dsn, node).await;
+    }
+}
+
+async fn harness() -> Option<PgHarness> {
+    pg::fresh().map(|db| PgHarness { db })
+}
+
+broker_dispatch::transport_conformance!(postgres, harness());
+
+#[tokio::test]
+async fn payloads_that_do_not_parse_are_ignored() {
+    let Some(db) = pg::fresh() else { return };
+    let t = PgTransport::connect(&db.dsn, options(&db.schema))
+        .await
+        .unwrap();
+    let mut sub = t.subscribe().await.unwrap();
+    let admin = pg::client(&db.dsn).await;
+    let event = format!("{}_event", db.schema);
+    let signal = format!("{}_signal", db.schema);
+    for (channel, payload) in [(&event, "not-a-uuid"), (&signal, "bad\nbroker")] {
+        admin
+            .execute("SELECT pg_notify($1, $2)", &[channel, &payload])
+            .await
+            .unwrap();
+    }
+    // Notifications from one session arrive in commit order: once this one is here, the bad
+    // ones before it were seen and dropped.
+    let good = Notice::Signal {
+        broker: BrokerId::new("good").unwrap(),
+    };
+    admin
+        .execute("SELECT pg_notify($1, 'good')", &[&signal])
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("a notice")
+        .expect("an open subscription");
+    assert_eq!(first, good);
+}
+
+#[tokio::test]
+async fn a_resync_published_anywhere_reaches_every_node() {
+    let Some(db) = pg::fresh() else { return };
+    let a = PgTransport::connect(&db.dsn, options(&db.schema))
+        .await
+        .unwrap();
+    let b = PgTransport::connect(&db.dsn, options(&db.schema))
+        .await
+        .unwrap();
+    let mut sub = b.subscribe().await.unwrap();
+    a.publish(Notice::Resync).await.unwrap();
+    expect_all(&mut sub, [Notice::Resync]).await;
+}
+
+#[tokio::test]
+async fn a_store_insert_signals_the_broker_only_once_committed() {
+    let Some(db) = pg::fresh() else { return };
+    let store = PgStore::connect(
+        &db.dsn,
+        PgStoreOptions {
+            schema: db.schema.clone(),
+            channel_prefix: db.schema.clone(),
+            ..PgStoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let t = PgTransport::connect(&db.dsn, options(&db.schema))
+        .await
+        .unwrap();
+    let mut sub = t.subscribe().await.unwrap();
+
+    // Rolled back: no row, no notice.
+    let ghost = BrokerId::new("ghost").unwrap();
+    let mut client = store.pool().get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let d = store
+        .insert_in(
+            &*tx,
+            NewDispatch::new(ghost.clone(), "start", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(store.get(d.id).await.unwrap(), None);
+
+    // Committed in the caller's transaction: the signal comes with the commit.
+    let real = BrokerId::new("real").unwrap();
+    let tx = client.transaction().await.unwrap();
+    let d = store
+        .insert_in(
+            &*tx,
+            NewDispatch::new(real.clone(), "start", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    expect_silence(&mut sub).await;
+    tx.commit().await.unwrap();
+    assert!(store.get(d.id).await.unwrap().is_some());
+    // Delivery follows commit order, so had the rolled-back insert signalled, it would come first.
+    let first = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("a notice")
+        .expect("an open subscription");
+    assert_eq!(first, Notice::Signal { broker: real });
+
+    // The pooled insert signals too.
+    let other = BrokerId::new("pooled").unwrap();
+    store
+        .insert(NewDispatch::new(
+            other.clone(),
+            "stop",
+            serde_json::json!({}),
+        ))
+        .await
+        .unwrap();
+    expect_all(&mut sub, [Notice::Signal { broker: other }]).await;
+}
+
+#[tokio::test]
+async fn a_server_restart_ends_in_resync_and_delivery_resumes() {
+    let Some(server) = pg::private() else { return };
+    let dsn = server.dsn();
+    let node = PgTransport::connect(&dsn, options("restart"))
+        .await
+        .unwrap();
+    let mut sub = node.subscribe().await.unwrap();
+    server.restart().expect("restart the private server");
+    expect_all(&mut sub, [Notice::Resync]).await;
+    let n = Notice::Event {
+        id: DispatchId::new(),
+    };
+    // The pool's connections died with the server; the first publish may find a dead one.
+    let mut published = false;
+    for _ in 0..3 {
+        match node.publish(n.clone()).await {
+            Ok(()) => {
+                published = true;
+                break;
+            }
+            Err(e) => assert!(e.is_retryable(), "{e:?}"),
+        }
+    }
+    assert!(published);
+    expect_all(&mut sub, [n]).await;
+}
+
+#[tokio::test]
+async fn unreachable_server_and_bad_prefix_are_typed_errors() {
+    let Some(server) = pg::private() else { return };
+    let dsn = server.dsn();
+    let bad = PgTransport::connect(&dsn, options("Bad-Prefix"))
+        .await
+        .unwrap_err();
+    assert!(matches!(bad, TransportError::Payload(_)), "{bad:?}");
+    server.stop().unwrap();
+    let down = PgTransport::connect(&dsn, options("down"))
+        .await
+        .unwrap_err();
+    assert!(down.is_retryable(), "{down:?}");
+}
