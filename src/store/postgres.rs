@@ -153,19 +153,22 @@ impl Sql {
                  WHERE d.id = $1::uuid OR d.idempotency_key = $2::text \
                  ORDER BY (d.id = $1::uuid) DESC LIMIT 1"
             ),
+            // The candidates are picked in a MATERIALIZED CTE, not an `IN (subquery)`: the
+            // planner may re-run such a subquery per updated row, and a re-run skips the rows
+            // this very statement already locked, overshooting the limit.
             claim: format!(
-                "{} UPDATE {s}.dispatch AS d \
-                 SET state = 'in_progress', attempt = d.attempt + 1, claimed_by = $2::text, \
-                     lease_until = {s}.sat_add(clock.now, $3::bigint), updated_at = clock.now \
-                 FROM clock \
-                 WHERE d.id IN ( \
+                "{}, picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c, clock \
                      WHERE c.broker = $1::text AND c.state IN ('pending', 'in_progress') \
                        AND {} \
                      ORDER BY c.created_at, c.id \
                      LIMIT $4::bigint \
                      FOR UPDATE OF c SKIP LOCKED) \
-                   AND {} \
+                 UPDATE {s}.dispatch AS d \
+                 SET state = 'in_progress', attempt = d.attempt + 1, claimed_by = $2::text, \
+                     lease_until = {s}.sat_add(clock.now, $3::bigint), updated_at = clock.now \
+                 FROM clock, picked \
+                 WHERE d.id = picked.id AND {} \
                  RETURNING {COLS}",
                 clock(5),
                 claimable("c"),
@@ -215,25 +218,27 @@ impl Sql {
                         COALESCE($2::bigint, {s}.clock_micros())"
             ),
             sweep_expire: format!(
-                "UPDATE {s}.dispatch AS d \
-                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
-                     updated_at = $1::bigint \
-                 WHERE d.id IN ( \
+                "WITH picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c \
                      WHERE c.state IN ('pending', 'in_progress') AND c.deadline <= $1::bigint \
                        AND (c.state = 'pending' OR c.lease_until <= $1::bigint) \
-                     ORDER BY c.id LIMIT $2::bigint FOR UPDATE) \
+                     ORDER BY c.id LIMIT $2::bigint FOR UPDATE OF c) \
+                 UPDATE {s}.dispatch AS d \
+                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
+                     updated_at = $1::bigint \
+                 FROM picked WHERE d.id = picked.id \
                  RETURNING d.id"
             ),
             sweep_exhaust: format!(
-                "UPDATE {s}.dispatch AS d \
-                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
-                     updated_at = $1::bigint \
-                 WHERE d.id IN ( \
+                "WITH picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c \
                      WHERE c.state = 'in_progress' AND c.lease_until <= $1::bigint \
                        AND c.attempt >= c.max_attempts \
-                     ORDER BY c.id LIMIT $2::bigint FOR UPDATE) \
+                     ORDER BY c.id LIMIT $2::bigint FOR UPDATE OF c) \
+                 UPDATE {s}.dispatch AS d \
+                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
+                     updated_at = $1::bigint \
+                 FROM picked WHERE d.id = picked.id \
                  RETURNING d.id"
             ),
             sweep_claimable: format!(
@@ -244,10 +249,11 @@ impl Sql {
                 claimable("d")
             ),
             sweep_purge: format!(
-                "DELETE FROM {s}.dispatch WHERE id IN ( \
+                "WITH picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c \
                      WHERE c.state IN ('done', 'failed') AND c.updated_at < $1::bigint \
-                     ORDER BY c.id LIMIT $2::bigint)"
+                     ORDER BY c.id LIMIT $2::bigint) \
+                 DELETE FROM {s}.dispatch AS d USING picked WHERE d.id = picked.id"
             ),
             // `decide_connect` in SQL: the claim wins unless (connected_at, session) is older
             // than the row's, or this very session already released the broker.
@@ -393,6 +399,16 @@ fn map_pg(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Hands the connection back to the pool, unless the call failed in a way that may have
+/// broken it: a backend terminated mid-call is not always noticed before the pool would hand
+/// the connection out again, so it is discarded rather than failing the next caller too.
+fn settle<T>(client: deadpool_postgres::Object, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    if matches!(r, Err(StoreError::Unavailable(_))) {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    r
+}
+
 fn map_pool(e: deadpool_postgres::PoolError) -> StoreError {
     use deadpool_postgres::PoolError;
     match e {
@@ -502,47 +518,51 @@ impl PgStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let s = format!("\"{}\"", self.schema);
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(map_pg)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1::bigint)",
-            &[&lock_key("migrate", &self.schema)],
-        )
-        .await
-        .map_err(map_pg)?;
-        tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {s}; \
-             CREATE TABLE IF NOT EXISTS {s}.schema_version ( \
-                 version bigint PRIMARY KEY, \
-                 applied_at timestamptz NOT NULL DEFAULT now())"
-        ))
-        .await
-        .map_err(map_pg)?;
-        let found: i64 = tx
-            .query_one(
-                &format!("SELECT COALESCE(max(version), 0)::bigint FROM {s}.schema_version"),
-                &[],
-            )
-            .await
-            .map_err(map_pg)?
-            .get(0);
-        if found > PG_SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew {
-                found,
-                supported: PG_SCHEMA_VERSION,
-            });
-        }
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
-            tx.batch_execute(&sql.replace("{schema}", &s))
-                .await
-                .map_err(map_pg)?;
+        let r: Result<_, StoreError> = async {
+            let tx = client.transaction().await.map_err(map_pg)?;
             tx.execute(
-                &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
-                &[version],
+                "SELECT pg_advisory_xact_lock($1::bigint)",
+                &[&lock_key("migrate", &self.schema)],
             )
             .await
             .map_err(map_pg)?;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {s}; \
+                 CREATE TABLE IF NOT EXISTS {s}.schema_version ( \
+                     version bigint PRIMARY KEY, \
+                     applied_at timestamptz NOT NULL DEFAULT now())"
+            ))
+            .await
+            .map_err(map_pg)?;
+            let found: i64 = tx
+                .query_one(
+                    &format!("SELECT COALESCE(max(version), 0)::bigint FROM {s}.schema_version"),
+                    &[],
+                )
+                .await
+                .map_err(map_pg)?
+                .get(0);
+            if found > PG_SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew {
+                    found,
+                    supported: PG_SCHEMA_VERSION,
+                });
+            }
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+                tx.batch_execute(&sql.replace("{schema}", &s))
+                    .await
+                    .map_err(map_pg)?;
+                tx.execute(
+                    &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+                    &[version],
+                )
+                .await
+                .map_err(map_pg)?;
+            }
+            tx.commit().await.map_err(map_pg)
         }
-        tx.commit().await.map_err(map_pg)
+        .await;
+        settle(client, r)
     }
 
     /// Inserts a dispatch through `client`, typically inside the caller's own transaction: the
@@ -550,7 +570,19 @@ impl PgStore {
     /// if, that transaction commits. Semantics as [`Store::insert`].
     ///
     /// `client` must be connected to the database this store uses, with the store's schema
-    /// migrated. Statements are prepared on `client` for each call (they are not cached).
+    /// migrated. Statements are prepared on `client` for each call (they are not cached). From
+    /// a transaction on this store's own pool, pass the driver's transaction:
+    ///
+    /// ```no_run
+    /// # async fn f(store: broker_dispatch::store::PgStore,
+    /// #            new: broker_dispatch::store::NewDispatch) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut client = store.pool().get().await?;
+    /// let tx = client.transaction().await?;
+    /// // ... the caller's own writes on `tx` ...
+    /// store.insert_in(&*tx, new).await?;
+    /// tx.commit().await?; // the row and its signal become visible together
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -659,30 +691,34 @@ impl PgStore {
         let mut all: Vec<&(dyn ToSql + Sync)> = vec![uuid, &now];
         all.extend_from_slice(params);
         let client = self.client().await?;
-        for _ in 0..3 {
-            let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
-            if let Some(row) = client.query_opt(&stmt, &all).await.map_err(map_pg)? {
-                return self.decode(&row);
+        let r: Result<_, StoreError> = async {
+            for _ in 0..3 {
+                let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
+                if let Some(row) = client.query_opt(&stmt, &all).await.map_err(map_pg)? {
+                    return self.decode(&row);
+                }
+                let read = client
+                    .prepare_cached(&self.sql.read_at)
+                    .await
+                    .map_err(map_pg)?;
+                let Some(row) = client
+                    .query_opt(&read, &[uuid, &now])
+                    .await
+                    .map_err(map_pg)?
+                else {
+                    return Err(StoreError::NotFound(id));
+                };
+                let current = self.decode(&row)?;
+                let at = Timestamp::from_micros(row.try_get(NCOLS).map_err(map_pg)?);
+                fsm::apply(&current, event(at))?;
+                // The guard holds now: the row changed between the update and the read. Again.
             }
-            let read = client
-                .prepare_cached(&self.sql.read_at)
-                .await
-                .map_err(map_pg)?;
-            let Some(row) = client
-                .query_opt(&read, &[uuid, &now])
-                .await
-                .map_err(map_pg)?
-            else {
-                return Err(StoreError::NotFound(id));
-            };
-            let current = self.decode(&row)?;
-            let at = Timestamp::from_micros(row.try_get(NCOLS).map_err(map_pg)?);
-            fsm::apply(&current, event(at))?;
-            // The guard holds now: the row changed between the update and the read. Again.
+            Err(StoreError::Unavailable(
+                format!("dispatch {id} kept changing under concurrent writers").into(),
+            ))
         }
-        Err(StoreError::Unavailable(
-            format!("dispatch {id} kept changing under concurrent writers").into(),
-        ))
+        .await;
+        settle(client, r)
     }
 
     fn decode(&self, r: &Row) -> Result<Dispatch, StoreError> {
@@ -769,44 +805,52 @@ impl Store for PgStore {
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         new.validate()?;
         let client = self.client().await?;
-        let insert = client
-            .prepare_cached(&self.sql.insert)
-            .await
-            .map_err(map_pg)?;
-        let find = client
-            .prepare_cached(&self.sql.find_existing)
-            .await
-            .map_err(map_pg)?;
-        let plain: &tokio_postgres::Client = &client;
-        self.insert_on(plain, &insert, &find, new).await
+        let r: Result<_, StoreError> = async {
+            let insert = client
+                .prepare_cached(&self.sql.insert)
+                .await
+                .map_err(map_pg)?;
+            let find = client
+                .prepare_cached(&self.sql.find_existing)
+                .await
+                .map_err(map_pg)?;
+            let plain: &tokio_postgres::Client = &client;
+            self.insert_on(plain, &insert, &find, new).await
+        }
+        .await;
+        settle(client, r)
     }
 
     async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
         p.validate()?;
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&self.sql.claim)
-            .await
-            .map_err(map_pg)?;
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &p.broker.as_str(),
-                    &p.node.as_str(),
-                    &micros(p.lease),
-                    &i64::from(p.limit),
-                    &p.now.map(Timestamp::as_micros),
-                ],
-            )
-            .await
-            .map_err(map_pg)?;
-        let mut out = rows
-            .iter()
-            .map(|r| self.decode(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|d| (d.created_at, d.id));
-        Ok(out.into_iter().map(Claimed::new).collect())
+        let r: Result<_, StoreError> = async {
+            let stmt = client
+                .prepare_cached(&self.sql.claim)
+                .await
+                .map_err(map_pg)?;
+            let rows = client
+                .query(
+                    &stmt,
+                    &[
+                        &p.broker.as_str(),
+                        &p.node.as_str(),
+                        &micros(p.lease),
+                        &i64::from(p.limit),
+                        &p.now.map(Timestamp::as_micros),
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            let mut out = rows
+                .iter()
+                .map(|r| self.decode(r))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.sort_by_key(|d| (d.created_at, d.id));
+            Ok(out.into_iter().map(Claimed::new).collect())
+        }
+        .await;
+        settle(client, r)
     }
 
     async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
@@ -884,149 +928,165 @@ impl Store for PgStore {
 
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sql.get).await.map_err(map_pg)?;
-        client
-            .query_opt(&stmt, &[id.as_uuid()])
-            .await
-            .map_err(map_pg)?
-            .map(|r| self.decode(&r))
-            .transpose()
+        let r: Result<_, StoreError> = async {
+            let stmt = client.prepare_cached(&self.sql.get).await.map_err(map_pg)?;
+            client
+                .query_opt(&stmt, &[id.as_uuid()])
+                .await
+                .map_err(map_pg)?
+                .map(|r| self.decode(&r))
+                .transpose()
+        }
+        .await;
+        settle(client, r)
     }
 
     async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
         check_limit(f.limit)?;
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&self.sql.list)
-            .await
-            .map_err(map_pg)?;
-        let broker = f.broker.as_ref().map(BrokerId::as_str);
-        let state = f.state.map(DispatchState::as_str);
-        let after = f.after.as_ref().map(DispatchId::as_uuid);
-        let rows = client
-            .query(&stmt, &[&broker, &state, &after, &i64::from(f.limit)])
-            .await
-            .map_err(map_pg)?;
-        rows.iter().map(|r| self.decode(r)).collect()
+        let r: Result<_, StoreError> = async {
+            let stmt = client
+                .prepare_cached(&self.sql.list)
+                .await
+                .map_err(map_pg)?;
+            let broker = f.broker.as_ref().map(BrokerId::as_str);
+            let state = f.state.map(DispatchState::as_str);
+            let after = f.after.as_ref().map(DispatchId::as_uuid);
+            let rows = client
+                .query(&stmt, &[&broker, &state, &after, &i64::from(f.limit)])
+                .await
+                .map_err(map_pg)?;
+            rows.iter().map(|r| self.decode(r)).collect()
+        }
+        .await;
+        settle(client, r)
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
         check_limit(p.limit)?;
         let limit = i64::from(p.limit);
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(map_pg)?;
-        let lock = tx
-            .prepare_cached(&self.sql.sweep_lock)
-            .await
-            .map_err(map_pg)?;
-        let row = tx
-            .query_one(&lock, &[&self.sweep_key, &p.now.map(Timestamp::as_micros)])
-            .await
-            .map_err(map_pg)?;
-        let held: bool = row.get(0);
-        if !held {
-            tx.rollback().await.map_err(map_pg)?;
-            return Ok(SweepReport::default());
-        }
-        let now: i64 = row.get(1);
-        let ids = |rows: Vec<Row>| -> Vec<DispatchId> {
-            let mut ids: Vec<DispatchId> = rows
+        let r: Result<_, StoreError> = async {
+            let tx = client.transaction().await.map_err(map_pg)?;
+            let lock = tx
+                .prepare_cached(&self.sql.sweep_lock)
+                .await
+                .map_err(map_pg)?;
+            let row = tx
+                .query_one(&lock, &[&self.sweep_key, &p.now.map(Timestamp::as_micros)])
+                .await
+                .map_err(map_pg)?;
+            let held: bool = row.get(0);
+            if !held {
+                tx.rollback().await.map_err(map_pg)?;
+                return Ok(SweepReport::default());
+            }
+            let now: i64 = row.get(1);
+            let ids = |rows: Vec<Row>| -> Vec<DispatchId> {
+                let mut ids: Vec<DispatchId> = rows
+                    .iter()
+                    .map(|r| DispatchId::from_uuid(r.get::<_, Uuid>(0)))
+                    .collect();
+                ids.sort();
+                ids
+            };
+            let expire = tx
+                .prepare_cached(&self.sql.sweep_expire)
+                .await
+                .map_err(map_pg)?;
+            let expired = ids(tx
+                .query(&expire, &[&now, &limit, &to_json(&FailReason::Expired)?])
+                .await
+                .map_err(map_pg)?);
+            let exhaust = tx
+                .prepare_cached(&self.sql.sweep_exhaust)
+                .await
+                .map_err(map_pg)?;
+            let exhausted = ids(tx
+                .query(
+                    &exhaust,
+                    &[&now, &limit, &to_json(&FailReason::AttemptsExhausted)?],
+                )
+                .await
+                .map_err(map_pg)?);
+            let claimable = tx
+                .prepare_cached(&self.sql.sweep_claimable)
+                .await
+                .map_err(map_pg)?;
+            let claimable = tx
+                .query(&claimable, &[&now, &limit])
+                .await
+                .map_err(map_pg)?
                 .iter()
-                .map(|r| DispatchId::from_uuid(r.get::<_, Uuid>(0)))
-                .collect();
-            ids.sort();
-            ids
-        };
-        let expire = tx
-            .prepare_cached(&self.sql.sweep_expire)
-            .await
-            .map_err(map_pg)?;
-        let expired = ids(tx
-            .query(&expire, &[&now, &limit, &to_json(&FailReason::Expired)?])
-            .await
-            .map_err(map_pg)?);
-        let exhaust = tx
-            .prepare_cached(&self.sql.sweep_exhaust)
-            .await
-            .map_err(map_pg)?;
-        let exhausted = ids(tx
-            .query(
-                &exhaust,
-                &[&now, &limit, &to_json(&FailReason::AttemptsExhausted)?],
-            )
-            .await
-            .map_err(map_pg)?);
-        let claimable = tx
-            .prepare_cached(&self.sql.sweep_claimable)
-            .await
-            .map_err(map_pg)?;
-        let claimable = tx
-            .query(&claimable, &[&now, &limit])
-            .await
-            .map_err(map_pg)?
-            .iter()
-            .map(|r| BrokerId::new(r.get::<_, String>(0)).map_err(corrupt))
-            .collect::<Result<Vec<_>, _>>()?;
-        let cutoff = Timestamp::from_micros(now)
-            .saturating_sub(p.retention)
-            .as_micros();
-        let purge = tx
-            .prepare_cached(&self.sql.sweep_purge)
-            .await
-            .map_err(map_pg)?;
-        let purged = tx
-            .execute(&purge, &[&cutoff, &limit])
-            .await
-            .map_err(map_pg)?;
-        tx.commit().await.map_err(map_pg)?;
-        Ok(SweepReport {
-            expired,
-            exhausted,
-            purged,
-            claimable,
-            swept: true,
-        })
+                .map(|r| BrokerId::new(r.get::<_, String>(0)).map_err(corrupt))
+                .collect::<Result<Vec<_>, _>>()?;
+            let cutoff = Timestamp::from_micros(now)
+                .saturating_sub(p.retention)
+                .as_micros();
+            let purge = tx
+                .prepare_cached(&self.sql.sweep_purge)
+                .await
+                .map_err(map_pg)?;
+            let purged = tx
+                .execute(&purge, &[&cutoff, &limit])
+                .await
+                .map_err(map_pg)?;
+            tx.commit().await.map_err(map_pg)?;
+            Ok(SweepReport {
+                expired,
+                exhausted,
+                purged,
+                claimable,
+                swept: true,
+            })
+        }
+        .await;
+        settle(client, r)
     }
 
     async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
         let client = self.client().await?;
-        let connect = client
-            .prepare_cached(&self.sql.connect)
-            .await
-            .map_err(map_pg)?;
-        let read = client
-            .prepare_cached(&self.sql.affinity)
-            .await
-            .map_err(map_pg)?;
-        let now = p.now.map(Timestamp::as_micros);
-        for _ in 0..3 {
-            let claimed = client
-                .query_opt(
-                    &connect,
-                    &[
-                        &p.broker.as_str(),
-                        &p.node.as_str(),
-                        &p.session.as_str(),
-                        &p.connected_at.as_micros(),
-                        &now,
-                    ],
-                )
+        let r: Result<_, StoreError> = async {
+            let connect = client
+                .prepare_cached(&self.sql.connect)
                 .await
                 .map_err(map_pg)?;
-            if let Some(row) = claimed {
-                return Ok(ConnectOutcome::Claimed(decode_affinity(&row)?));
-            }
-            if let Some(row) = client
-                .query_opt(&read, &[&p.broker.as_str()])
+            let read = client
+                .prepare_cached(&self.sql.affinity)
                 .await
-                .map_err(map_pg)?
-            {
-                return Ok(ConnectOutcome::Superseded(decode_affinity(&row)?));
+                .map_err(map_pg)?;
+            let now = p.now.map(Timestamp::as_micros);
+            for _ in 0..3 {
+                let claimed = client
+                    .query_opt(
+                        &connect,
+                        &[
+                            &p.broker.as_str(),
+                            &p.node.as_str(),
+                            &p.session.as_str(),
+                            &p.connected_at.as_micros(),
+                            &now,
+                        ],
+                    )
+                    .await
+                    .map_err(map_pg)?;
+                if let Some(row) = claimed {
+                    return Ok(ConnectOutcome::Claimed(decode_affinity(&row)?));
+                }
+                if let Some(row) = client
+                    .query_opt(&read, &[&p.broker.as_str()])
+                    .await
+                    .map_err(map_pg)?
+                {
+                    return Ok(ConnectOutcome::Superseded(decode_affinity(&row)?));
+                }
             }
+            Err(StoreError::Unavailable(
+                "affinity kept changing under concurrent writers".into(),
+            ))
         }
-        Err(StoreError::Unavailable(
-            "affinity kept changing under concurrent writers".into(),
-        ))
+        .await;
+        settle(client, r)
     }
 
     async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError> {
@@ -1039,36 +1099,44 @@ impl Store for PgStore {
 
     async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&self.sql.affinity)
-            .await
-            .map_err(map_pg)?;
-        client
-            .query_opt(&stmt, &[&broker.as_str()])
-            .await
-            .map_err(map_pg)?
-            .map(|r| decode_affinity(&r))
-            .transpose()
+        let r: Result<_, StoreError> = async {
+            let stmt = client
+                .prepare_cached(&self.sql.affinity)
+                .await
+                .map_err(map_pg)?;
+            client
+                .query_opt(&stmt, &[&broker.as_str()])
+                .await
+                .map_err(map_pg)?
+                .map(|r| decode_affinity(&r))
+                .transpose()
+        }
+        .await;
+        settle(client, r)
     }
 }
 
 impl PgStore {
     async fn affinity_cas(&self, sql: &str, p: DisconnectParams) -> Result<bool, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
-        let n = client
-            .execute(
-                &stmt,
-                &[
-                    &p.broker.as_str(),
-                    &p.node.as_str(),
-                    &p.session.as_str(),
-                    &p.now.map(Timestamp::as_micros),
-                ],
-            )
-            .await
-            .map_err(map_pg)?;
-        Ok(n == 1)
+        let r: Result<_, StoreError> = async {
+            let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
+            let n = client
+                .execute(
+                    &stmt,
+                    &[
+                        &p.broker.as_str(),
+                        &p.node.as_str(),
+                        &p.session.as_str(),
+                        &p.now.map(Timestamp::as_micros),
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            Ok(n == 1)
+        }
+        .await;
+        settle(client, r)
     }
 }
 
