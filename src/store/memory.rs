@@ -284,14 +284,17 @@ impl Store for MemoryStore {
         let now = p.now.unwrap_or_else(system_now);
         let mut inner = self.inner.lock();
         let current = inner.affinity.get(&p.broker);
-        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now) {
+        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now)
+        {
             ConnectDecision::Claim(a) => {
                 inner.affinity.insert(p.broker, a.clone());
                 Ok(ConnectOutcome::Claimed(a))
             }
-            ConnectDecision::Superseded => Ok(ConnectOutcome::Superseded(
-                current.cloned().ok_or_else(|| StoreError::invalid("superseded without a row"))?,
-            )),
+            ConnectDecision::Superseded => {
+                Ok(ConnectOutcome::Superseded(current.cloned().ok_or_else(
+                    || StoreError::invalid("superseded without a row"),
+                )?))
+            }
         }
     }
 
