@@ -391,7 +391,7 @@ async fn progress(finished: Arc<AtomicUsize>, total: usize) {
     loop {
         let n = finished.load(Ordering::Relaxed);
         let width = 40;
-        let filled = if total == 0 { width } else { n * width / total };
+        let filled = (n * width).checked_div(total).unwrap_or(width).min(width);
         eprint!(
             "\r[{}{}] {n}/{total}",
             "#".repeat(filled),
