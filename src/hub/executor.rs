@@ -62,6 +62,12 @@ impl ExecContext {
         }
     }
 
+    /// A context outside any hub (progress reports go nowhere): for calling an executor
+    /// directly, in tests or benchmarks.
+    pub fn detached(id: DispatchId, attempt: Attempt) -> Self {
+        ExecContext::new(id, attempt, None)
+    }
+
     /// The dispatch id (stable across attempts): the broker's deduplication key.
     pub fn id(&self) -> DispatchId {
         self.id
