@@ -242,7 +242,8 @@ impl SqliteStore {
             // The first statement touching the file: a foreign file fails here, not later.
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
                 .map_err(db_err)?;
-            conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(db_err)?;
             migrate(&mut conn)?;
         }
         let (tx, rx) = mpsc::channel::<Job>();
@@ -256,9 +257,8 @@ impl SqliteStore {
                 while let Ok(job) = rx.recv() {
                     // A panicking job drops its answer channel (its caller sees an error) and
                     // rolls back its transaction; the writer keeps serving the others.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        job(&mut writer)
-                    }));
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut writer)));
                 }
             })
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
@@ -341,8 +341,12 @@ fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
     if !exists {
         return Ok(0);
     }
-    conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
-        .map_err(db_err)
+    conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db_err)
 }
 
 fn check_too_new(found: i64) -> Result<(), StoreError> {
@@ -503,7 +507,11 @@ impl Writer {
 
 fn read_dispatch(conn: &Connection, id: DispatchId) -> Result<Option<RawDispatch>, StoreError> {
     let mut st = conn
-        .prepare_cached(concat!("SELECT ", dispatch_cols!(), " FROM dispatch WHERE id = ?1"))
+        .prepare_cached(concat!(
+            "SELECT ",
+            dispatch_cols!(),
+            " FROM dispatch WHERE id = ?1"
+        ))
         .map_err(db_err)?;
     st.query_row([&id_bytes(id)[..]], RawDispatch::from_row)
         .optional()
@@ -875,7 +883,9 @@ impl Store for SqliteStore {
                 let mut ids = tx
                     .prepare_cached(sql)
                     .map_err(db_err)?
-                    .query_map(params![p.limit, now.as_micros()], |r| r.get::<_, Vec<u8>>(0))
+                    .query_map(params![p.limit, now.as_micros()], |r| {
+                        r.get::<_, Vec<u8>>(0)
+                    })
                     .map_err(db_err)?
                     .map(|bytes| {
                         let bytes = bytes.map_err(db_err)?;
@@ -969,9 +979,11 @@ impl Store for SqliteStore {
                     tx.commit().map_err(db_err)?;
                     Ok(ConnectOutcome::Claimed(a))
                 }
-                ConnectDecision::Superseded => Ok(ConnectOutcome::Superseded(
-                    current.ok_or_else(|| StoreError::invalid("superseded without a row"))?,
-                )),
+                ConnectDecision::Superseded => {
+                    Ok(ConnectOutcome::Superseded(current.ok_or_else(|| {
+                        StoreError::invalid("superseded without a row")
+                    })?))
+                }
             }
         })
         .await
@@ -1027,4 +1039,11 @@ impl Store for SqliteStore {
         let broker = broker.clone();
         self.call(move |w| read_affinity(&w.conn, &broker)).await
     }
+}
+
+#[cfg(test)]
+mod conformance {
+    crate::store_conformance_tests!(async {
+        std::sync::Arc::new(super::SqliteStore::open_in_memory().expect("open in-memory sqlite"))
+    });
 }
