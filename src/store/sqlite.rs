@@ -209,6 +209,12 @@ impl SqliteOptions {
 ///
 /// All database work runs on one writer thread owned by the store; dropping the store finishes
 /// the queued calls and joins that thread. See the [module docs](self) for the design.
+///
+/// # Cancel safety
+///
+/// Every call is one job on the writer thread. Dropping a call's future after it was queued does
+/// not stop the job: its transaction commits or rolls back in full, and only the answer is lost
+/// (a dropped `claim` may leave rows claimed until their lease runs out).
 #[derive(Debug)]
 pub struct SqliteStore {
     jobs: Option<mpsc::Sender<Job>>,
