@@ -1,27 +1,4 @@
 //! [`SqliteStore`]: the embedded default store, one SQLite file (or an in-memory database).
-//!
-//! # Design
-//!
-//! - **One writer thread.** SQLite admits one writer at a time; a pool of writers would only
-//!   queue on the file lock. The store owns one connection on a dedicated thread that receives
-//!   jobs over a channel and answers each over a oneshot, so async callers never block a runtime
-//!   worker on file I/O or on the busy timeout.
-//! - **Reads run on the same thread.** Every statement here is a short indexed lookup, so a
-//!   separate reader connection would buy little while costing a second page cache and the
-//!   chance of reading a snapshot older than the caller's own last write. Other processes
-//!   sharing the file read concurrently anyway (WAL).
-//! - **Every mutation is one `BEGIN IMMEDIATE` transaction**: the write lock is taken up front, so
-//!   a transaction never fails half-way on a lock upgrade, and several processes may share one
-//!   file (WAL, `synchronous=NORMAL`, busy timeout). A lock held longer than the busy timeout
-//!   surfaces as [`StoreError::Unavailable`].
-//! - **The guards live in SQL.** The claim is one `UPDATE … WHERE id IN (SELECT … ORDER BY
-//!   created_at, id LIMIT n) RETURNING …` encoding [`Dispatch::is_claimable`]; every other
-//!   transition is an `UPDATE … WHERE id = ? AND state = … AND attempt = ?`. When a guard fails,
-//!   the row is re-read in the same transaction and [`fsm::apply`] names the error, so the errors
-//!   are exactly the state machine's.
-//! - **Schema**: embedded migrations (`src/store/migrations/sqlite/`), applied idempotently by
-//!   [`SqliteStore::open`] and [`SqliteStore::migrate`], versioned in a `schema_version` table.
-//!   Ids are stored as the 16 UUID bytes, timestamps as INTEGER microseconds, JSON as TEXT.
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -208,7 +185,30 @@ impl SqliteOptions {
 /// The SQLite store: durable dispatches in one file, shared safely by several processes.
 ///
 /// All database work runs on one writer thread owned by the store; dropping the store finishes
-/// the queued calls and joins that thread. See the [module docs](self) for the design.
+/// the queued calls and joins that thread.
+///
+/// # Design
+///
+/// - **One writer thread.** SQLite admits one writer at a time; a pool of writers would only
+///   queue on the file lock. The store owns one connection on a dedicated thread that receives
+///   jobs over a channel and answers each over a oneshot, so async callers never block a runtime
+///   worker on file I/O or on the busy timeout.
+/// - **Reads run on the same thread.** Every statement here is a short indexed lookup, so a
+///   separate reader connection would buy little while costing a second page cache and the
+///   chance of reading a snapshot older than the caller's own last write. Other processes
+///   sharing the file read concurrently anyway (WAL).
+/// - **Every mutation is one `BEGIN IMMEDIATE` transaction**: the write lock is taken up front, so
+///   a transaction never fails half-way on a lock upgrade, and several processes may share one
+///   file (WAL, `synchronous=NORMAL`, busy timeout). A lock held longer than the busy timeout
+///   surfaces as [`StoreError::Unavailable`].
+/// - **The guards live in SQL.** The claim is one `UPDATE … WHERE id IN (SELECT … ORDER BY
+///   created_at, id LIMIT n) RETURNING …` encoding [`Dispatch::is_claimable`]; every other
+///   transition is an `UPDATE … WHERE id = ? AND state = … AND attempt = ?`. When a guard fails,
+///   the row is re-read in the same transaction and [`fsm::apply`] names the error, so the errors
+///   are exactly the state machine's.
+/// - **Schema**: embedded migrations (`src/store/migrations/sqlite/`), applied idempotently by
+///   [`SqliteStore::open`] and [`SqliteStore::migrate`], versioned in a `schema_version` table.
+///   Ids are stored as the 16 UUID bytes, timestamps as INTEGER microseconds, JSON as TEXT.
 ///
 /// # Cancel safety
 ///
