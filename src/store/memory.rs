@@ -327,3 +327,8 @@ impl Store for MemoryStore {
         Ok(self.inner.lock().affinity.get(broker).cloned())
     }
 }
+
+#[cfg(test)]
+mod conformance {
+    crate::store_conformance_tests!(async { std::sync::Arc::new(super::MemoryStore::new()) });
+}

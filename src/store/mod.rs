@@ -29,7 +29,7 @@ pub use memory::MemoryStore;
 mod sqlite;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[cfg(feature = "postgres")]
 mod postgres;
