@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::fsm::{Attempt, DispatchId, DispatchState, EventKind, FailReason, IdError, TransitionError};
+use crate::fsm::{
+    Attempt, DispatchId, DispatchState, EventKind, FailReason, IdError, TransitionError,
+};
 
 /// A boxed driver error, kept as a `source` so driver types never appear in signatures.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -71,7 +73,9 @@ impl StoreError {
 impl From<TransitionError> for StoreError {
     fn from(e: TransitionError) -> Self {
         match e {
-            TransitionError::Fenced { presented, current } => StoreError::Fenced { presented, current },
+            TransitionError::Fenced { presented, current } => {
+                StoreError::Fenced { presented, current }
+            }
             TransitionError::Illegal { from, event } => StoreError::Illegal { from, event },
         }
     }

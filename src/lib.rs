@@ -2,7 +2,93 @@
 //!
 //! Durable, attempt-fenced dispatch of commands to remote brokers across the replicas of a hub.
 //!
-//! (Crate docs are completed with the hub runtime.)
+//! A hub server runs as several replicas (**nodes**) sharing one database. Each remote runtime
+//! host (**broker**) holds one live control connection to exactly one node. A request for a
+//! broker can land on any node; only the one holding the connection (the **owner**) can execute
+//! it. This crate gets the request there:
+//!
+//! 1. **Route** ([`fsm::route`], pure): connected here → run it here, no row, no wait; owned by a
+//!    live node elsewhere → forward; HTTP endpoint → call it; otherwise park (or fail fast).
+//! 2. **Durable intent**: forwarding writes a row, a [`fsm::Dispatch`]. The row is the truth.
+//! 3. **Signal**: a [`transport::Notice`] tells the owner "broker B has work". A hint: losing one
+//!    costs latency, never data.
+//! 4. **Claim**: the owner moves the row `pending → in_progress` by compare-and-set, bumping its
+//!    `attempt` (the fencing token) and taking a lease.
+//! 5. **Execute** via your [`hub::Executor`], then **finish** `in_progress → done | failed`,
+//!    guarded by the same attempt: a stale holder is fenced out.
+//! 6. **Wait**: the originator registered its waiter before writing, and waits with a rolling
+//!    deadline that extends on real progress; when it gives up on a row nobody claimed, it cancels
+//!    it, so no zombie runs later.
+//!
+//! ## The life of a dispatch
+//!
+//! ```text
+//!            claim (attempt+1, lease)           complete
+//! pending ─────────────────────────▶ in_progress ─────────▶ done
+//!   │  ▲                               │  │  ▲
+//!   │  │ retry / release (same attempt)│  │  │ re-claim after the lease ran out
+//!   │  └───────────────────────────────┘  │  │ (attempt+1; the old holder is fenced)
+//!   │                                     │  └──┘
+//!   │ cancel / expire                     │ fail / expire / exhaust
+//!   ▼                                     ▼
+//! failed ◀────────────────────────────────┘
+//! ```
+//!
+//! [`fsm::apply`] is the specification of every arrow; every store agrees with it (the
+//! conformance suite and a differential property test check this).
+//!
+//! ## Guarantees
+//!
+//! - **Exactly-once claim**: for each (dispatch, attempt) at most one node ever holds the claim,
+//!   and every write by the holder of an older attempt is rejected with
+//!   [`StoreError::Fenced`].
+//! - **At-least-once execution, at most `max_attempts` times**: an owner that dies mid-execution
+//!   loses its lease and another node re-claims the dispatch; `max_attempts = 1` gives
+//!   at-most-once. The executor gets the dispatch id and attempt so the broker can deduplicate.
+//! - **Nothing is lost**: every row reaches a terminal state, by execution or by the sweeper, even
+//!   if every notice is lost (hubs poll as a fallback).
+//! - **No zombies**: a row past its deadline is never claimed, and an originator that gives up
+//!   cancels the row if nobody claimed it yet.
+//! - **Newest connection wins**: broker affinity is ordered by `connected_at`, so a delayed claim
+//!   from an old connection cannot steal a broker from its newer owner.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use std::sync::Arc;
+//! use broker_dispatch::fsm::{BrokerId, NodeId, SessionId};
+//! use broker_dispatch::hub::{Command, FnExecutor, Hub};
+//! use broker_dispatch::store::MemoryStore;
+//! use broker_dispatch::transport::MemoryTransport;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(MemoryStore::new());
+//! let bus = MemoryTransport::new();
+//! let executor = Arc::new(FnExecutor(|_ctx, d: broker_dispatch::fsm::Dispatch| async move {
+//!     Ok(serde_json::json!({ "ran": d.op }))
+//! }));
+//! let a = Hub::builder(NodeId::new("a")?).store(store.clone()).transport(Arc::new(bus.clone()))
+//!     .executor(executor.clone()).start().await?;
+//! let b = Hub::builder(NodeId::new("b")?).store(store.clone()).transport(Arc::new(bus.clone()))
+//!     .executor(executor).start().await?;
+//!
+//! let broker = BrokerId::new("broker-1")?;
+//! a.connect(broker.clone(), SessionId::new("ws-1")?).await?;       // its connection is on `a`
+//! let out = b.dispatch(Command::new(broker, "start", serde_json::json!({}))).await?; // lands on `b`
+//! assert_eq!(out["ran"], "start");
+//! # a.shutdown().await?; b.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Modules
+//!
+//! - [`fsm`]: the pure core (no I/O, no clock reads).
+//! - [`store`]: [`store::Store`] and its backends: memory (always), SQLite (`sqlite`, default),
+//!   Postgres (`postgres`).
+//! - [`transport`]: [`transport::Transport`] and its wake-up media: memory, no-op, Postgres
+//!   LISTEN/NOTIFY.
+//! - [`hub`]: the async runtime.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -11,6 +97,7 @@
     rust_2018_idioms,
     unreachable_pub
 )]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod error;
 pub mod fsm;

@@ -291,7 +291,11 @@ impl Dispatch {
     pub fn is_claimable(&self, now: Timestamp) -> bool {
         let before_deadline = self.deadline.is_none_or(|d| now < d);
         match self.state {
-            DispatchState::Pending => self.available_at <= now && before_deadline,
+            // A pending row is not attempt-limited (a release hands an attempt back unexecuted),
+            // but the fencing token must not wrap: at `Attempt::MAX` the claim could not bump it.
+            DispatchState::Pending => {
+                self.available_at <= now && before_deadline && self.attempt < Attempt::MAX
+            }
             DispatchState::InProgress => {
                 self.lease_until.is_some_and(|l| l <= now)
                     && self.attempt < self.max_attempts
@@ -319,4 +323,39 @@ impl Dispatch {
 /// [`IdError`] naming the op.
 pub fn check_op(op: &str) -> Result<(), IdError> {
     check_name("op", op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(attempt: Attempt) -> Dispatch {
+        let t = Timestamp::from_micros(10);
+        Dispatch {
+            id: DispatchId::from_uuid(Uuid::nil()),
+            broker: BrokerId::new("b").unwrap(),
+            op: "op".into(),
+            args: serde_json::Value::Null,
+            state: DispatchState::Pending,
+            attempt,
+            max_attempts: 1,
+            claimed_by: None,
+            lease_until: None,
+            available_at: t,
+            deadline: None,
+            result: None,
+            failure: None,
+            progress: None,
+            idempotency_key: None,
+            created_at: t,
+            updated_at: t,
+        }
+    }
+
+    #[test]
+    fn claim_guard_refuses_a_fencing_token_that_would_wrap() {
+        let now = Timestamp::from_micros(20);
+        assert!(pending(Attempt::MAX - 1).is_claimable(now));
+        assert!(!pending(Attempt::MAX).is_claimable(now));
+    }
 }

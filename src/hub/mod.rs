@@ -1,1 +1,820 @@
-//! The async shell.
+//! The hub runtime: the async shell around the pure core.
+//!
+//! A [`Hub`] is one replica's view of the cluster. It routes each command
+//! ([`fsm::route`](crate::fsm::route)), runs it locally when the broker is connected here, and
+//! otherwise writes a durable dispatch, signals the owner, and waits for the result with a
+//! rolling deadline. For brokers connected here it drains their pending dispatches (one coalesced
+//! drain task per broker), runs the user's [`Executor`], renews leases while it runs, and
+//! finishes each attempt fenced by its attempt number. Background tasks listen to the transport,
+//! sweep (expire, exhaust, purge, re-signal), refresh affinity, and re-drain owned brokers on a
+//! jittered timer so that lost notices cost latency, never work.
+
+mod config;
+mod drain;
+mod executor;
+mod tasks;
+mod wait;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
+
+pub use config::{HubConfig, UndeliverablePolicy};
+pub use executor::{ExecContext, Executor, FnExecutor, HttpFallback};
+
+use crate::error::{Error, ExecError, StoreError};
+use crate::fsm::{
+    self, BrokerId, Dispatch, DispatchId, DispatchState, FailReason, NodeId, Route, RouteInput,
+    SessionId, Timestamp,
+};
+use crate::store::{ConnectOutcome, ConnectParams, DisconnectParams, NewDispatch, Store};
+use crate::transport::{Notice, Transport};
+
+/// A source of time for the hub's own decisions (routing freshness, deadlines it writes).
+///
+/// With the default [`SystemClock`] the hub lets each store use its own clock (the database's,
+/// for Postgres). A custom clock (a simulation's) is also passed to every store call.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_system_time(SystemTime::now())
+    }
+}
+
+/// A command for a broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The target broker.
+    pub broker: BrokerId,
+    /// The operation (the executor's switch).
+    pub op: String,
+    /// Its arguments.
+    pub args: serde_json::Value,
+    /// Executions allowed (`None`: the hub's default).
+    pub max_attempts: Option<u32>,
+    /// Deduplication key: a second command with the same key is the same dispatch.
+    pub idempotency_key: Option<String>,
+}
+
+impl Command {
+    /// A command with the hub's defaults.
+    pub fn new(broker: BrokerId, op: impl Into<String>, args: serde_json::Value) -> Self {
+        Command {
+            broker,
+            op: op.into(),
+            args,
+            max_attempts: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// Sets the number of executions allowed (1: at most once).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Sets the deduplication key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+}
+
+/// Proof that a [`Hub::send`] is durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// The dispatch written.
+    pub id: DispatchId,
+    /// The row as written.
+    pub dispatch: Dispatch,
+}
+
+/// Builds a [`Hub`].
+pub struct HubBuilder {
+    node: NodeId,
+    store: Option<Arc<dyn Store>>,
+    transport: Option<Arc<dyn Transport>>,
+    executor: Option<Arc<dyn Executor>>,
+    http: Option<Arc<dyn HttpFallback>>,
+    clock: Option<Arc<dyn Clock>>,
+    config: HubConfig,
+}
+
+impl fmt::Debug for HubBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubBuilder")
+            .field("node", &self.node)
+            .field("store", &self.store)
+            .field("transport", &self.transport)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubBuilder {
+    /// The store (required).
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The transport (default: [`NoopTransport`](crate::transport::NoopTransport), polling only).
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// The executor (required).
+    pub fn executor(mut self, executor: Arc<dyn Executor>) -> Self {
+        self.executor = Some(executor);
+        self
+    }
+
+    /// An HTTP route for brokers with no connection.
+    pub fn http_fallback(mut self, http: Arc<dyn HttpFallback>) -> Self {
+        self.http = Some(http);
+        self
+    }
+
+    /// A custom clock (simulations). Store calls then carry its `now`.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The timing knobs.
+    pub fn config(mut self, config: HubConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Starts the hub: subscribes to the transport (so that every dispatch this hub writes later
+    /// is written after its subscription is live), then spawns the listener, sweeper, affinity
+    /// refresher and catch-up tasks on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a missing store or executor or an invalid config;
+    /// [`Error::Transport`] if the subscription fails.
+    pub async fn start(self) -> Result<Hub, Error> {
+        self.config.validate()?;
+        let store = self
+            .store
+            .ok_or_else(|| Error::InvalidInput("Hub needs a store".into()))?;
+        let executor = self
+            .executor
+            .ok_or_else(|| Error::InvalidInput("Hub needs an executor".into()))?;
+        let transport = self
+            .transport
+            .unwrap_or_else(|| Arc::new(crate::transport::NoopTransport));
+        let subscription = transport.subscribe().await?;
+        let (shutdown_tx, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            seed: seed_from(&self.node),
+            node: self.node,
+            store,
+            transport,
+            executor,
+            http: self.http,
+            explicit_clock: self.clock.is_some(),
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            config: self.config,
+            conns: Mutex::new(HashMap::new()),
+            drains: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            accepting: AtomicBool::new(true),
+            shutdown: shutdown_tx,
+            tasks: Mutex::new(Vec::new()),
+        });
+        tasks::spawn_background(&shared, subscription);
+        tracing::info!(node = %shared.node, store = shared.store.name(), transport = shared.transport.name(), "hub started");
+        Ok(Hub { shared })
+    }
+}
+
+/// One replica of the hub. Cheap to clone; all clones drive the same runtime.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("node", &self.shared.node)
+            .field("store", &self.shared.store.name())
+            .field("transport", &self.shared.transport.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A broker connection held by this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LocalConn {
+    pub(crate) session: SessionId,
+    pub(crate) connected_at: Timestamp,
+}
+
+pub(crate) struct Shared {
+    pub(crate) node: NodeId,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) executor: Arc<dyn Executor>,
+    pub(crate) http: Option<Arc<dyn HttpFallback>>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) explicit_clock: bool,
+    pub(crate) config: HubConfig,
+    /// Brokers connected to this node, by session.
+    pub(crate) conns: Mutex<HashMap<BrokerId, LocalConn>>,
+    /// Drains running per broker; `true` means "run one more pass".
+    pub(crate) drains: Mutex<HashMap<BrokerId, drain::DrainSlot>>,
+    /// Originators waiting here, by dispatch.
+    pub(crate) waiters: Mutex<HashMap<DispatchId, Arc<Notify>>>,
+    pub(crate) accepting: AtomicBool,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) tasks: Mutex<Vec<AbortHandle>>,
+    pub(crate) seed: u64,
+}
+
+impl Shared {
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The `now` to hand to the store: `None` (the store's clock) unless a custom clock is set.
+    pub(crate) fn store_now(&self) -> Option<Timestamp> {
+        self.explicit_clock.then(|| self.clock.now())
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub(crate) fn local_session(&self, broker: &BrokerId) -> Option<SessionId> {
+        self.conns.lock().get(broker).map(|c| c.session.clone())
+    }
+
+    /// Runs a store (or transport) call with the configured timeout.
+    pub(crate) async fn bounded<T, E>(
+        &self,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Error>
+    where
+        Error: From<E>,
+    {
+        match tokio::time::timeout(self.config.store_timeout, fut).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Store(StoreError::Unavailable(
+                "store call timed out".into(),
+            ))),
+        }
+    }
+
+    pub(crate) async fn publish(&self, notice: Notice) {
+        let res =
+            tokio::time::timeout(self.config.store_timeout, self.transport.publish(notice)).await;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "publish failed; polling will catch up"),
+            Err(_) => tracing::debug!("publish timed out; polling will catch up"),
+        }
+    }
+
+    pub(crate) fn notify_waiter(&self, id: &DispatchId) {
+        if let Some(n) = self.waiters.lock().get(id) {
+            n.notify_one();
+        }
+    }
+
+    pub(crate) fn notify_all_waiters(&self) {
+        for n in self.waiters.lock().values() {
+            n.notify_one();
+        }
+    }
+
+    /// `d` jittered by ±25 %, from a cheap per-hub generator.
+    pub(crate) fn jitter(&self, d: Duration, salt: u64) -> Duration {
+        let mut x =
+            self.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.now().as_micros() as u64;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        let frac = (x % 1000) as f64 / 1000.0; // 0..1
+        d.mul_f64(0.75 + frac * 0.5)
+    }
+}
+
+fn seed_from(node: &NodeId) -> u64 {
+    node.as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+impl Hub {
+    /// Starts building a hub for this node. The node id must be unique among running replicas
+    /// (a pod name plus a UUID, say): it is the affinity key and the claim holder's name.
+    pub fn builder(node: NodeId) -> HubBuilder {
+        HubBuilder {
+            node,
+            store: None,
+            transport: None,
+            executor: None,
+            http: None,
+            clock: None,
+            config: HubConfig::default(),
+        }
+    }
+
+    /// This hub's node id.
+    pub fn node(&self) -> &NodeId {
+        &self.shared.node
+    }
+
+    /// The hub's store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// The hub's config.
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    /// Whether `broker` is connected to this node.
+    pub fn is_connected(&self, broker: &BrokerId) -> bool {
+        self.shared.conns.lock().contains_key(broker)
+    }
+
+    /// A broker's control connection arrived at this node: claim its affinity (newest
+    /// connection wins, by `connected_at`) and drain its pending work.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Superseded`] if a newer session of the broker already holds it (this
+    /// connection is stale and should be closed); store errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped after the store accepted the claim, the affinity names this node but the hub
+    /// does not know the connection; it goes stale after `freshness` and routing ignores it.
+    pub async fn connect(&self, broker: BrokerId, session: SessionId) -> Result<(), Error> {
+        let connected_at = self.shared.now();
+        self.connect_at(broker, session, connected_at).await
+    }
+
+    /// [`connect`](Hub::connect) with an explicit `connected_at` (when the connection was
+    /// accepted, if that was earlier than now).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Hub::connect).
+    pub async fn connect_at(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        connected_at: Timestamp,
+    ) -> Result<(), Error> {
+        let sh = &self.shared;
+        if sh.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let outcome = sh
+            .bounded(sh.store.connect(ConnectParams {
+                broker: broker.clone(),
+                node: sh.node.clone(),
+                session: session.clone(),
+                connected_at,
+                now: sh.store_now(),
+            }))
+            .await?;
+        match outcome {
+            ConnectOutcome::Claimed(_) => {
+                {
+                    let mut conns = sh.conns.lock();
+                    let newer = conns
+                        .get(&broker)
+                        .is_none_or(|c| (connected_at, &session) >= (c.connected_at, &c.session));
+                    if !newer {
+                        return Err(Error::Superseded);
+                    }
+                    conns.insert(
+                        broker.clone(),
+                        LocalConn {
+                            session,
+                            connected_at,
+                        },
+                    );
+                }
+                tracing::debug!(node = %sh.node, %broker, "broker connected");
+                drain::schedule(sh, &broker);
+                Ok(())
+            }
+            ConnectOutcome::Superseded(_) => Err(Error::Superseded),
+        }
+    }
+
+    /// A broker's control connection went away: forget it locally and release its affinity,
+    /// both only if `session` is still the current one (a teardown of an old session after a
+    /// newer connect changes nothing). Returns whether it released anything.
+    ///
+    /// # Errors
+    ///
+    /// Store errors (the local map is updated first regardless).
+    pub async fn disconnect(&self, broker: &BrokerId, session: &SessionId) -> Result<bool, Error> {
+        let sh = &self.shared;
+        let removed = {
+            let mut conns = sh.conns.lock();
+            match conns.get(broker) {
+                Some(c) if c.session == *session => conns.remove(broker).is_some(),
+                _ => false,
+            }
+        };
+        let released = sh
+            .bounded(sh.store.disconnect(DisconnectParams {
+                broker: broker.clone(),
+                node: sh.node.clone(),
+                session: session.clone(),
+                now: sh.store_now(),
+            }))
+            .await?;
+        if removed || released {
+            tracing::debug!(node = %sh.node, %broker, "broker disconnected");
+        }
+        Ok(removed || released)
+    }
+
+    /// Routes a command and returns its result.
+    ///
+    /// - Connected here: the executor runs at once, in this task; no row is written.
+    /// - Owned by another live node (or parked, or via HTTP without a fallback): a dispatch is
+    ///   written (after this hub's subscription is live), the owner is signalled, and this call
+    ///   waits with a rolling deadline that extends on real progress. If it gives up on a row
+    ///   nobody claimed, it cancels it, so it never runs later.
+    /// - Over HTTP, when the broker has an endpoint and a fallback is configured.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Failed`] (with the row's reason, or `Undeliverable` under
+    /// [`UndeliverablePolicy::FailFast`]), [`Error::TimedOut`], [`Error::InvalidInput`],
+    /// [`Error::ShuttingDown`], store errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future after the row was written leaves it pending until its deadline (the
+    /// wait window): it may still run, or it expires. Use the id from the error or
+    /// [`send`](Hub::send) plus [`wait`](Hub::wait) to keep a handle.
+    pub async fn dispatch(&self, cmd: Command) -> Result<serde_json::Value, Error> {
+        let sh = &self.shared;
+        if !sh.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let max_attempts = self.validate(&cmd)?;
+        if sh.conns.lock().contains_key(&cmd.broker) {
+            return run_local(sh, cmd, max_attempts).await;
+        }
+        let affinity = sh.bounded(sh.store.affinity(&cmd.broker)).await?;
+        let has_http = match &sh.http {
+            Some(http) => http.has_endpoint(&cmd.broker).await,
+            None => false,
+        };
+        let now = sh.now();
+        let connected_here = sh.conns.lock().contains_key(&cmd.broker);
+        let route = fsm::route(&RouteInput {
+            this_node: &sh.node,
+            connected_here,
+            affinity: affinity.as_ref(),
+            now,
+            freshness: sh.config.freshness,
+            has_http_endpoint: has_http,
+        });
+        metrics::counter!("broker_dispatch_routed_total", "route" => route_name(&route))
+            .increment(1);
+        match route {
+            Route::Local => run_local(sh, cmd, max_attempts).await,
+            Route::Http => match &sh.http {
+                Some(http) => {
+                    let d = adhoc_dispatch(cmd, max_attempts, now);
+                    run_guarded(http.call(&d))
+                        .await
+                        .map_err(|e| exec_failure(d.id, e))
+                }
+                None => self.park_or_fail(cmd, max_attempts).await,
+            },
+            Route::Forward { .. } => self.write_and_wait(cmd, max_attempts).await,
+            Route::Undeliverable => self.park_or_fail(cmd, max_attempts).await,
+        }
+    }
+
+    async fn park_or_fail(
+        &self,
+        cmd: Command,
+        max_attempts: u32,
+    ) -> Result<serde_json::Value, Error> {
+        match self.shared.config.undeliverable {
+            UndeliverablePolicy::Park => self.write_and_wait(cmd, max_attempts).await,
+            UndeliverablePolicy::FailFast => Err(Error::Failed {
+                id: DispatchId::new(),
+                reason: FailReason::Undeliverable,
+            }),
+        }
+    }
+
+    async fn write_and_wait(
+        &self,
+        cmd: Command,
+        max_attempts: u32,
+    ) -> Result<serde_json::Value, Error> {
+        let sh = &self.shared;
+        let id = DispatchId::new();
+        // Subscribe before write: the transport subscription is live since `start`, and the
+        // waiter is registered before the row exists, so no event about it can be missed.
+        let waiter = wait::Registration::new(sh, id);
+        let deadline = sh.now().saturating_add(sh.config.wait_window);
+        let d = self.write(cmd, id, max_attempts, deadline).await?;
+        waiter.wait(d).await
+    }
+
+    async fn write(
+        &self,
+        cmd: Command,
+        id: DispatchId,
+        max_attempts: u32,
+        deadline: Timestamp,
+    ) -> Result<Dispatch, Error> {
+        let sh = &self.shared;
+        let broker = cmd.broker.clone();
+        let d = sh
+            .bounded(sh.store.insert(NewDispatch {
+                id,
+                broker: cmd.broker,
+                op: cmd.op,
+                args: cmd.args,
+                max_attempts,
+                available_at: None,
+                deadline: Some(deadline),
+                idempotency_key: cmd.idempotency_key,
+                now: sh.store_now(),
+            }))
+            .await?;
+        metrics::counter!("broker_dispatch_published_total").increment(1);
+        if sh.conns.lock().contains_key(&broker) {
+            drain::schedule(sh, &broker);
+        } else if !sh.store.signals_on_insert() {
+            sh.publish(Notice::Signal { broker }).await;
+        }
+        Ok(d)
+    }
+
+    /// Durable fire-and-forget: writes the dispatch (deadline `send_ttl` from now), then runs
+    /// it here if the broker is connected here, or signals its owner. Returns once the row is
+    /// durable; execution is at-least-once, like any dispatch. Never uses the HTTP fallback
+    /// and ignores [`UndeliverablePolicy`]: a message for an absent broker waits for it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`], [`Error::ShuttingDown`], store errors (then nothing was
+    /// written, or — for a timeout — the write may have landed: resend with the same
+    /// idempotency key to be sure).
+    pub async fn send(&self, cmd: Command) -> Result<Receipt, Error> {
+        let sh = &self.shared;
+        if !sh.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let max_attempts = self.validate(&cmd)?;
+        let deadline = sh.now().saturating_add(sh.config.send_ttl);
+        let d = self
+            .write(cmd, DispatchId::new(), max_attempts, deadline)
+            .await?;
+        Ok(Receipt {
+            id: d.id,
+            dispatch: d,
+        })
+    }
+
+    /// Waits for a dispatch written by [`send`](Hub::send) (or by another node) to finish, with
+    /// the rolling deadline of [`dispatch`](Hub::dispatch). Unlike `dispatch`, it does not
+    /// cancel the row when it gives up.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Failed`], [`Error::TimedOut`], [`StoreError::NotFound`] (as
+    /// [`Error::Store`]).
+    pub async fn wait(&self, id: DispatchId) -> Result<serde_json::Value, Error> {
+        let sh = &self.shared;
+        let waiter = wait::Registration::new(sh, id).observe_only();
+        let d = sh
+            .bounded(sh.store.get(id))
+            .await?
+            .ok_or(Error::Store(StoreError::NotFound(id)))?;
+        waiter.wait(d).await
+    }
+
+    /// Reads a dispatch.
+    ///
+    /// # Errors
+    ///
+    /// Store errors.
+    pub async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, Error> {
+        self.shared.bounded(self.shared.store.get(id)).await
+    }
+
+    fn validate(&self, cmd: &Command) -> Result<u32, Error> {
+        fsm::check_op(&cmd.op)?;
+        let max_attempts = cmd.max_attempts.unwrap_or(self.shared.config.max_attempts);
+        if max_attempts == 0 {
+            return Err(Error::InvalidInput(
+                "max_attempts must be at least 1".into(),
+            ));
+        }
+        if let Some(k) = &cmd.idempotency_key {
+            if k.is_empty() || k.len() > fsm::MAX_ID_LEN {
+                return Err(Error::InvalidInput(
+                    "idempotency key must be 1..=256 bytes".into(),
+                ));
+            }
+        }
+        Ok(max_attempts)
+    }
+
+    /// Stops the hub gracefully: refuses new work, stops claiming, lets in-flight executions
+    /// finish (up to `shutdown_timeout`), hands claimed-but-unstarted dispatches back, releases
+    /// the affinity of every broker connected here, and stops the background tasks.
+    ///
+    /// # Errors
+    ///
+    /// Store errors while releasing affinity (the hub is stopped regardless).
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        let sh = &self.shared;
+        sh.accepting.store(false, Ordering::Release);
+        sh.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + sh.config.shutdown_timeout;
+        // Drains observe the flag between items; wait for them to wind down.
+        loop {
+            if sh.drains.lock().is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(node = %sh.node, "shutdown timeout: aborting in-flight drains");
+                for slot in sh.drains.lock().values() {
+                    slot.abort();
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for t in sh.tasks.lock().drain(..) {
+            t.abort();
+        }
+        let conns: Vec<(BrokerId, LocalConn)> = sh.conns.lock().drain().collect();
+        let mut first_err = None;
+        for (broker, c) in conns {
+            let res = sh
+                .bounded(sh.store.disconnect(DisconnectParams {
+                    broker,
+                    node: sh.node.clone(),
+                    session: c.session,
+                    now: sh.store_now(),
+                }))
+                .await;
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+            }
+        }
+        sh.notify_all_waiters();
+        tracing::info!(node = %sh.node, "hub stopped");
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Stops every task of this hub at once, mid-execution, without handing anything back or
+    /// releasing affinity: what a crash looks like to the rest of the cluster. Its claims are
+    /// re-claimed after their leases; its affinity goes stale after `freshness`. For tests and
+    /// simulations.
+    pub fn abort(&self) {
+        let sh = &self.shared;
+        sh.accepting.store(false, Ordering::Release);
+        sh.shutdown.send_replace(true);
+        for t in sh.tasks.lock().drain(..) {
+            t.abort();
+        }
+        for slot in sh.drains.lock().drain() {
+            slot.1.abort();
+        }
+        sh.conns.lock().clear();
+        sh.notify_all_waiters();
+    }
+}
+
+fn route_name(r: &Route) -> &'static str {
+    match r {
+        Route::Local => "local",
+        Route::Forward { .. } => "forward",
+        Route::Http => "http",
+        Route::Undeliverable => "undeliverable",
+    }
+}
+
+/// A dispatch record for work that never touches the store (local fast path, HTTP).
+fn adhoc_dispatch(cmd: Command, max_attempts: u32, now: Timestamp) -> Dispatch {
+    Dispatch {
+        id: DispatchId::new(),
+        broker: cmd.broker,
+        op: cmd.op,
+        args: cmd.args,
+        state: DispatchState::InProgress,
+        attempt: 1,
+        max_attempts,
+        claimed_by: None,
+        lease_until: None,
+        available_at: now,
+        deadline: None,
+        result: None,
+        failure: None,
+        progress: None,
+        idempotency_key: cmd.idempotency_key,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// The local fast path: execute in the caller's task, retrying in place on retryable errors.
+async fn run_local(
+    sh: &Shared,
+    cmd: Command,
+    max_attempts: u32,
+) -> Result<serde_json::Value, Error> {
+    let mut d = adhoc_dispatch(cmd, max_attempts, Timestamp::EPOCH);
+    loop {
+        let ctx = ExecContext::new(d.id, d.attempt, None);
+        match run_guarded(sh.executor.execute(ctx, &d)).await {
+            Ok(v) => return Ok(v),
+            Err(ExecError::Retryable { after, .. }) if d.attempt < max_attempts => {
+                d.attempt += 1;
+                tokio::time::sleep(after).await;
+            }
+            Err(e) => return Err(exec_failure(d.id, e)),
+        }
+    }
+}
+
+/// Runs an executor future, turning a panic into a fatal error.
+pub(crate) async fn run_guarded(
+    fut: impl Future<Output = Result<serde_json::Value, ExecError>>,
+) -> Result<serde_json::Value, ExecError> {
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Err(ExecError::Fatal(format!("executor panicked: {msg}")))
+        }
+    }
+}
+
+fn exec_failure(id: DispatchId, e: ExecError) -> Error {
+    let msg = match e {
+        ExecError::Retryable { message, .. } => format!("{message} (no attempts left)"),
+        ExecError::Fatal(m) => m,
+    };
+    Error::Failed {
+        id,
+        reason: FailReason::Error(msg),
+    }
+}
+
+/// The outcome a finished row reports to its originator.
+pub(crate) fn outcome_of(d: &Dispatch) -> Option<Result<serde_json::Value, Error>> {
+    match d.state {
+        DispatchState::Done => Some(Ok(d.result.clone().unwrap_or(serde_json::Value::Null))),
+        DispatchState::Failed => Some(Err(Error::Failed {
+            id: d.id,
+            reason: d
+                .failure
+                .clone()
+                .unwrap_or(FailReason::Error(String::new())),
+        })),
+        DispatchState::Pending | DispatchState::InProgress => None,
+    }
+}

@@ -1,1 +1,1579 @@
-//! Store conformance suite.
+//! The store conformance suite: one behaviour per `pub async fn`, run by every [`Store`].
+//!
+//! Each case takes a fresh, empty store and panics on a violation. Time is controlled with
+//! explicit `now` values (never real sleeps), and errors are asserted by variant and fields,
+//! never by message text. [`fsm::apply`] is the oracle: where a case checks a transition, it
+//! also checks that the store's answer is exactly what `apply` says for the row as it was.
+//!
+//! A backend runs the whole suite with one macro call in its test module; each case becomes its
+//! own `#[tokio::test]`, so a failure names the case and (by module path) the backend:
+//!
+//! ```ignore
+//! mod conformance {
+//!     broker_dispatch::store_conformance_tests!(async {
+//!         std::sync::Arc::new(my_crate::MyStore::connect_for_tests().await)
+//!     });
+//! }
+//! ```
+//!
+//! The argument is an expression evaluated once per case; awaited, it yields an
+//! `Arc<S>` for some `S: Store` (a fresh, empty store). The calling crate needs `tokio` with the
+//! `macros` and `rt-multi-thread` features. Enable this crate's `conformance` feature to use the
+//! suite from outside it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{
+    CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
+    FinishParams, HeartbeatParams, ListFilter, NewDispatch, Outcome, Store, SweepParams, MAX_BATCH,
+};
+use crate::error::StoreError;
+use crate::fsm::{
+    self, BrokerId, Dispatch, DispatchId, DispatchState, Event, EventKind, FailReason, NodeId,
+    Progress, SessionId, Timestamp,
+};
+
+/// Expands into one `#[tokio::test]` per conformance case, each on a fresh store from
+/// `$factory` (an expression that, awaited, yields an `Arc<S>` with `S: Store`). See the
+/// [module docs](crate::store::conformance).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@cases $factory;
+            insert_writes_a_pending_row,
+            insert_is_idempotent_on_id,
+            insert_is_idempotent_on_key,
+            claim_moves_pending_to_in_progress,
+            claim_waits_for_available_at,
+            claim_never_takes_a_row_past_its_deadline,
+            claim_batch_honours_limit_oldest_first_one_broker,
+            claim_leaves_held_rows_until_the_lease_expires,
+            reclaim_after_lease_expiry_fences_the_old_holder,
+            heartbeat_extends_the_lease_and_keeps_progress,
+            complete_and_fail_are_terminal,
+            retry_respects_available_at,
+            retry_is_refused_without_attempts_left,
+            release_hands_the_row_back_at_once,
+            attempts_exhausted_blocks_reclaim_and_sweep_exhausts,
+            cancel_only_while_pending,
+            double_finish_is_a_typed_error,
+            unknown_id_is_not_found,
+            store_agrees_with_apply_in_every_state,
+            concurrent_claimers_partition_the_rows,
+            affinity_newest_connection_wins,
+            affinity_delayed_older_claim_is_superseded,
+            affinity_disconnect_is_compare_and_clear,
+            affinity_late_claim_after_release_is_superseded,
+            affinity_touch_refreshes_only_the_holder,
+            sweep_expires_exhausts_purges_and_reports,
+            sweep_honours_its_limit,
+            list_filters_and_pages,
+            timestamps_round_trip_exactly,
+            large_and_unicode_args_round_trip,
+            bad_input_is_rejected_and_changes_nothing,
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store: ::std::sync::Arc<dyn $crate::store::Store> = $factory.await;
+                $crate::store::conformance::$case(store).await;
+            }
+        )*
+    };
+}
+
+const T0: i64 = 1_700_000_000_000_000;
+const LEASE: Duration = Duration::from_secs(10);
+
+fn at(offset_micros: i64) -> Timestamp {
+    Timestamp::from_micros(T0 + offset_micros)
+}
+
+fn secs(s: i64) -> i64 {
+    s * 1_000_000
+}
+
+fn id(n: u128) -> DispatchId {
+    DispatchId::from_uuid(Uuid::from_u128(n))
+}
+
+fn broker(s: &str) -> BrokerId {
+    BrokerId::new(s).expect("valid broker id")
+}
+
+fn node(s: &str) -> NodeId {
+    NodeId::new(s).expect("valid node id")
+}
+
+fn session(s: &str) -> SessionId {
+    SessionId::new(s).expect("valid session id")
+}
+
+fn new_dispatch(n: u128, b: &str, now: Timestamp) -> NewDispatch {
+    NewDispatch {
+        id: id(n),
+        broker: broker(b),
+        op: "start".into(),
+        args: serde_json::json!({ "n": n as u64 }),
+        max_attempts: 3,
+        available_at: None,
+        deadline: None,
+        idempotency_key: None,
+        now: Some(now),
+    }
+}
+
+async fn insert(store: &dyn Store, new: NewDispatch) -> Dispatch {
+    store.insert(new).await.expect("insert")
+}
+
+fn claim_params(b: &str, n: &str, limit: u32, now: Timestamp) -> ClaimParams {
+    ClaimParams {
+        broker: broker(b),
+        node: node(n),
+        limit,
+        lease: LEASE,
+        now: Some(now),
+    }
+}
+
+async fn claim(store: &dyn Store, b: &str, n: &str, limit: u32, now: Timestamp) -> Vec<Claimed> {
+    store
+        .claim(claim_params(b, n, limit, now))
+        .await
+        .expect("claim")
+}
+
+async fn claim_one(store: &dyn Store, b: &str, n: &str, now: Timestamp) -> Claimed {
+    let mut got = claim(store, b, n, 1, now).await;
+    assert_eq!(got.len(), 1, "expected exactly one claimable row");
+    got.remove(0)
+}
+
+async fn get(store: &dyn Store, d: DispatchId) -> Dispatch {
+    store.get(d).await.expect("get").expect("row exists")
+}
+
+async fn finish(
+    store: &dyn Store,
+    c: Claimed,
+    outcome: Outcome,
+    now: Timestamp,
+) -> Result<Dispatch, StoreError> {
+    store
+        .finish(
+            c,
+            FinishParams {
+                outcome,
+                now: Some(now),
+            },
+        )
+        .await
+}
+
+async fn heartbeat(store: &dyn Store, c: &Claimed, now: Timestamp) -> Result<Dispatch, StoreError> {
+    store
+        .heartbeat(
+            c,
+            HeartbeatParams {
+                lease: LEASE,
+                progress: None,
+                now: Some(now),
+            },
+        )
+        .await
+}
+
+async fn cancel(store: &dyn Store, d: DispatchId, now: Timestamp) -> Result<Dispatch, StoreError> {
+    store
+        .cancel(CancelParams {
+            id: d,
+            now: Some(now),
+        })
+        .await
+}
+
+async fn all_rows(store: &dyn Store) -> Vec<Dispatch> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(ListFilter {
+                after,
+                limit: MAX_BATCH,
+                ..ListFilter::default()
+            })
+            .await
+            .expect("list");
+        let Some(last) = page.last() else {
+            return out;
+        };
+        after = Some(last.id);
+        out.extend(page);
+    }
+}
+
+fn sweep_params(limit: u32, retention: Duration, now: Timestamp) -> SweepParams {
+    SweepParams {
+        retention,
+        limit,
+        now: Some(now),
+    }
+}
+
+/// Asserts an error by variant and fields (never by message).
+#[track_caller]
+fn assert_same_error(actual: &StoreError, expected: &StoreError) {
+    let same = match (actual, expected) {
+        (StoreError::NotFound(a), StoreError::NotFound(b)) => a == b,
+        (
+            StoreError::Fenced {
+                presented: a,
+                current: b,
+            },
+            StoreError::Fenced {
+                presented: c,
+                current: d,
+            },
+        ) => a == c && b == d,
+        (StoreError::Illegal { from: a, event: b }, StoreError::Illegal { from: c, event: d }) => {
+            a == c && b == d
+        }
+        (StoreError::Conflict(_), StoreError::Conflict(_))
+        | (StoreError::InvalidInput(_), StoreError::InvalidInput(_))
+        | (StoreError::SchemaTooNew { .. }, StoreError::SchemaTooNew { .. })
+        | (StoreError::Unavailable(_), StoreError::Unavailable(_))
+        | (StoreError::Backend(_), StoreError::Backend(_)) => true,
+        _ => false,
+    };
+    assert!(same, "expected {expected:?}, got {actual:?}");
+}
+
+#[track_caller]
+fn assert_illegal(r: Result<Dispatch, StoreError>, from: DispatchState, event: EventKind) {
+    match r {
+        Err(e) => assert_same_error(&e, &StoreError::Illegal { from, event }),
+        Ok(d) => panic!("expected Illegal {{ {from}, {event} }}, got Ok({d:?})"),
+    }
+}
+
+#[track_caller]
+fn assert_fenced(r: Result<Dispatch, StoreError>, presented: u32, current: u32) {
+    match r {
+        Err(e) => assert_same_error(&e, &StoreError::Fenced { presented, current }),
+        Ok(d) => panic!("expected Fenced, got Ok({d:?})"),
+    }
+}
+
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(r: Result<T, StoreError>) {
+    match r {
+        Err(StoreError::InvalidInput(_)) => {}
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+}
+
+/// Insert writes exactly the row [`NewDispatch::into_dispatch`] describes, readable by `get`.
+pub async fn insert_writes_a_pending_row(store: Arc<dyn Store>) {
+    let new = NewDispatch {
+        deadline: Some(at(secs(60))),
+        idempotency_key: Some("key-1".into()),
+        ..new_dispatch(1, "b1", at(0))
+    };
+    let d = insert(&*store, new.clone()).await;
+    assert_eq!(d, new.into_dispatch(at(0)));
+    assert_eq!(d.state, DispatchState::Pending);
+    assert_eq!(d.attempt, 0);
+    assert_eq!(get(&*store, id(1)).await, d);
+    assert_eq!(store.get(id(2)).await.expect("get"), None);
+}
+
+/// Re-inserting an id with the same payload returns the existing row; a different payload is a
+/// conflict and changes nothing.
+pub async fn insert_is_idempotent_on_id(store: Arc<dyn Store>) {
+    let first = insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let again = insert(&*store, new_dispatch(1, "b1", at(secs(5)))).await;
+    assert_eq!(again, first, "same payload: the existing row, unchanged");
+
+    for changed in [
+        NewDispatch {
+            op: "stop".into(),
+            ..new_dispatch(1, "b1", at(1))
+        },
+        NewDispatch {
+            broker: broker("b2"),
+            ..new_dispatch(1, "b1", at(1))
+        },
+        NewDispatch {
+            args: serde_json::json!({ "n": 99 }),
+            ..new_dispatch(1, "b1", at(1))
+        },
+    ] {
+        match store.insert(changed).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(all_rows(&*store).await, vec![first]);
+}
+
+/// A second insert with the same idempotency key (new id) returns the first row; a different
+/// payload under that key is a conflict.
+pub async fn insert_is_idempotent_on_key(store: Arc<dyn Store>) {
+    let keyed = |n| NewDispatch {
+        idempotency_key: Some("order-42".into()),
+        ..new_dispatch(n, "b1", at(0))
+    };
+    let first = insert(&*store, keyed(1)).await;
+    let mut same = keyed(2);
+    same.args = first.args.clone();
+    assert_eq!(insert(&*store, same).await, first);
+
+    let mut different = keyed(3);
+    different.op = "stop".into();
+    match store.insert(different).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert_eq!(all_rows(&*store).await, vec![first]);
+}
+
+/// Claim moves a pending row to in progress: attempt 1, holder, lease, update time.
+pub async fn claim_moves_pending_to_in_progress(store: Arc<dyn Store>) {
+    let d = insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(secs(1))).await;
+    let expected = fsm::apply(
+        &d,
+        Event::Claim {
+            node: node("n1"),
+            now: at(secs(1)),
+            lease: LEASE,
+        },
+    )
+    .expect("claimable");
+    assert_eq!(c.dispatch(), &expected);
+    assert_eq!(c.attempt(), 1);
+    assert_eq!(c.dispatch().claimed_by, Some(node("n1")));
+    assert_eq!(c.dispatch().lease_until, Some(at(secs(11))));
+    assert_eq!(get(&*store, id(1)).await, expected);
+    assert!(claim(&*store, "b1", "n2", 10, at(secs(2))).await.is_empty());
+}
+
+/// A row is not claimable before its `available_at`, and is at that instant.
+pub async fn claim_waits_for_available_at(store: Arc<dyn Store>) {
+    let new = NewDispatch {
+        available_at: Some(at(secs(30))),
+        ..new_dispatch(1, "b1", at(0))
+    };
+    insert(&*store, new).await;
+    assert!(claim(&*store, "b1", "n1", 10, at(secs(30) - 1))
+        .await
+        .is_empty());
+    assert_eq!(get(&*store, id(1)).await.state, DispatchState::Pending);
+    let c = claim_one(&*store, "b1", "n1", at(secs(30))).await;
+    assert_eq!(c.attempt(), 1);
+}
+
+/// No zombies: a pending row at or past its deadline is never claimed, and the sweep expires it.
+pub async fn claim_never_takes_a_row_past_its_deadline(store: Arc<dyn Store>) {
+    let new = NewDispatch {
+        deadline: Some(at(secs(10))),
+        ..new_dispatch(1, "b1", at(0))
+    };
+    insert(&*store, new).await;
+    assert!(claim(&*store, "b1", "n1", 10, at(secs(10)))
+        .await
+        .is_empty());
+    assert!(claim(&*store, "b1", "n1", 10, at(secs(99)))
+        .await
+        .is_empty());
+    assert_eq!(get(&*store, id(1)).await.state, DispatchState::Pending);
+
+    let report = store
+        .sweep(sweep_params(10, Duration::from_secs(3600), at(secs(11))))
+        .await
+        .expect("sweep");
+    assert_eq!(report.expired, vec![id(1)]);
+    assert!(report.claimable.is_empty());
+    let d = get(&*store, id(1)).await;
+    assert_eq!(d.state, DispatchState::Failed);
+    assert_eq!(d.failure, Some(FailReason::Expired));
+    assert_eq!(d.attempt, 0, "never ran");
+}
+
+/// A batch claim takes at most `limit` rows of the requested broker only, oldest first
+/// (creation time, then id).
+pub async fn claim_batch_honours_limit_oldest_first_one_broker(store: Arc<dyn Store>) {
+    // Ids deliberately disagree with creation order: claim order is created_at, then id.
+    let plan = [(9, 0), (3, 1), (7, 1), (1, 2), (5, 3)];
+    for (n, t) in plan {
+        insert(&*store, new_dispatch(n, "b1", at(t))).await;
+    }
+    insert(&*store, new_dispatch(100, "other", at(0))).await;
+
+    let first = claim(&*store, "b1", "n1", 2, at(secs(1))).await;
+    let ids: Vec<_> = first.iter().map(Claimed::id).collect();
+    assert_eq!(ids, vec![id(9), id(3)]);
+    let rest = claim(&*store, "b1", "n1", MAX_BATCH, at(secs(1))).await;
+    let ids: Vec<_> = rest.iter().map(Claimed::id).collect();
+    assert_eq!(ids, vec![id(7), id(1), id(5)]);
+    assert_eq!(get(&*store, id(100)).await.state, DispatchState::Pending);
+}
+
+/// A held row is not claimable while its lease runs, and is from the lease's end.
+pub async fn claim_leaves_held_rows_until_the_lease_expires(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(0)).await;
+    let lease_end = c.dispatch().lease_until.expect("lease");
+    assert!(claim(&*store, "b1", "n2", 10, at(secs(10) - 1))
+        .await
+        .is_empty());
+    let again = claim_one(&*store, "b1", "n2", lease_end).await;
+    assert_eq!(again.attempt(), 2);
+}
+
+/// Re-claim after the lease bumps the attempt; the old holder's heartbeat and finish are fenced.
+pub async fn reclaim_after_lease_expiry_fences_the_old_holder(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let old = claim_one(&*store, "b1", "n1", at(0)).await;
+    let old_snapshot = old.dispatch().clone();
+    let new = claim_one(&*store, "b1", "n2", at(secs(20))).await;
+    assert_eq!(new.attempt(), 2);
+    assert_eq!(new.dispatch().claimed_by, Some(node("n2")));
+
+    let before = get(&*store, id(1)).await;
+    assert_fenced(heartbeat(&*store, &old, at(secs(21))).await, 1, 2);
+    for outcome in [
+        Outcome::Complete(serde_json::json!("stale")),
+        Outcome::Fail("stale".into()),
+        Outcome::Retry {
+            after: Duration::ZERO,
+        },
+        Outcome::Release,
+    ] {
+        let forged = Claimed::new(old_snapshot.clone());
+        assert_fenced(finish(&*store, forged, outcome, at(secs(21))).await, 1, 2);
+    }
+    assert_eq!(
+        get(&*store, id(1)).await,
+        before,
+        "fenced writes change nothing"
+    );
+
+    let done = finish(
+        &*store,
+        new,
+        Outcome::Complete(serde_json::json!(1)),
+        at(secs(22)),
+    )
+    .await
+    .expect("current holder completes");
+    assert_eq!(done.state, DispatchState::Done);
+    assert_fenced(
+        finish(&*store, old, Outcome::Release, at(secs(23))).await,
+        1,
+        2,
+    );
+}
+
+/// Heartbeat moves the lease to `now + lease`, stores new progress, and keeps the last progress
+/// when none is given.
+pub async fn heartbeat_extends_the_lease_and_keeps_progress(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(0)).await;
+    let progress = Progress {
+        seq: u64::MAX,
+        detail: serde_json::json!({ "step": "pulling image", "pct": 40.5 }),
+    };
+    let d = store
+        .heartbeat(
+            &c,
+            HeartbeatParams {
+                lease: Duration::from_secs(30),
+                progress: Some(progress.clone()),
+                now: Some(at(secs(5))),
+            },
+        )
+        .await
+        .expect("heartbeat");
+    assert_eq!(d.lease_until, Some(at(secs(35))));
+    assert_eq!(d.progress.as_ref(), Some(&progress));
+    assert_eq!(d.updated_at, at(secs(5)));
+    let d = heartbeat(&*store, &c, at(secs(6)))
+        .await
+        .expect("heartbeat");
+    assert_eq!(d.progress, Some(progress), "no new progress keeps the last");
+    assert_eq!(d, get(&*store, id(1)).await);
+    // The extended lease protects the holder past the original one.
+    assert!(claim(&*store, "b1", "n2", 10, at(secs(12)))
+        .await
+        .is_empty());
+}
+
+/// Complete stores the result (Done); fail stores the message (Failed(Error)).
+pub async fn complete_and_fail_are_terminal(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    insert(&*store, new_dispatch(2, "b1", at(1))).await;
+    let mut cs = claim(&*store, "b1", "n1", 2, at(secs(1))).await.into_iter();
+    let (c1, c2) = (cs.next().expect("c1"), cs.next().expect("c2"));
+    let result = serde_json::json!({ "ok": true, "list": [1, 2.5, null, "x"] });
+    let done = finish(&*store, c1, Outcome::Complete(result.clone()), at(secs(2)))
+        .await
+        .expect("complete");
+    assert_eq!(done.state, DispatchState::Done);
+    assert_eq!(done.result, Some(result));
+    assert_eq!(done.lease_until, None);
+    assert_eq!(done.updated_at, at(secs(2)));
+    let failed = finish(
+        &*store,
+        c2,
+        Outcome::Fail("boom: ünïcödé".into()),
+        at(secs(3)),
+    )
+    .await
+    .expect("fail");
+    assert_eq!(failed.state, DispatchState::Failed);
+    assert_eq!(
+        failed.failure,
+        Some(FailReason::Error("boom: ünïcödé".into()))
+    );
+    assert_eq!(get(&*store, id(1)).await, done);
+    assert_eq!(get(&*store, id(2)).await, failed);
+    assert!(claim(&*store, "b1", "n1", 10, at(secs(100)))
+        .await
+        .is_empty());
+}
+
+/// Retry hands the row back as pending, claimable from `now + after`, at the next attempt.
+pub async fn retry_respects_available_at(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(0)).await;
+    let d = finish(
+        &*store,
+        c,
+        Outcome::Retry {
+            after: Duration::from_secs(5),
+        },
+        at(secs(1)),
+    )
+    .await
+    .expect("retry");
+    assert_eq!(d.state, DispatchState::Pending);
+    assert_eq!(d.available_at, at(secs(6)));
+    assert_eq!(d.lease_until, None);
+    assert_eq!(d.attempt, 1);
+    assert!(claim(&*store, "b1", "n1", 10, at(secs(6) - 1))
+        .await
+        .is_empty());
+    let c = claim_one(&*store, "b1", "n2", at(secs(6))).await;
+    assert_eq!(c.attempt(), 2);
+}
+
+/// A retry on the last attempt is illegal and leaves the row as it was.
+pub async fn retry_is_refused_without_attempts_left(store: Arc<dyn Store>) {
+    let new = NewDispatch {
+        max_attempts: 1,
+        ..new_dispatch(1, "b1", at(0))
+    };
+    insert(&*store, new).await;
+    let c = claim_one(&*store, "b1", "n1", at(0)).await;
+    let snapshot = c.dispatch().clone();
+    let before = get(&*store, id(1)).await;
+    assert_illegal(
+        finish(
+            &*store,
+            c,
+            Outcome::Retry {
+                after: Duration::ZERO,
+            },
+            at(secs(1)),
+        )
+        .await,
+        DispatchState::InProgress,
+        EventKind::Retry,
+    );
+    assert_eq!(get(&*store, id(1)).await, before);
+    // The holder still holds it and may finish otherwise.
+    let done = finish(
+        &*store,
+        Claimed::new(snapshot),
+        Outcome::Fail("gave up".into()),
+        at(secs(2)),
+    )
+    .await
+    .expect("fail after refused retry");
+    assert_eq!(done.state, DispatchState::Failed);
+}
+
+/// Release hands the row back unexecuted, claimable at once; the released attempt is fenced
+/// after the next claim and illegal before it.
+pub async fn release_hands_the_row_back_at_once(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(0)).await;
+    let snapshot = c.dispatch().clone();
+    let d = finish(&*store, c, Outcome::Release, at(secs(1)))
+        .await
+        .expect("release");
+    assert_eq!(d.state, DispatchState::Pending);
+    assert_eq!(d.available_at, at(secs(1)));
+    assert_eq!(d.lease_until, None);
+    assert_eq!(d.attempt, 1);
+    assert_illegal(
+        heartbeat(&*store, &Claimed::new(snapshot.clone()), at(secs(1))).await,
+        DispatchState::Pending,
+        EventKind::Heartbeat,
+    );
+    let again = claim_one(&*store, "b1", "n2", at(secs(1))).await;
+    assert_eq!(again.attempt(), 2);
+    assert_fenced(
+        finish(
+            &*store,
+            Claimed::new(snapshot),
+            Outcome::Release,
+            at(secs(2)),
+        )
+        .await,
+        1,
+        2,
+    );
+}
+
+/// At `max_attempts`, an expired lease is not re-claimed; the sweep fails the row as exhausted.
+pub async fn attempts_exhausted_blocks_reclaim_and_sweep_exhausts(store: Arc<dyn Store>) {
+    let new = NewDispatch {
+        max_attempts: 2,
+        ..new_dispatch(1, "b1", at(0))
+    };
+    insert(&*store, new).await;
+    claim_one(&*store, "b1", "n1", at(0)).await;
+    let c2 = claim_one(&*store, "b1", "n2", at(secs(10))).await;
+    assert_eq!(c2.attempt(), 2);
+    assert!(claim(&*store, "b1", "n3", 10, at(secs(20)))
+        .await
+        .is_empty());
+
+    let early = store
+        .sweep(sweep_params(
+            10,
+            Duration::from_secs(3600),
+            at(secs(20) - 1),
+        ))
+        .await
+        .expect("sweep");
+    assert!(early.exhausted.is_empty(), "lease still running");
+    let report = store
+        .sweep(sweep_params(10, Duration::from_secs(3600), at(secs(20))))
+        .await
+        .expect("sweep");
+    assert_eq!(report.exhausted, vec![id(1)]);
+    assert!(report.expired.is_empty());
+    let d = get(&*store, id(1)).await;
+    assert_eq!(d.state, DispatchState::Failed);
+    assert_eq!(d.failure, Some(FailReason::AttemptsExhausted));
+    assert_illegal(
+        heartbeat(&*store, &c2, at(secs(21))).await,
+        DispatchState::Failed,
+        EventKind::Heartbeat,
+    );
+}
+
+/// Cancel works on a pending row only.
+pub async fn cancel_only_while_pending(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let d = cancel(&*store, id(1), at(secs(1)))
+        .await
+        .expect("cancel pending");
+    assert_eq!(d.state, DispatchState::Failed);
+    assert_eq!(d.failure, Some(FailReason::Cancelled));
+    assert_eq!(d.updated_at, at(secs(1)));
+    assert!(claim(&*store, "b1", "n1", 10, at(secs(2))).await.is_empty());
+    assert_illegal(
+        cancel(&*store, id(1), at(secs(2))).await,
+        DispatchState::Failed,
+        EventKind::Cancel,
+    );
+
+    insert(&*store, new_dispatch(2, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(secs(3))).await;
+    assert_illegal(
+        cancel(&*store, id(2), at(secs(4))).await,
+        DispatchState::InProgress,
+        EventKind::Cancel,
+    );
+    finish(
+        &*store,
+        c,
+        Outcome::Complete(serde_json::Value::Null),
+        at(secs(5)),
+    )
+    .await
+    .expect("complete");
+    assert_illegal(
+        cancel(&*store, id(2), at(secs(6))).await,
+        DispatchState::Done,
+        EventKind::Cancel,
+    );
+}
+
+/// Finishing twice with the same attempt is a typed error, whatever the second outcome.
+pub async fn double_finish_is_a_typed_error(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let c = claim_one(&*store, "b1", "n1", at(0)).await;
+    let snapshot = c.dispatch().clone();
+    let done = finish(
+        &*store,
+        c,
+        Outcome::Complete(serde_json::json!(1)),
+        at(secs(1)),
+    )
+    .await
+    .expect("first finish");
+    for (outcome, kind) in [
+        (Outcome::Complete(serde_json::json!(2)), EventKind::Complete),
+        (Outcome::Fail("again".into()), EventKind::Fail),
+        (
+            Outcome::Retry {
+                after: Duration::ZERO,
+            },
+            EventKind::Retry,
+        ),
+        (Outcome::Release, EventKind::Release),
+    ] {
+        assert_illegal(
+            finish(
+                &*store,
+                Claimed::new(snapshot.clone()),
+                outcome,
+                at(secs(2)),
+            )
+            .await,
+            DispatchState::Done,
+            kind,
+        );
+    }
+    assert_eq!(get(&*store, id(1)).await, done);
+}
+
+/// Every id-addressed call on an unknown id is `NotFound`.
+pub async fn unknown_id_is_not_found(store: Arc<dyn Store>) {
+    let d = new_dispatch(7, "b1", at(0)).into_dispatch(at(0));
+    let ghost = Claimed::new(Dispatch {
+        state: DispatchState::InProgress,
+        attempt: 1,
+        ..d
+    });
+    for r in [
+        heartbeat(&*store, &ghost, at(1)).await,
+        finish(
+            &*store,
+            Claimed::new(ghost.dispatch().clone()),
+            Outcome::Release,
+            at(1),
+        )
+        .await,
+        cancel(&*store, id(7), at(1)).await,
+    ] {
+        match r {
+            Err(e) => assert_same_error(&e, &StoreError::NotFound(id(7))),
+            Ok(d) => panic!("expected NotFound, got {d:?}"),
+        }
+    }
+    assert_eq!(store.get(id(7)).await.expect("get"), None);
+}
+
+/// The store's answer to every event in every state is exactly [`fsm::apply`]'s on the row as
+/// it was: the same next row, or the same typed error with the row unchanged.
+pub async fn store_agrees_with_apply_in_every_state(store: Arc<dyn Store>) {
+    // Each setup leaves one row (the last inserted) in a distinct situation at `now`.
+    #[derive(Clone, Copy, Debug)]
+    enum Setup {
+        Pending,
+        PendingNotYetAvailable,
+        PendingPastDeadline,
+        Held,
+        HeldLeaseExpired,
+        HeldLastAttemptExpired,
+        Done,
+        Failed,
+        Cancelled,
+    }
+    const SETUPS: [Setup; 9] = [
+        Setup::Pending,
+        Setup::PendingNotYetAvailable,
+        Setup::PendingPastDeadline,
+        Setup::Held,
+        Setup::HeldLeaseExpired,
+        Setup::HeldLastAttemptExpired,
+        Setup::Done,
+        Setup::Failed,
+        Setup::Cancelled,
+    ];
+    const EVENTS: [EventKind; 7] = [
+        EventKind::Claim,
+        EventKind::Heartbeat,
+        EventKind::Complete,
+        EventKind::Fail,
+        EventKind::Retry,
+        EventKind::Release,
+        EventKind::Cancel,
+    ];
+    let now = at(secs(100));
+    let mut n = 0u128;
+    for setup in SETUPS {
+        for event in EVENTS {
+            for stale in [false, true] {
+                n += 1;
+                let b = format!("b{n}");
+                let mut new = new_dispatch(n, &b, at(0));
+                new.max_attempts = 2;
+                if matches!(setup, Setup::PendingNotYetAvailable) {
+                    new.available_at = Some(at(secs(200)));
+                }
+                if matches!(setup, Setup::PendingPastDeadline) {
+                    new.deadline = Some(at(secs(50)));
+                }
+                insert(&*store, new).await;
+                let mut holder: Option<Dispatch> = None;
+                match setup {
+                    Setup::Pending | Setup::PendingNotYetAvailable | Setup::PendingPastDeadline => {
+                    }
+                    Setup::Held | Setup::Done | Setup::Failed => {
+                        let c = claim_one(&*store, &b, "n1", at(secs(95))).await;
+                        holder = Some(c.dispatch().clone());
+                        let outcome = match setup {
+                            Setup::Done => Some(Outcome::Complete(serde_json::json!("r"))),
+                            Setup::Failed => Some(Outcome::Fail("f".into())),
+                            _ => None,
+                        };
+                        if let Some(o) = outcome {
+                            finish(&*store, c, o, at(secs(96))).await.expect("finish");
+                        }
+                    }
+                    Setup::HeldLeaseExpired => {
+                        let c = claim_one(&*store, &b, "n1", at(secs(80))).await;
+                        holder = Some(c.into_dispatch());
+                    }
+                    Setup::HeldLastAttemptExpired => {
+                        claim_one(&*store, &b, "n1", at(secs(60))).await;
+                        let c = claim_one(&*store, &b, "n1", at(secs(80))).await;
+                        holder = Some(c.into_dispatch());
+                    }
+                    Setup::Cancelled => {
+                        cancel(&*store, id(n), at(secs(90))).await.expect("cancel");
+                    }
+                }
+                let before = get(&*store, id(n)).await;
+                // The handle presented: the holder's, or a forged one for the row as it is; a
+                // stale variant presents an attempt one higher than the row's.
+                let mut handle = holder.unwrap_or_else(|| before.clone());
+                if stale {
+                    handle.attempt += 1;
+                }
+                let attempt = handle.attempt;
+                let (expected, actual) = match event {
+                    EventKind::Claim => {
+                        let expected = fsm::apply(
+                            &before,
+                            Event::Claim {
+                                node: node("n2"),
+                                now,
+                                lease: LEASE,
+                            },
+                        );
+                        let got = claim(&*store, &b, "n2", 10, now).await;
+                        let actual = match got.len() {
+                            0 => Err(None::<StoreError>),
+                            1 => Ok(got.into_iter().next().expect("one").into_dispatch()),
+                            k => panic!("{setup:?}: claimed {k} rows"),
+                        };
+                        match (expected, actual) {
+                            (Ok(e), Ok(a)) => assert_eq!(a, e, "{setup:?} claim"),
+                            (Err(_), Err(None)) => {}
+                            (e, a) => panic!("{setup:?} claim: apply says {e:?}, store {a:?}"),
+                        }
+                        if stale {
+                            continue;
+                        }
+                        let after = get(&*store, id(n)).await;
+                        assert!(after == before || after.attempt == before.attempt + 1);
+                        continue;
+                    }
+                    EventKind::Heartbeat => (
+                        fsm::apply(
+                            &before,
+                            Event::Heartbeat {
+                                attempt,
+                                now,
+                                lease: LEASE,
+                                progress: None,
+                            },
+                        ),
+                        heartbeat(&*store, &Claimed::new(handle), now).await,
+                    ),
+                    EventKind::Cancel => (
+                        fsm::apply(&before, Event::Cancel { now }),
+                        cancel(&*store, id(n), now).await,
+                    ),
+                    kind => {
+                        let (event, outcome) = match kind {
+                            EventKind::Complete => (
+                                Event::Complete {
+                                    attempt,
+                                    now,
+                                    result: serde_json::json!([n as u64]),
+                                },
+                                Outcome::Complete(serde_json::json!([n as u64])),
+                            ),
+                            EventKind::Fail => (
+                                Event::Fail {
+                                    attempt,
+                                    now,
+                                    error: "e".into(),
+                                },
+                                Outcome::Fail("e".into()),
+                            ),
+                            EventKind::Retry => (
+                                Event::Retry {
+                                    attempt,
+                                    now,
+                                    at: now.saturating_add(Duration::from_secs(7)),
+                                },
+                                Outcome::Retry {
+                                    after: Duration::from_secs(7),
+                                },
+                            ),
+                            _ => (Event::Release { attempt, now }, Outcome::Release),
+                        };
+                        (
+                            fsm::apply(&before, event),
+                            finish(&*store, Claimed::new(handle), outcome, now).await,
+                        )
+                    }
+                };
+                match (expected, actual) {
+                    (Ok(e), Ok(a)) => {
+                        assert_eq!(a, e, "{setup:?} {event} stale={stale}");
+                        assert_eq!(get(&*store, id(n)).await, e);
+                    }
+                    (Err(e), Err(a)) => {
+                        assert_same_error(&a, &StoreError::from(e));
+                        assert_eq!(get(&*store, id(n)).await, before, "{setup:?} {event}");
+                    }
+                    (e, a) => panic!("{setup:?} {event} stale={stale}: apply {e:?}, store {a:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// Concurrent claimers partition the rows: every row is claimed exactly once, by one claimer.
+pub async fn concurrent_claimers_partition_the_rows(store: Arc<dyn Store>) {
+    const ROWS: u128 = 400;
+    const CLAIMERS: usize = 8;
+    for n in 1..=ROWS {
+        insert(&*store, new_dispatch(n, "b1", at(n as i64))).await;
+    }
+    let now = at(secs(1));
+    let tasks: Vec<_> = (0..CLAIMERS)
+        .map(|k| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = store
+                        .claim(claim_params("b1", &format!("n{k}"), 7, now))
+                        .await
+                        .expect("claim");
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(got.into_iter().map(|c| (c.id(), c.attempt())));
+                }
+            })
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    for t in tasks {
+        for (d, attempt) in t.await.expect("claimer task") {
+            assert_eq!(attempt, 1);
+            assert!(seen.insert(d), "{d} claimed twice");
+            total += 1;
+        }
+    }
+    assert_eq!(total, ROWS as usize);
+    assert_eq!(seen, (1..=ROWS).map(id).collect());
+}
+
+fn connect_params(b: &str, n: &str, s: &str, connected_at: i64, now: i64) -> ConnectParams {
+    ConnectParams {
+        broker: broker(b),
+        node: node(n),
+        session: session(s),
+        connected_at: at(connected_at),
+        now: Some(at(now)),
+    }
+}
+
+fn release_params(b: &str, n: &str, s: &str, now: i64) -> DisconnectParams {
+    DisconnectParams {
+        broker: broker(b),
+        node: node(n),
+        session: session(s),
+        now: Some(at(now)),
+    }
+}
+
+/// The newest `connected_at` wins, whatever the write order; the same session reconnecting is
+/// idempotent.
+pub async fn affinity_newest_connection_wins(store: Arc<dyn Store>) {
+    assert_eq!(store.affinity(&broker("b1")).await.expect("affinity"), None);
+    let first = store
+        .connect(connect_params("b1", "n1", "s1", 10, 10))
+        .await
+        .expect("connect");
+    let ConnectOutcome::Claimed(a) = first else {
+        panic!("first connect must claim: {first:?}");
+    };
+    assert_eq!(a.node, Some(node("n1")));
+    assert_eq!(a.last_seen, at(10));
+    let second = store
+        .connect(connect_params("b1", "n2", "s2", 20, 21))
+        .await
+        .expect("connect");
+    assert!(matches!(second, ConnectOutcome::Claimed(ref a) if a.node == Some(node("n2"))));
+    let again = store
+        .connect(connect_params("b1", "n2", "s2", 20, 25))
+        .await
+        .expect("reconnect");
+    assert!(matches!(again, ConnectOutcome::Claimed(ref a) if a.last_seen == at(25)));
+    let row = store
+        .affinity(&broker("b1"))
+        .await
+        .expect("affinity")
+        .expect("row");
+    assert_eq!(row.node, Some(node("n2")));
+    assert_eq!(row.session, session("s2"));
+    assert_eq!(row.connected_at, at(20));
+    assert_eq!(row.last_seen, at(25));
+}
+
+/// A claim from an older connection arriving late is superseded and changes nothing.
+pub async fn affinity_delayed_older_claim_is_superseded(store: Arc<dyn Store>) {
+    store
+        .connect(connect_params("b1", "n2", "s2", 20, 20))
+        .await
+        .expect("connect");
+    let before = store.affinity(&broker("b1")).await.expect("affinity");
+    let late = store
+        .connect(connect_params("b1", "n1", "s1", 10, 30))
+        .await
+        .expect("connect");
+    assert!(matches!(late, ConnectOutcome::Superseded(ref a) if Some(a) == before.as_ref()));
+    assert_eq!(
+        store.affinity(&broker("b1")).await.expect("affinity"),
+        before
+    );
+}
+
+/// Disconnect clears only for the holding node and session; otherwise it returns false and the
+/// row is unchanged. A release keeps the row as a high-water mark.
+pub async fn affinity_disconnect_is_compare_and_clear(store: Arc<dyn Store>) {
+    assert!(!store
+        .disconnect(release_params("nobody", "n1", "s1", 5))
+        .await
+        .expect("disconnect"));
+    store
+        .connect(connect_params("b1", "n1", "s1", 10, 10))
+        .await
+        .expect("connect");
+    let before = store.affinity(&broker("b1")).await.expect("affinity");
+    for (n, s) in [("n1", "s0"), ("n2", "s1"), ("n2", "s2")] {
+        assert!(!store
+            .disconnect(release_params("b1", n, s, 11))
+            .await
+            .expect("disconnect"));
+        assert_eq!(
+            store.affinity(&broker("b1")).await.expect("affinity"),
+            before
+        );
+    }
+    assert!(store
+        .disconnect(release_params("b1", "n1", "s1", 12))
+        .await
+        .expect("disconnect"));
+    let row = store
+        .affinity(&broker("b1"))
+        .await
+        .expect("affinity")
+        .expect("row kept");
+    assert_eq!(row.node, None);
+    assert_eq!(row.session, session("s1"));
+    assert_eq!(row.connected_at, at(10));
+    assert_eq!(row.last_seen, at(12));
+    assert!(!store
+        .disconnect(release_params("b1", "n1", "s1", 13))
+        .await
+        .expect("second disconnect"));
+}
+
+/// After a release, a late claim from an older session (or a duplicate of the released one) is
+/// still superseded; a newer one claims.
+pub async fn affinity_late_claim_after_release_is_superseded(store: Arc<dyn Store>) {
+    store
+        .connect(connect_params("b1", "n2", "s2", 20, 20))
+        .await
+        .expect("connect");
+    assert!(store
+        .disconnect(release_params("b1", "n2", "s2", 25))
+        .await
+        .expect("disconnect"));
+    let released = store.affinity(&broker("b1")).await.expect("affinity");
+    for p in [
+        connect_params("b1", "n1", "s1", 10, 30),
+        connect_params("b1", "n2", "s2", 20, 30),
+    ] {
+        let got = store.connect(p).await.expect("connect");
+        assert!(matches!(got, ConnectOutcome::Superseded(_)), "{got:?}");
+        assert_eq!(
+            store.affinity(&broker("b1")).await.expect("affinity"),
+            released
+        );
+    }
+    let newer = store
+        .connect(connect_params("b1", "n3", "s3", 40, 40))
+        .await
+        .expect("connect");
+    assert!(matches!(newer, ConnectOutcome::Claimed(ref a) if a.node == Some(node("n3"))));
+}
+
+/// Touch refreshes `last_seen` (never backwards) for the holder only.
+pub async fn affinity_touch_refreshes_only_the_holder(store: Arc<dyn Store>) {
+    assert!(!store
+        .touch(release_params("b1", "n1", "s1", 5))
+        .await
+        .expect("touch"));
+    store
+        .connect(connect_params("b1", "n1", "s1", 10, 10))
+        .await
+        .expect("connect");
+    assert!(store
+        .touch(release_params("b1", "n1", "s1", 50))
+        .await
+        .expect("touch"));
+    let row = store
+        .affinity(&broker("b1"))
+        .await
+        .expect("affinity")
+        .expect("row");
+    assert_eq!(row.last_seen, at(50));
+    assert!(store
+        .touch(release_params("b1", "n1", "s1", 40))
+        .await
+        .expect("touch"));
+    let row = store
+        .affinity(&broker("b1"))
+        .await
+        .expect("affinity")
+        .expect("row");
+    assert_eq!(
+        row.last_seen,
+        at(50),
+        "a stale touch never moves last_seen back"
+    );
+    assert!(!store
+        .touch(release_params("b1", "n2", "s1", 60))
+        .await
+        .expect("touch"));
+    assert!(!store
+        .touch(release_params("b1", "n1", "s9", 60))
+        .await
+        .expect("touch"));
+    assert_eq!(
+        store.affinity(&broker("b1")).await.expect("affinity"),
+        Some(row)
+    );
+    store
+        .disconnect(release_params("b1", "n1", "s1", 70))
+        .await
+        .expect("disconnect");
+    assert!(!store
+        .touch(release_params("b1", "n1", "s1", 80))
+        .await
+        .expect("touch"));
+}
+
+/// One sweep expires, exhausts, purges terminal rows older than the retention, and reports the
+/// brokers with claimable work (sorted, distinct).
+pub async fn sweep_expires_exhausts_purges_and_reports(store: Arc<dyn Store>) {
+    let now = at(secs(1000));
+    let retention = Duration::from_secs(100);
+    // 1: pending past its deadline -> expired.
+    insert(
+        &*store,
+        NewDispatch {
+            deadline: Some(at(secs(500))),
+            ..new_dispatch(1, "a", at(0))
+        },
+    )
+    .await;
+    // 2: held, lease expired, past deadline -> expired (not re-run after the deadline).
+    insert(
+        &*store,
+        NewDispatch {
+            deadline: Some(at(secs(900))),
+            ..new_dispatch(2, "h2", at(0))
+        },
+    )
+    .await;
+    claim_one(&*store, "h2", "n1", at(secs(800))).await;
+    // 3: held, lease expired, no attempts left -> exhausted.
+    insert(
+        &*store,
+        NewDispatch {
+            max_attempts: 1,
+            ..new_dispatch(3, "h3", at(0))
+        },
+    )
+    .await;
+    claim_one(&*store, "h3", "n1", at(secs(800))).await;
+    // 4: held, lease running -> untouched.
+    insert(
+        &*store,
+        NewDispatch {
+            max_attempts: 1,
+            ..new_dispatch(4, "h4", at(0))
+        },
+    )
+    .await;
+    claim_one(&*store, "h4", "n1", at(secs(995))).await;
+    // 5: done long ago -> purged; 6: done recently -> kept.
+    for (n, t) in [(5u128, 800), (6, 950)] {
+        let b = format!("d{n}");
+        insert(&*store, new_dispatch(n, &b, at(0))).await;
+        let c = claim_one(&*store, &b, "n1", at(secs(t))).await;
+        finish(
+            &*store,
+            c,
+            Outcome::Complete(serde_json::Value::Null),
+            at(secs(t)),
+        )
+        .await
+        .expect("complete");
+    }
+    // 10: held, lease expired, attempts left -> claimable again.
+    insert(&*store, new_dispatch(10, "c", at(1))).await;
+    claim_one(&*store, "c", "n1", at(secs(800))).await;
+    // 7, 8: claimable pending rows of brokers "z" and "c"; 9: pending but not yet available.
+    insert(&*store, new_dispatch(7, "z", at(0))).await;
+    insert(&*store, new_dispatch(8, "c", at(0))).await;
+    insert(
+        &*store,
+        NewDispatch {
+            available_at: Some(at(secs(2000))),
+            ..new_dispatch(9, "y", at(0))
+        },
+    )
+    .await;
+
+    let report = store
+        .sweep(sweep_params(100, retention, now))
+        .await
+        .expect("sweep");
+    assert!(report.swept);
+    assert_eq!(report.expired, vec![id(1), id(2)]);
+    assert_eq!(report.exhausted, vec![id(3)]);
+    assert_eq!(report.purged, 1);
+    assert_eq!(report.claimable, vec![broker("c"), broker("z")]);
+    assert_eq!(store.get(id(5)).await.expect("get"), None);
+    assert!(store.get(id(6)).await.expect("get").is_some());
+    assert_eq!(get(&*store, id(2)).await.failure, Some(FailReason::Expired));
+    assert_eq!(get(&*store, id(2)).await.updated_at, now);
+    assert_eq!(get(&*store, id(4)).await.state, DispatchState::InProgress);
+
+    // A purged key is free again.
+    let keyed = NewDispatch {
+        idempotency_key: Some("k".into()),
+        ..new_dispatch(20, "k", at(0))
+    };
+    insert(&*store, keyed).await;
+    cancel(&*store, id(20), at(secs(1))).await.expect("cancel");
+    let report = store
+        .sweep(sweep_params(100, retention, now))
+        .await
+        .expect("sweep");
+    assert!(report.expired.is_empty() && report.exhausted.is_empty());
+    assert_eq!(report.purged, 1);
+    let reused = NewDispatch {
+        idempotency_key: Some("k".into()),
+        ..new_dispatch(21, "k", at(0))
+    };
+    assert_eq!(insert(&*store, reused).await.id, id(21));
+}
+
+/// Each kind of sweep work stops at the limit, in id order; the rest waits for the next sweep.
+pub async fn sweep_honours_its_limit(store: Arc<dyn Store>) {
+    for n in 1..=5u128 {
+        insert(
+            &*store,
+            NewDispatch {
+                deadline: Some(at(secs(10))),
+                ..new_dispatch(n, &format!("e{n}"), at(0))
+            },
+        )
+        .await;
+    }
+    for n in 11..=15u128 {
+        let b = format!("x{n}");
+        insert(
+            &*store,
+            NewDispatch {
+                max_attempts: 1,
+                ..new_dispatch(n, &b, at(0))
+            },
+        )
+        .await;
+        claim_one(&*store, &b, "n1", at(secs(1))).await;
+    }
+    for n in 21..=25u128 {
+        insert(&*store, new_dispatch(n, &format!("p{n}"), at(0))).await;
+    }
+    let now = at(secs(20));
+    let r = store
+        .sweep(sweep_params(2, Duration::from_secs(3600), now))
+        .await
+        .expect("sweep");
+    assert_eq!(r.expired, vec![id(1), id(2)]);
+    assert_eq!(r.exhausted, vec![id(11), id(12)]);
+    assert_eq!(r.claimable, vec![broker("p21"), broker("p22")]);
+    let r = store
+        .sweep(sweep_params(2, Duration::from_secs(3600), now))
+        .await
+        .expect("sweep");
+    assert_eq!(r.expired, vec![id(3), id(4)]);
+    assert_eq!(r.exhausted, vec![id(13), id(14)]);
+    // Purge: the ten terminal rows, two at a time, in id order.
+    let later = at(secs(20) + secs(3601));
+    let r = store
+        .sweep(sweep_params(2, Duration::from_secs(3600), later))
+        .await
+        .expect("sweep");
+    assert_eq!(r.purged, 2);
+    assert_eq!(store.get(id(1)).await.expect("get"), None);
+    assert_eq!(store.get(id(2)).await.expect("get"), None);
+    assert!(store.get(id(3)).await.expect("get").is_some());
+}
+
+/// List filters by broker and state, orders by id, pages with `after` and `limit`.
+pub async fn list_filters_and_pages(store: Arc<dyn Store>) {
+    for n in 1..=10u128 {
+        let b = if n % 2 == 0 { "even" } else { "odd" };
+        insert(&*store, new_dispatch(n, b, at(100 - n as i64))).await;
+    }
+    claim(&*store, "even", "n1", 2, at(secs(1))).await;
+    let ids = |rows: Vec<Dispatch>| rows.into_iter().map(|d| d.id).collect::<Vec<_>>();
+
+    let page = store
+        .list(ListFilter {
+            limit: 3,
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(ids(page), vec![id(1), id(2), id(3)]);
+    let page = store
+        .list(ListFilter {
+            after: Some(id(3)),
+            limit: 3,
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(ids(page), vec![id(4), id(5), id(6)]);
+    let page = store
+        .list(ListFilter {
+            broker: Some(broker("even")),
+            after: Some(id(4)),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(ids(page), vec![id(6), id(8), id(10)]);
+    // Claim order is creation order: the two newest-id even rows were created first.
+    let page = store
+        .list(ListFilter {
+            state: Some(DispatchState::InProgress),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(ids(page), vec![id(8), id(10)]);
+    let page = store
+        .list(ListFilter {
+            broker: Some(broker("odd")),
+            state: Some(DispatchState::InProgress),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert!(page.is_empty());
+    let page = store
+        .list(ListFilter {
+            after: Some(id(10)),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert!(page.is_empty());
+    assert_eq!(all_rows(&*store).await.len(), 10);
+}
+
+/// Timestamps come back exactly, including negative and extreme values.
+pub async fn timestamps_round_trip_exactly(store: Arc<dyn Store>) {
+    let cases = [
+        (i64::MIN + 1, i64::MIN + 2, Some(i64::MIN + 3)),
+        (-1, 0, Some(1)),
+        (-1_234_567_890_123, -5, None),
+        (T0 + 1, T0 + 999_999, Some(i64::MAX)),
+        (i64::MAX - 10, i64::MAX - 1, Some(i64::MAX)),
+    ];
+    for (k, (created, available, deadline)) in cases.into_iter().enumerate() {
+        let n = k as u128 + 1;
+        let new = NewDispatch {
+            available_at: Some(Timestamp::from_micros(available)),
+            deadline: deadline.map(Timestamp::from_micros),
+            ..new_dispatch(n, &format!("t{n}"), Timestamp::from_micros(created))
+        };
+        let d = insert(&*store, new).await;
+        assert_eq!(get(&*store, id(n)).await, d);
+        assert_eq!(d.created_at.as_micros(), created);
+        assert_eq!(d.available_at.as_micros(), available);
+        assert_eq!(d.deadline.map(Timestamp::as_micros), deadline);
+    }
+    // A lease running past the end of time saturates instead of wrapping.
+    let c = claim_one(&*store, "t5", "n1", Timestamp::from_micros(i64::MAX - 1)).await;
+    assert_eq!(c.dispatch().lease_until, Some(Timestamp::MAX));
+    assert_eq!(get(&*store, id(5)).await.lease_until, Some(Timestamp::MAX));
+}
+
+/// Args of 1 MiB and non-ASCII text (emoji, RTL, combining marks, escapes) round-trip.
+pub async fn large_and_unicode_args_round_trip(store: Arc<dyn Store>) {
+    let big = "x".repeat(1024 * 1024);
+    let text = "héllo 👋🏽 — مرحبا — e\u{301} \"quoted\" \\ \t tab \u{0} nul";
+    let args =
+        serde_json::json!({ "big": big, "text": text, "🔑": [text, 1.5e300, -0.0, u64::MAX] });
+    let new = NewDispatch {
+        args: args.clone(),
+        op: "sënd 📨".into(),
+        idempotency_key: Some("ключ-🗝".into()),
+        ..new_dispatch(1, "brökér-🚀", at(0))
+    };
+    let d = insert(&*store, new.clone()).await;
+    assert_eq!(d.args, args);
+    let read = get(&*store, id(1)).await;
+    assert_eq!(read, d);
+    assert_eq!(
+        insert(&*store, new).await,
+        d,
+        "the idempotency comparison sees equal args"
+    );
+    let c = claim_one(&*store, "brökér-🚀", "nödé-✨", at(1)).await;
+    assert_eq!(c.dispatch().args, args);
+    let done = finish(
+        &*store,
+        c,
+        Outcome::Complete(serde_json::json!({ "text": text })),
+        at(2),
+    )
+    .await
+    .expect("complete");
+    assert_eq!(get(&*store, id(1)).await, done);
+}
+
+/// Malformed requests are `InvalidInput` and leave the store unchanged.
+pub async fn bad_input_is_rejected_and_changes_nothing(store: Arc<dyn Store>) {
+    insert(&*store, new_dispatch(1, "b1", at(0))).await;
+    let held = claim_one(&*store, "b1", "n1", at(0)).await;
+    insert(&*store, new_dispatch(2, "b1", at(0))).await;
+    let before = all_rows(&*store).await;
+
+    assert_invalid(
+        store
+            .insert(NewDispatch {
+                op: String::new(),
+                ..new_dispatch(3, "b1", at(0))
+            })
+            .await,
+    );
+    assert_invalid(
+        store
+            .insert(NewDispatch {
+                op: "a\nb".into(),
+                ..new_dispatch(3, "b1", at(0))
+            })
+            .await,
+    );
+    assert_invalid(
+        store
+            .insert(NewDispatch {
+                max_attempts: 0,
+                ..new_dispatch(3, "b1", at(0))
+            })
+            .await,
+    );
+    assert_invalid(
+        store
+            .insert(NewDispatch {
+                idempotency_key: Some(String::new()),
+                ..new_dispatch(3, "b1", at(0))
+            })
+            .await,
+    );
+    for limit in [0, MAX_BATCH + 1] {
+        assert_invalid(
+            store
+                .claim(claim_params("b1", "n1", limit, at(secs(1))))
+                .await,
+        );
+        assert_invalid(
+            store
+                .list(ListFilter {
+                    limit,
+                    ..ListFilter::default()
+                })
+                .await,
+        );
+        assert_invalid(
+            store
+                .sweep(sweep_params(limit, Duration::ZERO, at(secs(99))))
+                .await,
+        );
+    }
+    assert_invalid(
+        store
+            .claim(ClaimParams {
+                lease: Duration::ZERO,
+                ..claim_params("b1", "n1", 1, at(secs(1)))
+            })
+            .await,
+    );
+    assert_invalid(
+        store
+            .heartbeat(
+                &held,
+                HeartbeatParams {
+                    lease: Duration::ZERO,
+                    progress: None,
+                    now: Some(at(1)),
+                },
+            )
+            .await,
+    );
+    assert_eq!(all_rows(&*store).await, before);
+}

@@ -284,14 +284,17 @@ impl Store for MemoryStore {
         let now = p.now.unwrap_or_else(system_now);
         let mut inner = self.inner.lock();
         let current = inner.affinity.get(&p.broker);
-        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now) {
+        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now)
+        {
             ConnectDecision::Claim(a) => {
                 inner.affinity.insert(p.broker, a.clone());
                 Ok(ConnectOutcome::Claimed(a))
             }
-            ConnectDecision::Superseded => Ok(ConnectOutcome::Superseded(
-                current.cloned().ok_or_else(|| StoreError::invalid("superseded without a row"))?,
-            )),
+            ConnectDecision::Superseded => {
+                Ok(ConnectOutcome::Superseded(current.cloned().ok_or_else(
+                    || StoreError::invalid("superseded without a row"),
+                )?))
+            }
         }
     }
 
@@ -323,4 +326,9 @@ impl Store for MemoryStore {
     async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
         Ok(self.inner.lock().affinity.get(broker).cloned())
     }
+}
+
+#[cfg(test)]
+mod conformance {
+    crate::store_conformance_tests!(async { std::sync::Arc::new(super::MemoryStore::new()) });
 }

@@ -11,14 +11,15 @@
 //! lease); tests pass an explicit `now` to control time.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::fsm::{
-    Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, Progress,
-    SessionId, Timestamp,
+    Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, Progress, SessionId,
+    Timestamp,
 };
 
 mod memory;
@@ -28,7 +29,7 @@ pub use memory::MemoryStore;
 mod sqlite;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -62,6 +63,13 @@ pub const MAX_ARGS_BYTES: usize = 16 * 1024 * 1024;
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// A short name for logs and summaries (`"memory"`, `"sqlite"`, `"postgres"`).
     fn name(&self) -> &'static str;
+
+    /// Whether [`insert`](Store::insert) itself signals the broker's owner on the cluster's
+    /// transport, in the same transaction as the row (Postgres with NOTIFY). When `false` (the
+    /// default) the hub publishes the signal after the insert returns.
+    fn signals_on_insert(&self) -> bool {
+        false
+    }
 
     /// Writes a new pending dispatch.
     ///
@@ -131,14 +139,24 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 /// [`Store::finish`] consumes it, so one holder cannot finish twice by accident.
 #[derive(Debug)]
 pub struct Claimed {
-    dispatch: Dispatch,
+    dispatch: Arc<Dispatch>,
 }
 
 impl Claimed {
     /// Wraps a freshly claimed dispatch. For store implementations: anything else holding a
     /// forged `Claimed` is simply fenced by the store.
     pub fn new(dispatch: Dispatch) -> Self {
-        Claimed { dispatch }
+        Claimed {
+            dispatch: Arc::new(dispatch),
+        }
+    }
+
+    /// A second handle on the same attempt, for the lease-renewal task that runs beside the
+    /// executor. It carries no more power than the original: the store fences both alike.
+    pub(crate) fn renewal_handle(&self) -> Claimed {
+        Claimed {
+            dispatch: Arc::clone(&self.dispatch),
+        }
     }
 
     /// The dispatch as it was claimed.
@@ -158,7 +176,7 @@ impl Claimed {
 
     /// Unwraps the snapshot.
     pub fn into_dispatch(self) -> Dispatch {
-        self.dispatch
+        Arc::unwrap_or_clone(self.dispatch)
     }
 }
 
@@ -420,7 +438,9 @@ pub trait ArgsCodec: Send + Sync + fmt::Debug + 'static {
 
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     if limit == 0 || limit > MAX_BATCH {
-        return Err(StoreError::invalid(format!("limit must be in 1..={MAX_BATCH}, got {limit}")));
+        return Err(StoreError::invalid(format!(
+            "limit must be in 1..={MAX_BATCH}, got {limit}"
+        )));
     }
     Ok(())
 }

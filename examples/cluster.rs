@@ -1,0 +1,422 @@
+//! The demo: three hubs in one process share one store and one transport; twenty brokers
+//! connect and flap between them while random originators send commands through `dispatch` and
+//! `send`. At the end every command is checked: none lost, no (id, attempt) executed twice.
+//!
+//! ```text
+//! cargo run --release --example cluster -- [--commands N] [--seed S] [--store sqlite|memory] [--db PATH]
+//! ```
+//!
+//! The last stdout line is machine-readable:
+//! `summary: store=… dispatched=… done=… failed=… lost=… duplicate_executions=… p50_ms=… p99_ms=…`
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use broker_dispatch::fsm::{
+    Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, SessionId,
+};
+use broker_dispatch::hub::{Command, ExecContext, Executor, Hub, HubConfig};
+use broker_dispatch::store::{ListFilter, MemoryStore, Store};
+use broker_dispatch::transport::MemoryTransport;
+use broker_dispatch::{Error, ExecError};
+use parking_lot::Mutex;
+use serde_json::json;
+
+const HUBS: usize = 3;
+const BROKERS: usize = 20;
+const ORIGINATORS: usize = 32;
+
+#[derive(Debug)]
+struct Options {
+    commands: usize,
+    seed: u64,
+    store: String,
+    db: Option<std::path::PathBuf>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o = Options {
+        commands: 10_000,
+        seed: 1,
+        store: default_store().to_owned(),
+        db: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--commands" => {
+                o.commands = value("--commands")?
+                    .parse()
+                    .map_err(|e| format!("--commands: {e}"))?
+            }
+            "--seed" => {
+                o.seed = value("--seed")?
+                    .parse()
+                    .map_err(|e| format!("--seed: {e}"))?
+            }
+            "--store" => o.store = value("--store")?,
+            "--db" => o.db = Some(value("--db")?.into()),
+            "-h" | "--help" => {
+                return Err(
+                    "usage: cluster [--commands N] [--seed S] [--store sqlite|memory] [--db PATH]"
+                        .into(),
+                )
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(o)
+}
+
+fn default_store() -> &'static str {
+    "memory"
+}
+
+fn open_store(o: &Options) -> Result<Arc<dyn Store>, String> {
+    match o.store.as_str() {
+        "memory" => Ok(Arc::new(MemoryStore::new())),
+        other => Err(format!("unknown store {other:?}: expected memory")),
+    }
+}
+
+/// Records every execution, per (id, attempt), across all hubs.
+#[derive(Debug, Default)]
+struct Ledger {
+    runs: HashMap<(DispatchId, Attempt), u32>,
+}
+
+#[derive(Debug)]
+struct BrokerConnection {
+    node: NodeId,
+    ledger: Arc<Mutex<Ledger>>,
+    seed: u64,
+}
+
+#[async_trait]
+impl Executor for BrokerConnection {
+    async fn execute(
+        &self,
+        ctx: ExecContext,
+        d: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError> {
+        *self
+            .ledger
+            .lock()
+            .runs
+            .entry((ctx.id(), ctx.attempt()))
+            .or_default() += 1;
+        // A remote call: a little latency, and now and then a transient failure.
+        let h = ctx.id().as_uuid().as_u128() as u64 ^ self.seed;
+        tokio::time::sleep(Duration::from_micros(200 + h % 800)).await;
+        if h % 50 == 0 && ctx.attempt() == 1 {
+            return Err(ExecError::retry_after(
+                Duration::from_millis(5),
+                "broker busy",
+            ));
+        }
+        Ok(json!({ "op": d.op, "node": self.node.as_str(), "attempt": ctx.attempt() }))
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+#[derive(Debug)]
+enum Result_ {
+    Done,
+    Failed,
+    /// The originator stopped waiting; the row decides.
+    Open(DispatchId),
+}
+
+fn main() {
+    let o = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(o)) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
+    let store = open_store(&o)?;
+    let transport = MemoryTransport::new();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let config = HubConfig {
+        lease: Duration::from_secs(2),
+        freshness: Duration::from_secs(3),
+        wait_window: Duration::from_secs(10),
+        poll_interval: Duration::from_millis(50),
+        sweep_interval: Duration::from_millis(250),
+        ..HubConfig::default()
+    };
+    let mut hubs = Vec::new();
+    for i in 0..HUBS {
+        let node = NodeId::new(format!("hub-{i}"))?;
+        let exec = BrokerConnection {
+            node: node.clone(),
+            ledger: ledger.clone(),
+            seed: o.seed,
+        };
+        hubs.push(
+            Hub::builder(node)
+                .store(store.clone())
+                .transport(Arc::new(transport.clone()))
+                .executor(Arc::new(exec))
+                .config(config.clone())
+                .start()
+                .await?,
+        );
+    }
+    let brokers: Vec<BrokerId> = (0..BROKERS)
+        .map(|i| BrokerId::new(format!("broker-{i:02}")))
+        .collect::<Result<_, _>>()?;
+    let placement = Arc::new(Mutex::new(Vec::new()));
+    for (i, b) in brokers.iter().enumerate() {
+        let s = SessionId::new(format!("{b}-0"))?;
+        hubs[i % HUBS].connect(b.clone(), s.clone()).await?;
+        placement.lock().push((i % HUBS, s));
+    }
+
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flaps = Arc::new(AtomicUsize::new(0));
+    let flapper = tokio::spawn(flap(
+        hubs.clone(),
+        brokers.clone(),
+        placement.clone(),
+        stop.clone(),
+        flaps.clone(),
+        o.seed,
+    ));
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(o.commands)));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(o.commands)));
+    let mut workers = Vec::new();
+    for w in 0..ORIGINATORS {
+        let (hubs, brokers, next, finished, outcomes, latencies) = (
+            hubs.clone(),
+            brokers.clone(),
+            next.clone(),
+            finished.clone(),
+            outcomes.clone(),
+            latencies.clone(),
+        );
+        let total = o.commands;
+        let mut rng = Rng(o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (w as u64 + 1) | 1);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                let hub = &hubs[rng.below(HUBS)];
+                let cmd = Command::new(
+                    brokers[rng.below(BROKERS)].clone(),
+                    "message",
+                    json!({ "n": n }),
+                );
+                let t = Instant::now();
+                let outcome = if n % 4 == 0 {
+                    match hub.send(cmd).await {
+                        Ok(r) => Result_::Open(r.id),
+                        Err(e) => {
+                            eprintln!("send failed: {e}");
+                            Result_::Failed
+                        }
+                    }
+                } else {
+                    let r = hub.dispatch(cmd).await;
+                    latencies.lock().push(t.elapsed());
+                    match r {
+                        Ok(_) => Result_::Done,
+                        Err(Error::TimedOut { id, .. }) => Result_::Open(id),
+                        Err(_) => Result_::Failed,
+                    }
+                };
+                outcomes.lock().push(outcome);
+                finished.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let bar = tokio::spawn(progress(finished.clone(), o.commands));
+    for w in workers {
+        w.await?;
+    }
+    bar.abort();
+    stop.store(true, Ordering::Relaxed);
+    flapper.await??;
+    eprintln!();
+
+    // Settle: every open command must reach a terminal row.
+    let outcomes = std::mem::take(&mut *outcomes.lock());
+    let open: Vec<DispatchId> = outcomes
+        .iter()
+        .filter_map(|r| {
+            if let Result_::Open(id) = r {
+                Some(*id)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let settle = Instant::now();
+    let mut states: HashMap<DispatchId, DispatchState> = HashMap::new();
+    loop {
+        for id in &open {
+            if states.get(id).is_none_or(|s| !s.is_terminal()) {
+                if let Some(d) = store.get(*id).await? {
+                    states.insert(*id, d.state);
+                }
+            }
+        }
+        let all_terminal = open
+            .iter()
+            .all(|id| states.get(id).is_some_and(|s| s.is_terminal()));
+        if all_terminal || settle.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    let (mut done, mut failed, mut lost) = (0, 0, 0);
+    for r in &outcomes {
+        match r {
+            Result_::Done => done += 1,
+            Result_::Failed => failed += 1,
+            Result_::Open(id) => match states.get(id) {
+                Some(DispatchState::Done) => done += 1,
+                Some(DispatchState::Failed) => failed += 1,
+                _ => lost += 1,
+            },
+        }
+    }
+    let duplicates = ledger.lock().runs.values().filter(|n| **n > 1).count();
+    let executions: u32 = ledger.lock().runs.values().sum();
+    let rows = count_rows(store.as_ref()).await?;
+    let mut lat = std::mem::take(&mut *latencies.lock());
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let (p50, p99) = (pct(0.50), pct(0.99));
+    for h in &hubs {
+        h.shutdown().await?;
+    }
+
+    println!(
+        "broker-dispatch demo: {HUBS} hubs, {BROKERS} brokers, {ORIGINATORS} originators, seed {}",
+        o.seed
+    );
+    println!("  {:<24} {:>10}", "store", store.name());
+    println!("  {:<24} {:>10}", "commands", outcomes.len());
+    println!("  {:<24} {:>10}", "  done", done);
+    println!("  {:<24} {:>10}", "  failed", failed);
+    println!("  {:<24} {:>10}", "  lost", lost);
+    println!("  {:<24} {:>10}", "dispatch rows written", rows);
+    println!("  {:<24} {:>10}", "executions", executions);
+    println!("  {:<24} {:>10}", "duplicate executions", duplicates);
+    println!(
+        "  {:<24} {:>10}",
+        "broker moves",
+        flaps.load(Ordering::Relaxed)
+    );
+    println!("  {:<24} {:>10.2}", "dispatch p50 (ms)", p50);
+    println!("  {:<24} {:>10.2}", "dispatch p99 (ms)", p99);
+    println!("  {:<24} {:>10.2}", "wall time (s)", elapsed.as_secs_f64());
+    println!(
+        "summary: store={} dispatched={} done={done} failed={failed} lost={lost} duplicate_executions={duplicates} p50_ms={p50:.3} p99_ms={p99:.3}",
+        store.name(),
+        outcomes.len()
+    );
+    if lost > 0 || duplicates > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Moves a random broker to another hub every few milliseconds: the old connection tears down,
+/// a new session connects elsewhere.
+async fn flap(
+    hubs: Vec<Hub>,
+    brokers: Vec<BrokerId>,
+    placement: Arc<Mutex<Vec<(usize, SessionId)>>>,
+    stop: Arc<AtomicBool>,
+    flaps: Arc<AtomicUsize>,
+    seed: u64,
+) -> Result<(), Error> {
+    let mut rng = Rng(seed ^ 0xF1A9 | 1);
+    let mut generation = 1;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let i = rng.below(BROKERS);
+        let (from, old) = placement.lock()[i].clone();
+        let to = (from + 1 + rng.below(HUBS - 1)) % HUBS;
+        let new = SessionId::new(format!("{}-{generation}", brokers[i]))?;
+        generation += 1;
+        hubs[from].disconnect(&brokers[i], &old).await?;
+        hubs[to].connect(brokers[i].clone(), new.clone()).await?;
+        placement.lock()[i] = (to, new);
+        flaps.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+async fn progress(finished: Arc<AtomicUsize>, total: usize) {
+    loop {
+        let n = finished.load(Ordering::Relaxed);
+        let width = 40;
+        let filled = (n * width).checked_div(total).unwrap_or(width).min(width);
+        eprint!(
+            "\r[{}{}] {n}/{total}",
+            "#".repeat(filled),
+            " ".repeat(width - filled)
+        );
+        let _ = std::io::stderr().flush();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn count_rows(store: &dyn Store) -> Result<usize, broker_dispatch::StoreError> {
+    let mut n = 0;
+    let mut after = None;
+    loop {
+        let page = store
+            .list(ListFilter {
+                after,
+                limit: 1000,
+                ..ListFilter::default()
+            })
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(n);
+        };
+        after = Some(last.id);
+        n += page.len();
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every check and test of the crate: formatting, lints, unit/integration/property tests
+# (Postgres tests start a throwaway server themselves unless DATABASE_URL is set), the loom
+# model checks, the demo, and short fuzz runs. This is the command CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$SECONDS
+step() { printf '\n==> %s (%ss)\n' "$*" "$((SECONDS - started))"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, all features)"
+cargo clippy --all-targets --all-features -- -D warnings
+
+step "cargo test (all features)"
+cargo test --all-features
+
+if [ -x scripts/loom.sh ]; then
+  step "loom model checks"
+  scripts/loom.sh
+fi
+
+step "demo (release)"
+cargo run --release --example cluster -- --commands 10000 | tail -n 1
+
+if [ -x scripts/fuzz.sh ]; then
+  step "fuzz targets (short runs)"
+  scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+fi
+
+step "all checks passed in $((SECONDS - started))s"

@@ -1,0 +1,128 @@
+//! [`HubConfig`]: every timing knob of the hub, with documented defaults.
+
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::store::MAX_BATCH;
+
+/// What `dispatch` does when no node holds the broker and there is no HTTP route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UndeliverablePolicy {
+    /// Write the dispatch with a deadline of the wait window: it runs if the broker connects to
+    /// any node before then, and expires otherwise. The default.
+    #[default]
+    Park,
+    /// Fail at once with `FailReason::Undeliverable`; nothing is written.
+    FailFast,
+}
+
+/// The hub's timing and sizing knobs. Every field has a default suited to a production hub;
+/// tests shrink them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// How long a claim holds without renewal (default 30 s). Leases are renewed every
+    /// `lease / 3` while the executor runs, so a holder that dies loses its claims within one
+    /// lease.
+    pub lease: Duration,
+    /// How recently the owner must have refreshed a broker's affinity for routing to forward
+    /// to it (default 30 s). Owners refresh every `freshness / 3`.
+    pub freshness: Duration,
+    /// The originator's rolling wait: it gives up this long after the last real progress
+    /// (default 30 s). Also the deadline of a forwarded or parked dispatch.
+    pub wait_window: Duration,
+    /// The originator never waits longer than this in total (default 10 min; `None`: no cap).
+    pub wait_hard_cap: Option<Duration>,
+    /// The deadline of a [`send`](super::Hub::send) (default 24 h): a broker that never comes
+    /// back cannot leave a message pending forever.
+    pub send_ttl: Duration,
+    /// Executions a dispatch may get (default 3; 1 gives at-most-once).
+    pub max_attempts: u32,
+    /// How often each hub re-drains the brokers it owns and waiters re-read their rows, as a
+    /// fallback for lost notices (default 1 s, jittered ±25 %). With a transport that
+    /// delivers nothing across processes (SQLite files shared by processes), this is the
+    /// pickup latency.
+    pub poll_interval: Duration,
+    /// How often the sweeper runs (default 5 s, jittered ±25 %).
+    pub sweep_interval: Duration,
+    /// How long finished rows are kept before the sweeper purges them (default 24 h).
+    pub retention: Duration,
+    /// Rows per claim, and per sweep step (default 32; at most 1000).
+    pub claim_batch: u32,
+    /// The longest one execution may take before it is treated as a retryable failure
+    /// (default 5 min).
+    pub execute_timeout: Duration,
+    /// The longest one store or transport call may take (default 10 s).
+    pub store_timeout: Duration,
+    /// How long `shutdown` lets in-flight work finish before handing the rest back
+    /// (default 30 s).
+    pub shutdown_timeout: Duration,
+    /// What `dispatch` does with an undeliverable command (default [`UndeliverablePolicy::Park`]).
+    pub undeliverable: UndeliverablePolicy,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            lease: Duration::from_secs(30),
+            freshness: Duration::from_secs(30),
+            wait_window: Duration::from_secs(30),
+            wait_hard_cap: Some(Duration::from_secs(600)),
+            send_ttl: Duration::from_secs(24 * 3600),
+            max_attempts: 3,
+            poll_interval: Duration::from_secs(1),
+            sweep_interval: Duration::from_secs(5),
+            retention: Duration::from_secs(24 * 3600),
+            claim_batch: 32,
+            execute_timeout: Duration::from_secs(300),
+            store_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            undeliverable: UndeliverablePolicy::Park,
+        }
+    }
+}
+
+impl HubConfig {
+    /// Checks every knob.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] naming the first zero duration, zero `max_attempts`, or a
+    /// `claim_batch` outside `1..=1000`.
+    pub fn validate(&self) -> Result<(), Error> {
+        let durations = [
+            ("lease", self.lease),
+            ("freshness", self.freshness),
+            ("wait_window", self.wait_window),
+            ("send_ttl", self.send_ttl),
+            ("poll_interval", self.poll_interval),
+            ("sweep_interval", self.sweep_interval),
+            ("retention", self.retention),
+            ("execute_timeout", self.execute_timeout),
+            ("store_timeout", self.store_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ];
+        for (name, d) in durations {
+            if d.is_zero() {
+                return Err(Error::InvalidInput(format!(
+                    "HubConfig::{name} must be positive"
+                )));
+            }
+        }
+        if self.wait_hard_cap.is_some_and(|d| d.is_zero()) {
+            return Err(Error::InvalidInput(
+                "HubConfig::wait_hard_cap must be positive".into(),
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::InvalidInput(
+                "HubConfig::max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.claim_batch == 0 || self.claim_batch > MAX_BATCH {
+            return Err(Error::InvalidInput(format!(
+                "HubConfig::claim_batch must be in 1..={MAX_BATCH}"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! Per-broker drains: claim a batch, execute each item on the local connection, renew leases
+//! while it runs, finish fenced by attempt.
+//!
+//! One drain task per broker, coalesced: a signal during a drain sets a flag that schedules one
+//! more pass, never a queue of passes. Drains run off the listener task, so a slow executor never
+//! blocks notices (fixes the reference's head-of-line blocking).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::{run_guarded, ExecContext, Shared};
+use crate::error::{Error, ExecError, StoreError};
+use crate::fsm::{BrokerId, DispatchId, DispatchState, Progress, SessionId};
+use crate::store::{ClaimParams, Claimed, FinishParams, HeartbeatParams, Outcome};
+use crate::transport::Notice;
+
+/// A running drain: its task, and whether another pass was asked for meanwhile.
+#[derive(Debug)]
+pub(crate) struct DrainSlot {
+    again: bool,
+    task: Option<AbortHandle>,
+}
+
+impl DrainSlot {
+    pub(crate) fn abort(&self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Makes sure a drain of `broker` runs soon: starts one, or asks the running one for one more
+/// pass.
+pub(crate) fn schedule(sh: &Arc<Shared>, broker: &BrokerId) {
+    let mut drains = sh.drains.lock();
+    if let Some(slot) = drains.get_mut(broker) {
+        slot.again = true;
+        return;
+    }
+    if sh.is_shutting_down() {
+        return;
+    }
+    let task = tokio::spawn(run(Arc::clone(sh), broker.clone()));
+    drains.insert(
+        broker.clone(),
+        DrainSlot {
+            again: false,
+            task: Some(task.abort_handle()),
+        },
+    );
+}
+
+async fn run(sh: Arc<Shared>, broker: BrokerId) {
+    loop {
+        let started = Instant::now();
+        pass(&sh, &broker).await;
+        metrics::histogram!("broker_dispatch_drain_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let mut drains = sh.drains.lock();
+        match drains.get_mut(&broker) {
+            Some(slot) if slot.again && !sh.is_shutting_down() => slot.again = false,
+            _ => {
+                drains.remove(&broker);
+                return;
+            }
+        }
+    }
+}
+
+/// Claims and executes until the broker has no claimable work, leaves this node, or the hub
+/// shuts down.
+async fn pass(sh: &Arc<Shared>, broker: &BrokerId) {
+    let batch = sh.config.claim_batch;
+    loop {
+        if sh.is_shutting_down() {
+            return;
+        }
+        let Some(session) = sh.local_session(broker) else {
+            return;
+        };
+        let claimed = sh
+            .bounded(sh.store.claim(ClaimParams {
+                broker: broker.clone(),
+                node: sh.node.clone(),
+                limit: batch,
+                lease: sh.config.lease,
+                now: sh.store_now(),
+            }))
+            .await;
+        let claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(node = %sh.node, %broker, error = %e, "claim failed; the next signal or catch-up retries");
+                return;
+            }
+        };
+        if claimed.is_empty() {
+            return;
+        }
+        let n = claimed.len();
+        metrics::counter!("broker_dispatch_claimed_total").increment(n as u64);
+        execute_batch(sh, broker, &session, claimed).await;
+        if n < batch as usize {
+            return;
+        }
+    }
+}
+
+/// Aborts a task when dropped (so an aborted drain also stops its lease renewals).
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Held = Arc<Mutex<HashMap<DispatchId, Claimed>>>;
+
+async fn execute_batch(
+    sh: &Arc<Shared>,
+    broker: &BrokerId,
+    session: &SessionId,
+    claimed: Vec<Claimed>,
+) {
+    let held: Held = Arc::new(Mutex::new(
+        claimed
+            .iter()
+            .map(|c| (c.id(), c.renewal_handle()))
+            .collect(),
+    ));
+    let _renewal =
+        AbortOnDrop(tokio::spawn(renew(Arc::clone(sh), Arc::clone(&held))).abort_handle());
+    for c in claimed {
+        let still_here = sh.local_session(broker).as_ref() == Some(session);
+        if sh.is_shutting_down() || !still_here {
+            // Hand it back unexecuted instead of re-routing from inside the drain: the
+            // broker's new owner (or this node after a reconnect) claims it on the signal.
+            let id = c.id();
+            finish_durably(sh, c, Outcome::Release).await;
+            held.lock().remove(&id);
+            sh.publish(Notice::Signal {
+                broker: broker.clone(),
+            })
+            .await;
+            continue;
+        }
+        if !held.lock().contains_key(&c.id()) {
+            tracing::warn!(node = %sh.node, id = %c.id(), "lost the claim before executing; skipping");
+            continue;
+        }
+        let id = c.id();
+        execute_one(sh, c).await;
+        held.lock().remove(&id);
+    }
+}
+
+/// Renews the lease of every held claim every `lease / 3`; drops claims the store says are lost.
+async fn renew(sh: Arc<Shared>, held: Held) {
+    let period = sh.config.lease / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let handles: Vec<Claimed> = held.lock().values().map(Claimed::renewal_handle).collect();
+        for c in handles {
+            let res = sh
+                .bounded(sh.store.heartbeat(
+                    &c,
+                    HeartbeatParams {
+                        lease: sh.config.lease,
+                        progress: None,
+                        now: sh.store_now(),
+                    },
+                ))
+                .await;
+            match res {
+                Ok(_) => {}
+                Err(Error::Store(StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {
+                    held.lock().remove(&c.id());
+                }
+                Err(e) => {
+                    tracing::debug!(id = %c.id(), error = %e, "lease renewal failed; retrying next period")
+                }
+            }
+        }
+    }
+}
+
+async fn execute_one(sh: &Arc<Shared>, c: Claimed) {
+    let outcome = run_with_progress(sh, &c).await;
+    finish_durably(sh, c, outcome).await;
+}
+
+/// Runs the executor, storing each progress report (which also renews the lease) and telling
+/// the originator about it.
+async fn run_with_progress(sh: &Arc<Shared>, c: &Claimed) -> Outcome {
+    let d = c.dispatch();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let ctx = ExecContext::new(d.id, d.attempt, Some(tx));
+    let exec = tokio::time::timeout(
+        sh.config.execute_timeout,
+        run_guarded(sh.executor.execute(ctx, d)),
+    );
+    tokio::pin!(exec);
+    let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
+    let result = loop {
+        tokio::select! {
+            r = &mut exec => break r,
+            Some(detail) = rx.recv() => {
+                seq += 1;
+                let res = sh
+                    .bounded(sh.store.heartbeat(
+                        c,
+                        HeartbeatParams {
+                            lease: sh.config.lease,
+                            progress: Some(Progress { seq, detail }),
+                            now: sh.store_now(),
+                        },
+                    ))
+                    .await;
+                match res {
+                    Ok(_) => sh.publish(Notice::Event { id: d.id }).await,
+                    Err(e) => tracing::debug!(id = %d.id, error = %e, "progress report not stored"),
+                }
+            }
+        }
+    };
+    match result {
+        Ok(Ok(v)) => Outcome::Complete(v),
+        Ok(Err(ExecError::Fatal(m))) => Outcome::Fail(m),
+        Ok(Err(ExecError::Retryable { after, message })) => retry_or_fail(c, after, message),
+        Err(_) => retry_or_fail(c, std::time::Duration::ZERO, "executor timed out".into()),
+    }
+}
+
+fn retry_or_fail(c: &Claimed, after: std::time::Duration, message: String) -> Outcome {
+    let d = c.dispatch();
+    if d.attempt < d.max_attempts {
+        Outcome::Retry { after }
+    } else {
+        Outcome::Fail(format!("{message} (no attempts left)"))
+    }
+}
+
+/// Finishes an attempt, retrying transient store errors a few times: a completion must be
+/// durable before anyone is told. If it cannot be written, the lease runs out and another
+/// attempt runs (at-least-once).
+async fn finish_durably(sh: &Arc<Shared>, c: Claimed, outcome: Outcome) {
+    let id = c.id();
+    let broker = c.dispatch().broker.clone();
+    let created_at = c.dispatch().created_at;
+    let mut backoff = std::time::Duration::from_millis(50);
+    for _ in 0..5 {
+        let res = sh
+            .bounded(sh.store.finish(
+                c.renewal_handle(),
+                FinishParams {
+                    outcome: outcome.clone(),
+                    now: sh.store_now(),
+                },
+            ))
+            .await;
+        match res {
+            Ok(d) => {
+                match d.state {
+                    DispatchState::Done => {
+                        metrics::counter!("broker_dispatch_done_total").increment(1);
+                        let latency = sh.now().duration_since(created_at);
+                        metrics::histogram!("broker_dispatch_intent_to_done_seconds")
+                            .record(latency.as_secs_f64());
+                    }
+                    DispatchState::Failed => {
+                        let reason = d.failure.as_ref().map_or("error", |f| f.kind());
+                        metrics::counter!("broker_dispatch_failed_total", "reason" => reason)
+                            .increment(1);
+                    }
+                    DispatchState::Pending => {
+                        // Retried or released: the owner (maybe this node) must look again.
+                        if sh.local_session(&broker).is_some() {
+                            schedule(sh, &broker);
+                        }
+                    }
+                    DispatchState::InProgress => {}
+                }
+                sh.publish(Notice::Event { id }).await;
+                return;
+            }
+            Err(Error::Store(e)) if e.is_retryable() => {
+                tracing::debug!(%id, error = %e, "finish failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => {
+                metrics::counter!("broker_dispatch_fenced_total").increment(1);
+                tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
+                return;
+            }
+        }
+    }
+    tracing::warn!(node = %sh.node, %id, "could not record the outcome; the lease will run out and the dispatch be re-claimed");
+}

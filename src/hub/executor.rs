@@ -1,0 +1,114 @@
+//! The user's side: [`Executor`] runs a command on the broker's live connection;
+//! [`HttpFallback`] reaches a broker that has no connection but an HTTP endpoint.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::ExecError;
+use crate::fsm::{Attempt, BrokerId, Dispatch, DispatchId};
+
+/// Runs commands on brokers connected to this node.
+///
+/// # Contract
+///
+/// - Called only on the node that holds the broker's connection (or, for the local fast path,
+///   where it is connected now), with the dispatch id and attempt so the broker can deduplicate:
+///   execution is at-least-once, at most `max_attempts` times.
+/// - Return `Ok(result)` on success, [`ExecError::Retryable`] to run again later (if attempts
+///   remain), [`ExecError::Fatal`] to fail the dispatch.
+/// - A panic fails that dispatch (`executor panicked: …`), never the hub.
+/// - The future may be dropped (shutdown timeout, process death): the lease then runs out and
+///   another attempt may run.
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Executes one dispatch.
+    async fn execute(
+        &self,
+        ctx: ExecContext,
+        dispatch: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError>;
+}
+
+/// Reaches a broker over HTTP when no node holds its connection.
+#[async_trait]
+pub trait HttpFallback: Send + Sync + 'static {
+    /// Whether this broker has an HTTP endpoint.
+    async fn has_endpoint(&self, broker: &BrokerId) -> bool;
+
+    /// Executes the command over HTTP. The dispatch is not written to the store.
+    async fn call(&self, dispatch: &Dispatch) -> Result<serde_json::Value, ExecError>;
+}
+
+/// What an execution knows about itself, and how it reports progress.
+#[derive(Debug)]
+pub struct ExecContext {
+    id: DispatchId,
+    attempt: Attempt,
+    progress: Option<mpsc::UnboundedSender<serde_json::Value>>,
+}
+
+impl ExecContext {
+    pub(crate) fn new(
+        id: DispatchId,
+        attempt: Attempt,
+        progress: Option<mpsc::UnboundedSender<serde_json::Value>>,
+    ) -> Self {
+        ExecContext {
+            id,
+            attempt,
+            progress,
+        }
+    }
+
+    /// A context outside any hub (progress reports go nowhere): for calling an executor
+    /// directly, in tests or benchmarks.
+    pub fn detached(id: DispatchId, attempt: Attempt) -> Self {
+        ExecContext::new(id, attempt, None)
+    }
+
+    /// The dispatch id (stable across attempts): the broker's deduplication key.
+    pub fn id(&self) -> DispatchId {
+        self.id
+    }
+
+    /// This attempt's number (1 for the first execution).
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+
+    /// Reports progress: the hub renews the lease at once, stores the detail, and the
+    /// originator's rolling wait restarts. Cheap and non-blocking; a no-op on the local fast
+    /// path, where the originator is the caller itself.
+    pub fn report_progress(&self, detail: serde_json::Value) {
+        if let Some(tx) = &self.progress {
+            // The receiver is gone only once the execution finished; nothing to report then.
+            let _ = tx.send(detail);
+        }
+    }
+}
+
+/// An executor built from a closure, for tests and small programs.
+pub struct FnExecutor<F>(pub F);
+
+impl<F> fmt::Debug for FnExecutor<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnExecutor").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<F, Fut> Executor for FnExecutor<F>
+where
+    F: Fn(ExecContext, Dispatch) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<serde_json::Value, ExecError>> + Send + 'static,
+{
+    async fn execute(
+        &self,
+        ctx: ExecContext,
+        dispatch: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError> {
+        (self.0)(ctx, dispatch.clone()).await
+    }
+}

@@ -1,0 +1,152 @@
+//! The originator's wait: a [`RollingDeadline`] driven by real progress, with the row as the
+//! authority.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{outcome_of, Shared};
+use crate::error::{Error, StoreError};
+use crate::fsm::{Dispatch, DispatchId, DispatchState, RollingDeadline, Timestamp};
+use crate::store::CancelParams;
+
+/// A waiter registered in the hub before its row is written, removed on drop (also when the
+/// caller's future is dropped).
+pub(crate) struct Registration<'a> {
+    sh: &'a Shared,
+    id: DispatchId,
+    notify: Arc<Notify>,
+    cancel_on_give_up: bool,
+}
+
+impl<'a> Registration<'a> {
+    pub(crate) fn new(sh: &'a Shared, id: DispatchId) -> Self {
+        let notify = Arc::new(Notify::new());
+        sh.waiters.lock().insert(id, Arc::clone(&notify));
+        metrics::gauge!("broker_dispatch_waiting").increment(1.0);
+        Registration {
+            sh,
+            id,
+            notify,
+            cancel_on_give_up: true,
+        }
+    }
+
+    pub(crate) fn observe_only(mut self) -> Self {
+        self.cancel_on_give_up = false;
+        self
+    }
+
+    /// Waits for `d` (as just written or read) to reach a terminal state.
+    pub(crate) async fn wait(self, mut d: Dispatch) -> Result<serde_json::Value, Error> {
+        let sh = self.sh;
+        // Time is measured on tokio's monotonic clock (pausable in tests) and expressed as
+        // timestamps for the pure deadline.
+        let origin = Instant::now();
+        let elapsed_ts = || Timestamp::EPOCH.saturating_add(origin.elapsed());
+        let mut deadline =
+            RollingDeadline::new(elapsed_ts(), sh.config.wait_window, sh.config.wait_hard_cap);
+        let mut seen = Seen::of(&d);
+        loop {
+            if let Some(out) = outcome_of(&d) {
+                return out;
+            }
+            if deadline.is_expired(elapsed_ts()) {
+                return self.give_up(d).await;
+            }
+            let until = origin + deadline.poll_timeout().duration_since(Timestamp::EPOCH);
+            let poll = sh.jitter(sh.config.poll_interval, self.id.as_uuid().as_u128() as u64);
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep_until(until) => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            match sh.bounded(sh.store.get(self.id)).await {
+                Ok(Some(row)) => d = row,
+                Ok(None) => return Err(Error::Store(StoreError::NotFound(self.id))),
+                Err(e) if is_transient(&e) => {
+                    tracing::debug!(id = %self.id, error = %e, "re-read failed; will retry");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let now_seen = Seen::of(&d);
+            if now_seen != seen {
+                deadline.touch(elapsed_ts());
+                seen = now_seen;
+            }
+        }
+    }
+
+    /// The wait ran out: re-read once; cancel a row nobody claimed so it never runs later.
+    async fn give_up(self, d: Dispatch) -> Result<serde_json::Value, Error> {
+        let sh = self.sh;
+        let id = self.id;
+        if !self.cancel_on_give_up || d.state != DispatchState::Pending {
+            return Err(Error::TimedOut {
+                id,
+                last_state: d.state,
+            });
+        }
+        match sh
+            .bounded(sh.store.cancel(CancelParams {
+                id,
+                now: sh.store_now(),
+            }))
+            .await
+        {
+            Ok(cancelled) => {
+                metrics::counter!("broker_dispatch_failed_total", "reason" => "cancelled")
+                    .increment(1);
+                tracing::debug!(%id, "gave up on an unclaimed dispatch; cancelled it");
+                Err(Error::TimedOut {
+                    id,
+                    last_state: cancelled.state,
+                })
+            }
+            Err(Error::Store(StoreError::Illegal { .. })) => {
+                // Claimed (or finished) between the last read and the cancel: report what it is.
+                let row = sh.bounded(sh.store.get(id)).await?;
+                match row {
+                    Some(row) => outcome_of(&row).unwrap_or(Err(Error::TimedOut {
+                        id,
+                        last_state: row.state,
+                    })),
+                    None => Err(Error::Store(StoreError::NotFound(id))),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn is_transient(e: &Error) -> bool {
+    matches!(e, Error::Store(s) if s.is_retryable())
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.sh.waiters.lock().remove(&self.id);
+        metrics::gauge!("broker_dispatch_waiting").decrement(1.0);
+    }
+}
+
+/// What counts as real progress: a state change or a new progress sequence number. A repeated
+/// heartbeat (lease renewal alone) does not extend the wait.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    state: DispatchState,
+    attempt: u32,
+    progress_seq: Option<u64>,
+}
+
+impl Seen {
+    fn of(d: &Dispatch) -> Self {
+        Seen {
+            state: d.state,
+            attempt: d.attempt,
+            progress_seq: d.progress.as_ref().map(|p| p.seq),
+        }
+    }
+}
