@@ -2,7 +2,8 @@
 //! answers, call by call, and leave the same rows.
 //!
 //! [`MemoryStore`] is the reference. Another backend joins by adding one instance to
-//! [`fresh_stores`]; nothing else changes. Time is a controlled clock advanced by the sequence
+//! [`fresh_stores`]; nothing else changes. Postgres (`postgres` feature) shares one emptied
+//! schema across cases instead, see [`pg_shared`]. Time is a controlled clock advanced by the sequence
 //! itself, so leases, deadlines, retries and retention all come into play without sleeping.
 
 #![cfg(feature = "sqlite")]
@@ -491,6 +492,66 @@ async fn check(stores: &[&dyn Store], steps: &[Step]) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// Postgres joins the differential test through one long-lived store on a runtime of its own
+/// (pool connections are bound to the runtime that made them), emptied before each case:
+/// a schema per case would cost more than the case itself.
+#[cfg(feature = "postgres")]
+#[path = "support/pg.rs"]
+mod pg;
+
+#[cfg(feature = "postgres")]
+struct PgShared {
+    rt: tokio::runtime::Runtime,
+    store: broker_dispatch::store::PgStore,
+    admin: tokio_postgres::Client,
+    schema: String,
+}
+
+#[cfg(feature = "postgres")]
+fn pg_shared() -> Option<&'static PgShared> {
+    static PG: std::sync::OnceLock<Option<PgShared>> = std::sync::OnceLock::new();
+    PG.get_or_init(|| {
+        let db = pg::fresh()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (store, admin) = rt.block_on(async {
+            let options = broker_dispatch::store::PgStoreOptions {
+                schema: db.schema.clone(),
+                channel_prefix: db.schema.clone(),
+                ..Default::default()
+            };
+            let store = broker_dispatch::store::PgStore::connect(&db.dsn, options)
+                .await
+                .expect("connect the store");
+            store.migrate().await.expect("migrate");
+            (store, pg::client(&db.dsn).await)
+        });
+        Some(PgShared {
+            rt,
+            store,
+            admin,
+            schema: db.schema,
+        })
+    })
+    .as_ref()
+}
+
+#[cfg(feature = "postgres")]
+impl PgShared {
+    async fn empty(&self) {
+        let s = &self.schema;
+        self.admin
+            .batch_execute(&format!(
+                "DELETE FROM \"{s}\".dispatch; DELETE FROM \"{s}\".affinity;"
+            ))
+            .await
+            .expect("empty the shared schema");
+    }
+}
+
 /// One fresh instance of every store under test; the first is the reference.
 fn fresh_stores() -> Vec<Box<dyn Store>> {
     vec![
@@ -508,7 +569,16 @@ proptest! {
             .build()
             .expect("runtime");
         let stores = fresh_stores();
-        let refs: Vec<&dyn Store> = stores.iter().map(|s| &**s).collect();
+        #[allow(unused_mut)]
+        let mut refs: Vec<&dyn Store> = stores.iter().map(|s| &**s).collect();
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = pg_shared() {
+            refs.push(&pg.store);
+            return pg.rt.block_on(async {
+                pg.empty().await;
+                check(&refs, &steps).await
+            });
+        }
         rt.block_on(check(&refs, &steps))?;
     }
 }
