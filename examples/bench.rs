@@ -24,7 +24,11 @@ struct Options {
 }
 
 fn parse_args() -> Result<Options, String> {
-    let mut o = Options { quick: false, json: None, only: Vec::new() };
+    let mut o = Options {
+        quick: false,
+        json: None,
+        only: Vec::new(),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -32,7 +36,9 @@ fn parse_args() -> Result<Options, String> {
             "--json" => o.json = Some(args.next().ok_or("--json needs a file")?),
             "--only" => o.only.push(args.next().ok_or("--only needs a name")?),
             "--bench" => {} // passed by `cargo bench`-style runners
-            "-h" | "--help" => return Err("usage: bench [--quick] [--json FILE] [--only NAME]...".into()),
+            "-h" | "--help" => {
+                return Err("usage: bench [--quick] [--json FILE] [--only NAME]...".into())
+            }
             other if !other.starts_with('-') && !o.only.is_empty() => o.only.push(other.to_owned()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -53,9 +59,28 @@ struct Row {
 }
 
 impl Row {
-    fn new(name: &str, value: f64, unit: &'static str, baseline: &str, baseline_value: f64, higher_is_better: bool) -> Self {
-        let ratio = if baseline_value == 0.0 { 0.0 } else { value / baseline_value };
-        Row { name: name.into(), value, unit, baseline: baseline.into(), baseline_value, ratio, higher_is_better }
+    fn new(
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        baseline: &str,
+        baseline_value: f64,
+        higher_is_better: bool,
+    ) -> Self {
+        let ratio = if baseline_value == 0.0 {
+            0.0
+        } else {
+            value / baseline_value
+        };
+        Row {
+            name: name.into(),
+            value,
+            unit,
+            baseline: baseline.into(),
+            baseline_value,
+            ratio,
+            higher_is_better,
+        }
     }
 }
 
@@ -69,7 +94,11 @@ struct Noop;
 
 #[async_trait]
 impl Executor for Noop {
-    async fn execute(&self, _ctx: ExecContext, _d: &Dispatch) -> Result<serde_json::Value, ExecError> {
+    async fn execute(
+        &self,
+        _ctx: ExecContext,
+        _d: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError> {
         Ok(serde_json::Value::Null)
     }
 }
@@ -78,9 +107,16 @@ impl Executor for Noop {
 async fn local_fast_path(o: &Options) -> Vec<Row> {
     let n = if o.quick { 200_000 } else { 2_000_000 };
     let store = Arc::new(MemoryStore::new());
-    let hub = Hub::builder(NodeId::new("bench").unwrap()).store(store).executor(Arc::new(Noop)).start().await.unwrap();
+    let hub = Hub::builder(NodeId::new("bench").unwrap())
+        .store(store)
+        .executor(Arc::new(Noop))
+        .start()
+        .await
+        .unwrap();
     let broker = BrokerId::new("b").unwrap();
-    hub.connect(broker.clone(), SessionId::new("s").unwrap()).await.unwrap();
+    hub.connect(broker.clone(), SessionId::new("s").unwrap())
+        .await
+        .unwrap();
     let exec = Noop;
     let mut direct = Vec::new();
     let mut via_hub = Vec::new();
@@ -102,13 +138,28 @@ async fn local_fast_path(o: &Options) -> Vec<Row> {
     hub.shutdown().await.unwrap();
     let (d, h) = (median(direct), median(via_hub));
     vec![
-        Row::new("local_fast_path", h, "ns/dispatch", "direct_executor_call", d, false),
-        Row::new("local_fast_path_overhead", h - d, "ns/dispatch", "target_1000ns", 1000.0, false),
+        Row::new(
+            "local_fast_path",
+            h,
+            "ns/dispatch",
+            "direct_executor_call",
+            d,
+            false,
+        ),
+        Row::new(
+            "local_fast_path_overhead",
+            h - d,
+            "ns/dispatch",
+            "target_1000ns",
+            1000.0,
+            false,
+        ),
     ]
 }
 
 fn template(broker: &BrokerId) -> Dispatch {
-    NewDispatch::new(broker.clone(), "op", serde_json::Value::Null).into_dispatch(broker_dispatch::fsm::Timestamp::EPOCH)
+    NewDispatch::new(broker.clone(), "op", serde_json::Value::Null)
+        .into_dispatch(broker_dispatch::fsm::Timestamp::EPOCH)
 }
 
 /// Claim + complete per second on `MemoryStore` vs a plain `Mutex<HashMap>` doing the same state
@@ -142,7 +193,9 @@ fn memory_store_run(n: usize, threads: usize) -> f64 {
     for t in 0..threads {
         let b = BrokerId::new(format!("b{t}")).unwrap();
         for _ in 0..per {
-            store.insert_sync(NewDispatch::new(b.clone(), "op", serde_json::Value::Null)).unwrap();
+            store
+                .insert_sync(NewDispatch::new(b.clone(), "op", serde_json::Value::Null))
+                .unwrap();
         }
     }
     let start = Instant::now();
@@ -152,10 +205,21 @@ fn memory_store_run(n: usize, threads: usize) -> f64 {
             let node = node.clone();
             s.spawn(move || {
                 let b = BrokerId::new(format!("b{t}")).unwrap();
-                let p = ClaimParams { broker: b, node, limit: 1, lease: Duration::from_secs(30), now: None };
+                let p = ClaimParams {
+                    broker: b,
+                    node,
+                    limit: 1,
+                    lease: Duration::from_secs(30),
+                    now: None,
+                };
                 for _ in 0..per {
                     let c = store.claim_sync(p.clone()).unwrap().pop().unwrap();
-                    store.finish_sync(c, FinishParams::new(Outcome::Complete(serde_json::Value::Null))).unwrap();
+                    store
+                        .finish_sync(
+                            c,
+                            FinishParams::new(Outcome::Complete(serde_json::Value::Null)),
+                        )
+                        .unwrap();
                 }
             });
         }
@@ -175,7 +239,14 @@ fn plain_map_run(n: usize, threads: usize) -> f64 {
     {
         let mut m = map.lock();
         for i in 0..(per * threads) as u64 {
-            m.insert(i, Row { state: 0, attempt: 0, owner: None });
+            m.insert(
+                i,
+                Row {
+                    state: 0,
+                    attempt: 0,
+                    owner: None,
+                },
+            );
         }
     }
     let start = Instant::now();
@@ -212,19 +283,32 @@ fn memory_footprint(_o: &Options) -> Vec<Row> {
     let store = MemoryStore::new();
     let b = BrokerId::new("b").unwrap();
     for i in 0..n {
-        store.insert_sync(NewDispatch::new(b.clone(), "message", json!({ "n": i }))).unwrap();
+        store
+            .insert_sync(NewDispatch::new(b.clone(), "message", json!({ "n": i })))
+            .unwrap();
     }
     let after = rss_bytes();
     let raw = std::mem::size_of::<Dispatch>() as f64 * n as f64;
     let used = after.saturating_sub(before) as f64;
     std::hint::black_box(&store);
-    vec![Row::new("memory_footprint_100k", used / 1e6, "MB", "size_of_dispatch_x100k", raw / 1e6, false)]
+    vec![Row::new(
+        "memory_footprint_100k",
+        used / 1e6,
+        "MB",
+        "size_of_dispatch_x100k",
+        raw / 1e6,
+        false,
+    )]
 }
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -236,8 +320,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let wants = |name: &str| o.only.is_empty() || o.only.iter().any(|w| name.starts_with(w.as_str()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wants =
+        |name: &str| o.only.is_empty() || o.only.iter().any(|w| name.starts_with(w.as_str()));
     let mut rows = Vec::new();
     let started = Instant::now();
     if wants("local_fast_path") {
@@ -249,14 +337,21 @@ fn main() {
     if wants("memory_footprint") {
         rows.extend(memory_footprint(&o));
     }
-    println!("{:<32} {:>14} {:<12} {:<28} {:>14} {:>8}", "workload", "value", "unit", "baseline", "baseline", "ratio");
+    println!(
+        "{:<32} {:>14} {:<12} {:<28} {:>14} {:>8}",
+        "workload", "value", "unit", "baseline", "baseline", "ratio"
+    );
     for r in &rows {
         println!(
             "{:<32} {:>14.1} {:<12} {:<28} {:>14.1} {:>8.3}",
             r.name, r.value, r.unit, r.baseline, r.baseline_value, r.ratio
         );
     }
-    println!("bench: {} figures in {:.1}s", rows.len(), started.elapsed().as_secs_f64());
+    println!(
+        "bench: {} figures in {:.1}s",
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
     }

@@ -20,7 +20,7 @@ use broker_dispatch::fsm::{
     Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, SessionId,
 };
 use broker_dispatch::hub::{Command, ExecContext, Executor, Hub, HubConfig};
-use broker_dispatch::store::{ListFilter, MemoryStore, Store};
+use broker_dispatch::store::{ListFilter, MemoryStore, SqliteStore, Store};
 use broker_dispatch::transport::MemoryTransport;
 use broker_dispatch::{Error, ExecError};
 use parking_lot::Mutex;
@@ -74,13 +74,25 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn default_store() -> &'static str {
-    "memory"
+    "sqlite"
 }
 
-fn open_store(o: &Options) -> Result<Arc<dyn Store>, String> {
+/// Opens the store; the returned guard keeps a temporary database directory alive.
+fn open_store(o: &Options) -> Result<(Arc<dyn Store>, Option<tempfile::TempDir>), String> {
     match o.store.as_str() {
-        "memory" => Ok(Arc::new(MemoryStore::new())),
-        other => Err(format!("unknown store {other:?}: expected memory")),
+        "memory" => Ok((Arc::new(MemoryStore::new()), None)),
+        "sqlite" => {
+            let (path, dir) = match &o.db {
+                Some(p) => (p.clone(), None),
+                None => {
+                    let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+                    (dir.path().join("cluster.db"), Some(dir))
+                }
+            };
+            let store = SqliteStore::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok((Arc::new(store), dir))
+        }
+        other => Err(format!("unknown store {other:?}: expected sqlite or memory")),
     }
 }
 
@@ -161,7 +173,7 @@ fn main() {
 }
 
 async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
-    let store = open_store(&o)?;
+    let (store, _tempdir) = open_store(&o)?;
     let transport = MemoryTransport::new();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let config = HubConfig {

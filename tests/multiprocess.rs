@@ -33,7 +33,11 @@ struct LoggingExecutor {
 
 #[async_trait]
 impl Executor for LoggingExecutor {
-    async fn execute(&self, ctx: ExecContext, d: &Dispatch) -> Result<serde_json::Value, ExecError> {
+    async fn execute(
+        &self,
+        ctx: ExecContext,
+        d: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError> {
         {
             let mut f = self.log.lock();
             writeln!(f, "exec {} {} {}", ctx.id(), ctx.attempt(), self.node)
@@ -59,11 +63,21 @@ fn node_process_entry() {
     let node = std::env::var("BD_NODE_ID").expect("BD_NODE_ID");
     let brokers = std::env::var("BD_NODE_BROKERS").expect("BD_NODE_BROKERS");
     let log = std::env::var("BD_NODE_LOG").expect("BD_NODE_LOG");
-    let delay_ms: u64 = std::env::var("BD_NODE_DELAY_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let delay_ms: u64 = std::env::var("BD_NODE_DELAY_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let store = open_store(&db);
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let exec = LoggingExecutor {
             node: node.clone(),
             log: Mutex::new(file),
@@ -109,7 +123,12 @@ impl Drop for Node {
 fn spawn_node(db: &str, node: &str, brokers: &[String], log: &Path, delay_ms: u64) -> Node {
     let exe = std::env::current_exe().unwrap();
     let child = std::process::Command::new(exe)
-        .args(["node_process_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "node_process_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("BD_NODE_DB", db)
         .env("BD_NODE_ID", node)
         .env("BD_NODE_BROKERS", brokers.join(","))
@@ -126,14 +145,17 @@ fn spawn_node(db: &str, node: &str, brokers: &[String], log: &Path, delay_ms: u6
 fn read_logs(logs: &[PathBuf]) -> HashMap<(DispatchId, u32), u32> {
     let mut runs = HashMap::new();
     for log in logs {
-        let Ok(text) = std::fs::read_to_string(log) else { continue };
+        let Ok(text) = std::fs::read_to_string(log) else {
+            continue;
+        };
         for line in text.lines() {
             let parts: Vec<&str> = line.split(' ').collect();
             // A process killed mid-write leaves at most one torn last line.
             if parts.len() != 4 || parts[0] != "exec" {
                 continue;
             }
-            let (Ok(id), Ok(attempt)) = (DispatchId::parse(parts[1]), parts[2].parse::<u32>()) else {
+            let (Ok(id), Ok(attempt)) = (DispatchId::parse(parts[1]), parts[2].parse::<u32>())
+            else {
                 continue;
             };
             *runs.entry((id, attempt)).or_default() += 1;
@@ -147,7 +169,11 @@ async fn all_rows(store: &dyn Store) -> Vec<Dispatch> {
     let mut after = None;
     loop {
         let page = store
-            .list(ListFilter { after, limit: 1000, ..ListFilter::default() })
+            .list(ListFilter {
+                after,
+                limit: 1000,
+                ..ListFilter::default()
+            })
             .await
             .unwrap();
         let Some(last) = page.last() else { return out };
@@ -174,18 +200,34 @@ async fn two_processes_drain_one_sqlite_file() {
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
     let _a = spawn_node(&db, "node-a", &brokers, &logs[0], 0);
     let _b = spawn_node(&db, "node-b", &brokers, &logs[1], 0);
-    eventually(Duration::from_secs(240), "every dispatch terminal", || async {
-        all_rows(store.as_ref()).await.iter().all(|d| d.state.is_terminal())
-    })
+    eventually(
+        Duration::from_secs(240),
+        "every dispatch terminal",
+        || async {
+            all_rows(store.as_ref())
+                .await
+                .iter()
+                .all(|d| d.state.is_terminal())
+        },
+    )
     .await;
     let rows = all_rows(store.as_ref()).await;
     assert_eq!(rows.len(), total, "no row lost or added");
     let runs = read_logs(&logs);
     let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "(id, attempt) executed more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "(id, attempt) executed more than once: {twice:?}"
+    );
     let mut per_node = HashMap::new();
     for log in &logs {
-        per_node.insert(log.clone(), std::fs::read_to_string(log).unwrap_or_default().lines().count());
+        per_node.insert(
+            log.clone(),
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .count(),
+        );
     }
     let mut execs_per_id: HashMap<DispatchId, u32> = HashMap::new();
     for ((id, _), n) in &runs {
@@ -195,7 +237,11 @@ async fn two_processes_drain_one_sqlite_file() {
         assert!(ids.contains(&d.id));
         assert_eq!(d.state, broker_dispatch::fsm::DispatchState::Done, "{d:?}");
         let execs = execs_per_id.get(&d.id).copied().unwrap_or(0);
-        assert!(execs >= 1 && execs <= d.max_attempts, "{} executed {execs} times", d.id);
+        assert!(
+            execs >= 1 && execs <= d.max_attempts,
+            "{} executed {execs} times",
+            d.id
+        );
     }
     eprintln!("executions per node: {per_node:?}");
 }

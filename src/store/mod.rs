@@ -230,6 +230,12 @@ impl NewDispatch {
                 return Err(StoreError::invalid("idempotency key must be 1..=256 bytes"));
             }
         }
+        let size = json_size(&self.args);
+        if size > MAX_ARGS_BYTES {
+            return Err(StoreError::invalid(format!(
+                "args are {size} bytes of JSON; the limit is {MAX_ARGS_BYTES}"
+            )));
+        }
         Ok(())
     }
 
@@ -434,6 +440,24 @@ pub trait ArgsCodec: Send + Sync + fmt::Debug + 'static {
     fn encode(&self, args: &serde_json::Value) -> Result<serde_json::Value, StoreError>;
     /// Turns what is stored back into the caller's args.
     fn decode(&self, stored: serde_json::Value) -> Result<serde_json::Value, StoreError>;
+}
+
+/// The length of `v` serialised as compact JSON, without allocating it.
+fn json_size(v: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing a `Value` to an infallible sink cannot fail.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
