@@ -85,14 +85,17 @@ fn open_store(o: &Options) -> Result<(Arc<dyn Store>, Option<tempfile::TempDir>)
             let (path, dir) = match &o.db {
                 Some(p) => (p.clone(), None),
                 None => {
-                    let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+                    let dir =
+                        tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
                     (dir.path().join("cluster.db"), Some(dir))
                 }
             };
             let store = SqliteStore::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             Ok((Arc::new(store), dir))
         }
-        other => Err(format!("unknown store {other:?}: expected sqlite or memory")),
+        other => Err(format!(
+            "unknown store {other:?}: expected sqlite or memory"
+        )),
     }
 }
 

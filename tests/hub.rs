@@ -822,7 +822,13 @@ async fn bad_input_is_a_typed_error_and_writes_nothing() {
 async fn oversized_args_are_refused_before_anything_is_written() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let huge = json!("x".repeat(broker_dispatch::store::MAX_ARGS_BYTES + 1));
-    let err = c.hubs[0].send(Command::new(broker("b"), "x", huge)).await.unwrap_err();
-    assert!(matches!(err, Error::Store(StoreError::InvalidInput(_))), "{err:?}");
+    let err = c.hubs[0]
+        .send(Command::new(broker("b"), "x", huge))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Store(StoreError::InvalidInput(_))),
+        "{err:?}"
+    );
     assert!(c.store.is_empty());
 }
