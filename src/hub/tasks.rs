@@ -101,6 +101,11 @@ async fn sweep(sh: Arc<Shared>) {
                 .increment(report.exhausted.len() as u64);
         }
         metrics::counter!("broker_dispatch_purged_total").increment(report.purged);
+        metrics::gauge!("broker_dispatch_pending").set(report.pending as f64);
+        let oldest_age = report
+            .oldest_pending
+            .map_or(0.0, |t| sh.now().duration_since(t).as_secs_f64());
+        metrics::gauge!("broker_dispatch_oldest_pending_seconds").set(oldest_age);
         for id in report.expired.iter().chain(&report.exhausted) {
             sh.notify_waiter(id);
             sh.publish(Notice::Event { id: *id }).await;

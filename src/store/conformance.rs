@@ -71,6 +71,7 @@ macro_rules! store_conformance_tests {
             affinity_touch_refreshes_only_the_holder,
             sweep_expires_exhausts_purges_and_reports,
             sweep_honours_its_limit,
+            sweep_reports_pending_gauges,
             list_filters_and_pages,
             timestamps_round_trip_exactly,
             large_and_unicode_args_round_trip,
@@ -1315,6 +1316,27 @@ pub async fn sweep_expires_exhausts_purges_and_reports(store: Arc<dyn Store>) {
         ..new_dispatch(21, "k", at(0))
     };
     assert_eq!(insert(&*store, reused).await.id, id(21));
+}
+
+/// The sweep reports how many rows are pending and when the oldest was written (in-progress
+/// and terminal rows do not count).
+pub async fn sweep_reports_pending_gauges(store: Arc<dyn Store>) {
+    let hour = Duration::from_secs(3600);
+    let r = store
+        .sweep(sweep_params(10, hour, at(0)))
+        .await
+        .expect("sweep");
+    assert_eq!((r.pending, r.oldest_pending), (0, None));
+    insert(&*store, new_dispatch(1, "a", at(secs(1)))).await;
+    insert(&*store, new_dispatch(2, "b", at(secs(2)))).await;
+    insert(&*store, new_dispatch(3, "b", at(secs(3)))).await;
+    claim_one(&*store, "a", "n1", at(secs(4))).await;
+    let r = store
+        .sweep(sweep_params(10, hour, at(secs(4))))
+        .await
+        .expect("sweep");
+    assert_eq!(r.pending, 2);
+    assert_eq!(r.oldest_pending, Some(at(secs(2))));
 }
 
 /// Each kind of sweep work stops at the limit, in id order; the rest waits for the next sweep.

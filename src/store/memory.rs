@@ -252,6 +252,14 @@ impl Store for MemoryStore {
                     *row = next;
                 }
                 None => {
+                    if row.state == fsm::DispatchState::Pending {
+                        report.pending += 1;
+                        report.oldest_pending = Some(
+                            report
+                                .oldest_pending
+                                .map_or(row.created_at, |t| t.min(row.created_at)),
+                        );
+                    }
                     if row.is_claimable(now) {
                         claimable.insert(row.broker.clone());
                     }

@@ -389,6 +389,10 @@ pub struct SweepReport {
     pub purged: u64,
     /// Brokers with claimable work (sorted, deduplicated): signal their owners.
     pub claimable: Vec<BrokerId>,
+    /// How many dispatches are pending after the sweep (for the pending gauge).
+    pub pending: u64,
+    /// When the oldest pending dispatch was written (for the oldest-pending-age gauge).
+    pub oldest_pending: Option<Timestamp>,
     /// Whether this caller actually swept (`false` when another node holds the sweep lock).
     pub swept: bool,
 }

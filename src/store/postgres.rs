@@ -98,6 +98,7 @@ struct Sql {
     sweep_expire: String,
     sweep_exhaust: String,
     sweep_claimable: String,
+    sweep_pending: String,
     sweep_purge: String,
     connect: String,
     affinity: String,
@@ -247,6 +248,9 @@ impl Sql {
                  WHERE d.state IN ('pending', 'in_progress') AND {} \
                  ORDER BY d.broker LIMIT $2::bigint",
                 claimable("d")
+            ),
+            sweep_pending: format!(
+                "SELECT count(*), min(created_at) FROM {s}.dispatch WHERE state = 'pending'"
             ),
             sweep_purge: format!(
                 "WITH picked AS MATERIALIZED ( \
@@ -1020,6 +1024,12 @@ impl Store for PgStore {
                 .iter()
                 .map(|r| BrokerId::new(r.get::<_, String>(0)).map_err(corrupt))
                 .collect::<Result<Vec<_>, _>>()?;
+            let pending = tx
+                .prepare_cached(&self.sql.sweep_pending)
+                .await
+                .map_err(map_pg)?;
+            let pending = tx.query_one(&pending, &[]).await.map_err(map_pg)?;
+            let (pending, oldest_pending): (i64, Option<i64>) = (pending.get(0), pending.get(1));
             let cutoff = Timestamp::from_micros(now)
                 .saturating_sub(p.retention)
                 .as_micros();
@@ -1037,6 +1047,8 @@ impl Store for PgStore {
                 exhausted,
                 purged,
                 claimable,
+                pending: u64::try_from(pending).unwrap_or(0),
+                oldest_pending: oldest_pending.map(Timestamp::from_micros),
                 swept: true,
             })
         }

@@ -87,6 +87,10 @@ const CLAIMABLE_BROKERS_SQL: &str = concat!(
     " ORDER BY broker LIMIT ?1"
 );
 
+/// Sweep, gauges: how many rows are pending and when the oldest was written.
+const PENDING_SQL: &str = "SELECT count(*), min(created_at) FROM dispatch \
+     WHERE state IN ('pending', 'in_progress') AND state = 'pending'";
+
 /// Sweep, purge step: terminal rows last updated before the cutoff. `?1` limit, `?2` cutoff.
 const PURGE_SQL: &str = "DELETE FROM dispatch WHERE id IN (SELECT id FROM dispatch \
      WHERE state IN ('done', 'failed') AND updated_at < ?2 ORDER BY +id LIMIT ?1)";
@@ -948,6 +952,13 @@ impl Store for SqliteStore {
                 .map_err(db_err)?
                 .map(|b| BrokerId::new(b.map_err(db_err)?).map_err(|_| corrupt("bad broker id")))
                 .collect::<Result<Vec<_>, _>>()?;
+            let (pending, oldest_pending) = tx
+                .prepare_cached(PENDING_SQL)
+                .map_err(db_err)?
+                .query_row([], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))
+                })
+                .map_err(db_err)?;
             let purged = tx
                 .prepare_cached(PURGE_SQL)
                 .map_err(db_err)?
@@ -959,6 +970,8 @@ impl Store for SqliteStore {
                 exhausted,
                 purged: purged as u64,
                 claimable,
+                pending: u64::try_from(pending).unwrap_or(0),
+                oldest_pending: oldest_pending.map(Timestamp::from_micros),
                 swept: true,
             })
         })
