@@ -46,14 +46,22 @@ impl Timestamp {
 
     /// `self + d`, saturating at [`Timestamp::MAX`].
     pub fn saturating_add(self, d: Duration) -> Self {
-        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_add(micros))
+        Self::saturate(i128::from(self.0).saturating_add(Self::micros_of(d)))
     }
 
     /// `self - d`, saturating at `i64::MIN` microseconds.
     pub fn saturating_sub(self, d: Duration) -> Self {
-        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_sub(micros))
+        Self::saturate(i128::from(self.0).saturating_sub(Self::micros_of(d)))
+    }
+
+    // In i128, so a duration beyond i64's range still saturates (clamping it to i64::MAX first
+    // would make `MIN + Duration::MAX` land at -1 and `0 - Duration::MAX` one short of MIN).
+    fn micros_of(d: Duration) -> i128 {
+        i128::try_from(d.as_micros()).unwrap_or(i128::MAX)
+    }
+
+    fn saturate(micros: i128) -> Self {
+        Timestamp(i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX }))
     }
 
     /// How long after `earlier` this is; zero if it is not after it.
