@@ -280,6 +280,14 @@ pub struct Dispatch {
     /// Never claimed at or after this instant; the sweeper then fails it as `Expired`.
     pub deadline: Option<Timestamp>,
     /// The executor's result, once `Done`.
+    ///
+    /// In JSON, no result is an absent field and a `null` result is `null`: an executor may
+    /// legitimately return `null`, and reading the row back must not turn that into "no result".
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_json"
+    )]
     pub result: Option<serde_json::Value>,
     /// Why it failed, once `Failed`.
     pub failure: Option<FailReason>,
@@ -318,6 +326,14 @@ impl Dispatch {
     pub fn past_deadline(&self, now: Timestamp) -> bool {
         self.deadline.is_some_and(|d| d <= now)
     }
+}
+
+/// Reads a field that is present as `Some`, even when it is `null` (absent fields take the
+/// `default`, `None`).
+fn present_json<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// Checks an op name: non-empty, at most [`MAX_ID_LEN`] bytes, no control characters.
