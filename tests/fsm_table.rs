@@ -640,6 +640,23 @@ fn route_row4_zero_freshness_never_forwards() {
     assert_eq!(r, Route::Undeliverable);
 }
 
+#[test]
+fn route_row4_age_beyond_the_i64_range_is_still_stale() {
+    // The age (about 1.1e19 µs) exceeds i64::MAX but not the window's u64 range: it must not be
+    // clamped below the window.
+    let me = node("me");
+    let a = affinity_of(Some("other"), -8_000_000_000_000_000_000);
+    let r = route(&RouteInput {
+        this_node: &me,
+        connected_here: false,
+        affinity: Some(&a),
+        now: ts(3_000_000_000_000_000_000),
+        freshness: Duration::from_micros(10_000_000_000_000_000_000),
+        has_http_endpoint: false,
+    });
+    assert_eq!(r, Route::Undeliverable);
+}
+
 // ---- affinity --------------------------------------------------------------------------------
 
 fn session(s: &str) -> SessionId {
@@ -953,7 +970,7 @@ fn timestamp_duration_since_is_zero_when_not_after() {
     assert_eq!(ts(3).duration_since(ts(10)), Duration::ZERO);
     assert_eq!(
         ts(i64::MAX).duration_since(ts(i64::MIN)),
-        Duration::from_micros(i64::MAX as u64)
+        Duration::from_micros(u64::MAX)
     );
 }
 

@@ -66,8 +66,14 @@ impl Timestamp {
 
     /// How long after `earlier` this is; zero if it is not after it.
     pub fn duration_since(self, earlier: Timestamp) -> Duration {
-        let micros = self.0.saturating_sub(earlier.0);
-        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+        // In i128: spans beyond i64::MAX µs must not clamp, or a very old `last_seen` would look
+        // younger than a huge freshness window.
+        let micros = i128::from(self.0) - i128::from(earlier.0);
+        Duration::from_micros(u64::try_from(micros).unwrap_or(if micros < 0 {
+            0
+        } else {
+            u64::MAX
+        }))
     }
 }
 
