@@ -697,3 +697,32 @@ proptest! {
         prop_assert!(serde_json::from_value::<Dispatch>(v).is_err());
     }
 }
+
+/// The committed fuzz seeds for `dispatch_json` must stay valid documents, or the fuzzer would
+/// start from inputs the parser rejects at once.
+#[test]
+fn dispatch_json_fuzz_seeds_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/dispatch_json");
+    let mut dispatches = 0;
+    let mut notices = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        if name.starts_with("seed-dispatch-") {
+            let d: Dispatch =
+                serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let back: Dispatch = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+            assert_eq!(back, d, "{name}");
+            dispatches += 1;
+        } else if name.starts_with("seed-notice-") {
+            serde_json::from_slice::<Notice>(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            notices += 1;
+        }
+    }
+    assert!(
+        dispatches >= 3 && notices >= 3,
+        "seeds missing in {}",
+        dir.display()
+    );
+}
