@@ -29,15 +29,27 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(d) = serde_json::from_slice::<Dispatch>(data) {
         let text = serde_json::to_vec(&d).expect("a parsed dispatch serializes");
         let back: Dispatch = serde_json::from_slice(&text).expect("a serialized dispatch parses");
-        let (a, b) = (serde_json::to_value(&d).unwrap(), serde_json::to_value(&back).unwrap());
+        let (a, b) = (
+            serde_json::to_value(&d).unwrap(),
+            serde_json::to_value(&back).unwrap(),
+        );
         assert!(same(&a, &b), "round trip changed {a} into {b}");
         // The fields without floats must survive exactly.
-        assert_eq!((d.id, &d.broker, d.state, d.attempt), (back.id, &back.broker, back.state, back.attempt));
-        assert_eq!((&d.claimed_by, d.lease_until, &d.failure), (&back.claimed_by, back.lease_until, &back.failure));
+        assert_eq!(
+            (d.id, &d.broker, d.state, d.attempt),
+            (back.id, &back.broker, back.state, back.attempt)
+        );
+        assert_eq!(
+            (&d.claimed_by, d.lease_until, &d.failure),
+            (&back.claimed_by, back.lease_until, &back.failure)
+        );
         assert_eq!(d.result.is_some(), back.result.is_some());
     }
     if let Ok(n) = serde_json::from_slice::<Notice>(data) {
         let text = serde_json::to_vec(&n).expect("a parsed notice serializes");
-        assert_eq!(serde_json::from_slice::<Notice>(&text).expect("a serialized notice parses"), n);
+        assert_eq!(
+            serde_json::from_slice::<Notice>(&text).expect("a serialized notice parses"),
+            n
+        );
     }
 });

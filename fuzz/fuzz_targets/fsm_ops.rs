@@ -38,15 +38,44 @@ enum Pick {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Claim { node: u8, at: When, lease: u64 },
-    Heartbeat { pick: Pick, at: When, lease: u64, seq: Option<u64> },
-    Complete { pick: Pick, at: When },
-    Fail { pick: Pick, at: When, error: String },
-    Retry { pick: Pick, at: When, to: When },
-    Release { pick: Pick, at: When },
-    Cancel { at: When },
-    Expire { at: When },
-    Exhaust { at: When },
+    Claim {
+        node: u8,
+        at: When,
+        lease: u64,
+    },
+    Heartbeat {
+        pick: Pick,
+        at: When,
+        lease: u64,
+        seq: Option<u64>,
+    },
+    Complete {
+        pick: Pick,
+        at: When,
+    },
+    Fail {
+        pick: Pick,
+        at: When,
+        error: String,
+    },
+    Retry {
+        pick: Pick,
+        at: When,
+        to: When,
+    },
+    Release {
+        pick: Pick,
+        at: When,
+    },
+    Cancel {
+        at: When,
+    },
+    Expire {
+        at: When,
+    },
+    Exhaust {
+        at: When,
+    },
 }
 
 fn advance(clock: &mut i64, w: When) -> Timestamp {
@@ -104,7 +133,12 @@ fuzz_target!(|input: Input| {
                 now: advance(&mut clock, at),
                 lease: Duration::from_micros(lease),
             },
-            Op::Heartbeat { pick, at, lease, seq } => Event::Heartbeat {
+            Op::Heartbeat {
+                pick,
+                at,
+                lease,
+                seq,
+            } => Event::Heartbeat {
                 attempt: resolve(pick, a),
                 now: advance(&mut clock, at),
                 lease: Duration::from_micros(lease),
@@ -163,12 +197,22 @@ fuzz_target!(|input: Input| {
         );
         match result {
             Ok(next) => {
-                assert!(!d.state.is_terminal(), "{kind} left terminal state {}", d.state);
-                assert!(next.attempt >= d.attempt, "attempt went backwards on {kind}");
+                assert!(
+                    !d.state.is_terminal(),
+                    "{kind} left terminal state {}",
+                    d.state
+                );
+                assert!(
+                    next.attempt >= d.attempt,
+                    "attempt went backwards on {kind}"
+                );
                 if kind == EventKind::Claim {
                     assert_eq!(next.attempt, d.attempt + 1);
                     assert_eq!(next.state, DispatchState::InProgress);
-                    assert_eq!(next.lease_until, Some(now.saturating_add(claim_lease.unwrap())));
+                    assert_eq!(
+                        next.lease_until,
+                        Some(now.saturating_add(claim_lease.unwrap()))
+                    );
                 } else {
                     assert_eq!(next.attempt, d.attempt, "{kind} changed the attempt");
                 }
@@ -189,7 +233,10 @@ fuzz_target!(|input: Input| {
                 }
                 d = next;
             }
-            Err(TransitionError::Fenced { presented: p, current }) => {
+            Err(TransitionError::Fenced {
+                presented: p,
+                current,
+            }) => {
                 assert_eq!(Some(p), presented);
                 assert_eq!(current, d.attempt);
             }

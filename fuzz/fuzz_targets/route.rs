@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use broker_dispatch::fsm::{route, Affinity, BrokerId, NodeId, Route, RouteInput, SessionId, Timestamp};
+use broker_dispatch::fsm::{
+    route, Affinity, BrokerId, NodeId, Route, RouteInput, SessionId, Timestamp,
+};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
@@ -52,7 +54,9 @@ fn table(i: &Input, this: &NodeId, a: Option<&Affinity>) -> Route {
         if let Some(owner) = &a.node {
             let age = (i128::from(i.now) - i128::from(a.last_seen.as_micros())).max(0);
             if owner != this && age < i128::from(i.freshness_us) {
-                return Route::Forward { owner: owner.clone() };
+                return Route::Forward {
+                    owner: owner.clone(),
+                };
             }
         }
     }

@@ -61,14 +61,23 @@ fuzz_target!(|i: Input| {
         };
         let deadline = d.poll_timeout();
         assert_eq!(deadline.as_micros(), expected, "after {op:?}");
-        assert!(deadline >= previous, "deadline moved back from {previous} to {deadline}");
+        assert!(
+            deadline >= previous,
+            "deadline moved back from {previous} to {deadline}"
+        );
         previous = deadline;
         if let Some(c) = cap {
-            assert!(deadline.as_micros() <= c, "deadline {deadline} past the cap {c}");
+            assert!(
+                deadline.as_micros() <= c,
+                "deadline {deadline} past the cap {c}"
+            );
         }
         let early = t < add(latest, i.window_us) && cap.is_none_or(|c| t < c);
         if early {
-            assert!(!d.is_expired(ts(t)), "fired early at {t}: latest touch {latest}");
+            assert!(
+                !d.is_expired(ts(t)),
+                "fired early at {t}: latest touch {latest}"
+            );
         }
         assert_eq!(d.is_expired(ts(t)), t >= expected);
     }
