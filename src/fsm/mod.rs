@@ -14,8 +14,8 @@ mod waiter;
 
 pub use affinity::{Affinity, ConnectDecision};
 pub use dispatch::{
-    check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError, NodeId, Progress, SessionId, Timestamp,
-    MAX_ID_LEN,
+    check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError, NodeId, Progress, SessionId,
+    Timestamp, MAX_ID_LEN,
 };
 pub use route::{route, Route, RouteInput};
 pub use state::{DispatchState, FailReason, ParseStateError};

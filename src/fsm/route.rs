@@ -51,7 +51,10 @@ pub fn route(input: &RouteInput<'_>) -> Route {
         return Route::Local;
     }
     match input.affinity {
-        Some(a) if a.node.as_ref() != Some(input.this_node) && a.is_fresh(input.now, input.freshness) => {
+        Some(a)
+            if a.node.as_ref() != Some(input.this_node)
+                && a.is_fresh(input.now, input.freshness) =>
+        {
             match &a.node {
                 Some(owner) => Route::Forward {
                     owner: owner.clone(),

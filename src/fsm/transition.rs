@@ -164,9 +164,10 @@ impl Event {
             | Event::Fail { attempt, .. }
             | Event::Retry { attempt, .. }
             | Event::Release { attempt, .. } => Some(*attempt),
-            Event::Claim { .. } | Event::Cancel { .. } | Event::Expire { .. } | Event::Exhaust { .. } => {
-                None
-            }
+            Event::Claim { .. }
+            | Event::Cancel { .. }
+            | Event::Expire { .. }
+            | Event::Exhaust { .. } => None,
         }
     }
 
