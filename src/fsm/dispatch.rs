@@ -46,20 +46,34 @@ impl Timestamp {
 
     /// `self + d`, saturating at [`Timestamp::MAX`].
     pub fn saturating_add(self, d: Duration) -> Self {
-        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_add(micros))
+        Self::saturate(i128::from(self.0).saturating_add(Self::micros_of(d)))
     }
 
     /// `self - d`, saturating at `i64::MIN` microseconds.
     pub fn saturating_sub(self, d: Duration) -> Self {
-        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_sub(micros))
+        Self::saturate(i128::from(self.0).saturating_sub(Self::micros_of(d)))
+    }
+
+    // In i128, so a duration beyond i64's range still saturates (clamping it to i64::MAX first
+    // would make `MIN + Duration::MAX` land at -1 and `0 - Duration::MAX` one short of MIN).
+    fn micros_of(d: Duration) -> i128 {
+        i128::try_from(d.as_micros()).unwrap_or(i128::MAX)
+    }
+
+    fn saturate(micros: i128) -> Self {
+        Timestamp(i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX }))
     }
 
     /// How long after `earlier` this is; zero if it is not after it.
     pub fn duration_since(self, earlier: Timestamp) -> Duration {
-        let micros = self.0.saturating_sub(earlier.0);
-        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+        // In i128: spans beyond i64::MAX µs must not clamp, or a very old `last_seen` would look
+        // younger than a huge freshness window.
+        let micros = i128::from(self.0) - i128::from(earlier.0);
+        Duration::from_micros(u64::try_from(micros).unwrap_or(if micros < 0 {
+            0
+        } else {
+            u64::MAX
+        }))
     }
 }
 
@@ -272,6 +286,14 @@ pub struct Dispatch {
     /// Never claimed at or after this instant; the sweeper then fails it as `Expired`.
     pub deadline: Option<Timestamp>,
     /// The executor's result, once `Done`.
+    ///
+    /// In JSON, no result is an absent field and a `null` result is `null`: an executor may
+    /// legitimately return `null`, and reading the row back must not turn that into "no result".
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_json"
+    )]
     pub result: Option<serde_json::Value>,
     /// Why it failed, once `Failed`.
     pub failure: Option<FailReason>,
@@ -314,6 +336,14 @@ impl Dispatch {
     pub fn past_deadline(&self, now: Timestamp) -> bool {
         self.deadline.is_some_and(|d| d <= now)
     }
+}
+
+/// Reads a field that is present as `Some`, even when it is `null` (absent fields take the
+/// `default`, `None`).
+fn present_json<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// Checks an op name: non-empty, at most [`MAX_ID_LEN`] bytes, no control characters.

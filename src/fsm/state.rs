@@ -143,6 +143,25 @@ impl FailReason {
     }
 }
 
+/// Parses the [`Display`](fmt::Display) form: `error: <message>`, or a bare kind for the others.
+impl FromStr for FailReason {
+    type Err = ParseStateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(message) = s.strip_prefix("error: ") {
+            return Ok(FailReason::Error(message.to_owned()));
+        }
+        match s {
+            // A bare `error` is not a Display form; refuse it rather than invent an empty message.
+            "error" => Err(ParseStateError {
+                what: "fail reason",
+                value: s.to_owned(),
+            }),
+            kind => FailReason::from_parts(kind, None),
+        }
+    }
+}
+
 impl fmt::Display for FailReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
