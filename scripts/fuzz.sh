@@ -3,12 +3,14 @@
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them. It must
 # be set for every cargo run in fuzz/, or cargo caches a stable probe and the build breaks
 # (then delete fuzz/target/.rustc_info.json).
-#   cargo install cargo-fuzz   # once
 set -euo pipefail
 SECONDS_PER_TARGET=${1:-20}
 cd "$(dirname "$0")/../fuzz"
 export RUSTC_BOOTSTRAP=1
-command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is not installed: cargo install cargo-fuzz" >&2; exit 1; }
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "installing cargo-fuzz (once)"
+  cargo install cargo-fuzz --locked
+fi
 targets=$(cargo fuzz list)
 cargo fuzz build
 for t in $targets; do
