@@ -5,7 +5,7 @@
 //! more pass, never a queue of passes. Drains run off the listener task, so a slow executor never
 //! blocks notices (fixes the reference's head-of-line blocking).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -120,7 +120,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-type Held = Arc<Mutex<HashMap<DispatchId, Claimed>>>;
+type Held = Arc<Mutex<BTreeMap<DispatchId, Claimed>>>;
 
 async fn execute_batch(
     sh: &Arc<Shared>,
@@ -208,7 +208,9 @@ async fn run_with_progress(sh: &Arc<Shared>, c: &Claimed) -> Outcome {
     tokio::pin!(exec);
     let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
     let result = loop {
+        // Biased: a fixed polling order keeps seeded simulations replayable.
         tokio::select! {
+            biased;
             r = &mut exec => break r,
             Some(detail) = rx.recv() => {
                 seq += 1;
