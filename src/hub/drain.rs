@@ -5,13 +5,13 @@
 //! more pass, never a queue of passes. Drains run off the listener task, so a slow executor never
 //! blocks notices (fixes the reference's head-of-line blocking).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::{run_guarded, ExecContext, Shared};
 use crate::error::{Error, ExecError, StoreError};
@@ -83,6 +83,9 @@ async fn pass(sh: &Arc<Shared>, broker: &BrokerId) {
         let Some(session) = sh.local_session(broker) else {
             return;
         };
+        // The lease is measured from before the request left, on the monotonic clock: the
+        // store stamps it no earlier, so this node never believes in a lease the store dropped.
+        let asked = Instant::now();
         let claimed = sh
             .bounded(sh.store.claim(ClaimParams {
                 broker: broker.clone(),
@@ -104,7 +107,7 @@ async fn pass(sh: &Arc<Shared>, broker: &BrokerId) {
         }
         let n = claimed.len();
         metrics::counter!("broker_dispatch_claimed_total").increment(n as u64);
-        execute_batch(sh, broker, &session, claimed).await;
+        execute_batch(sh, broker, &session, claimed, asked + sh.config.lease).await;
         if n < batch as usize {
             return;
         }
@@ -120,18 +123,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-type Held = Arc<Mutex<HashMap<DispatchId, Claimed>>>;
+/// The claims of a batch this node still holds, each with the instant (monotonic) until which
+/// its lease is known to hold.
+type Held = Arc<Mutex<BTreeMap<DispatchId, (Claimed, Instant)>>>;
 
 async fn execute_batch(
     sh: &Arc<Shared>,
     broker: &BrokerId,
     session: &SessionId,
     claimed: Vec<Claimed>,
+    lease_until: Instant,
 ) {
     let held: Held = Arc::new(Mutex::new(
         claimed
             .iter()
-            .map(|c| (c.id(), c.renewal_handle()))
+            .map(|c| (c.id(), (c.renewal_handle(), lease_until)))
             .collect(),
     ));
     let _renewal =
@@ -150,8 +156,9 @@ async fn execute_batch(
             .await;
             continue;
         }
-        if !held.lock().contains_key(&c.id()) {
+        if !still_held(sh, &held, &c).await {
             tracing::warn!(node = %sh.node, id = %c.id(), "lost the claim before executing; skipping");
+            held.lock().remove(&c.id());
             continue;
         }
         let id = c.id();
@@ -160,13 +167,50 @@ async fn execute_batch(
     }
 }
 
+/// Whether this node may start executing `c`: it still holds the claim, with at least a renewal
+/// period of lease left (else it renews first). A row waiting behind slow items of its batch
+/// while renewals failed may have been expired, cancelled after a release, or re-claimed
+/// meanwhile; running it then would be a zombie execution.
+async fn still_held(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> bool {
+    let Some(valid_until) = held.lock().get(&c.id()).map(|h| h.1) else {
+        return false;
+    };
+    if Instant::now() + sh.config.lease / 3 < valid_until {
+        return true;
+    }
+    let asked = Instant::now();
+    let res = sh
+        .bounded(sh.store.heartbeat(
+            c,
+            HeartbeatParams {
+                lease: sh.config.lease,
+                progress: None,
+                now: sh.store_now(),
+            },
+        ))
+        .await;
+    match res {
+        Ok(_) => {
+            if let Some(h) = held.lock().get_mut(&c.id()) {
+                h.1 = asked + sh.config.lease;
+            }
+            true
+        }
+        Err(e) => {
+            tracing::debug!(id = %c.id(), error = %e, "could not confirm the lease before executing");
+            false
+        }
+    }
+}
+
 /// Renews the lease of every held claim every `lease / 3`; drops claims the store says are lost.
 async fn renew(sh: Arc<Shared>, held: Held) {
     let period = sh.config.lease / 3;
     loop {
         tokio::time::sleep(period).await;
-        let handles: Vec<Claimed> = held.lock().values().map(Claimed::renewal_handle).collect();
+        let handles: Vec<Claimed> = held.lock().values().map(|h| h.0.renewal_handle()).collect();
         for c in handles {
+            let asked = Instant::now();
             let res = sh
                 .bounded(sh.store.heartbeat(
                     &c,
@@ -178,7 +222,11 @@ async fn renew(sh: Arc<Shared>, held: Held) {
                 ))
                 .await;
             match res {
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(h) = held.lock().get_mut(&c.id()) {
+                        h.1 = asked + sh.config.lease;
+                    }
+                }
                 Err(Error::Store(StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {
                     held.lock().remove(&c.id());
                 }
@@ -208,7 +256,9 @@ async fn run_with_progress(sh: &Arc<Shared>, c: &Claimed) -> Outcome {
     tokio::pin!(exec);
     let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
     let result = loop {
+        // Biased: a fixed polling order keeps seeded simulations replayable.
         tokio::select! {
+            biased;
             r = &mut exec => break r,
             Some(detail) = rx.recv() => {
                 seq += 1;

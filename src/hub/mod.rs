@@ -15,7 +15,7 @@ mod executor;
 mod tasks;
 mod wait;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -57,6 +57,9 @@ impl Clock for SystemClock {
         Timestamp::from_system_time(SystemTime::now())
     }
 }
+
+/// Mints dispatch ids for a hub (see [`HubBuilder::id_source`]).
+pub type IdSource = Arc<dyn Fn() -> DispatchId + Send + Sync>;
 
 /// A command for a broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +118,7 @@ pub struct HubBuilder {
     executor: Option<Arc<dyn Executor>>,
     http: Option<Arc<dyn HttpFallback>>,
     clock: Option<Arc<dyn Clock>>,
+    ids: Option<IdSource>,
     config: HubConfig,
 }
 
@@ -160,6 +164,14 @@ impl HubBuilder {
         self
     }
 
+    /// A custom source of dispatch ids (simulations that must replay exactly). The default,
+    /// [`DispatchId::new`], reads the system clock and randomness. Ids must be unique across the
+    /// cluster, and should grow with time: stores claim in (creation time, id) order.
+    pub fn id_source(mut self, ids: IdSource) -> Self {
+        self.ids = Some(ids);
+        self
+    }
+
     /// The timing knobs.
     pub fn config(mut self, config: HubConfig) -> Self {
         self.config = config;
@@ -197,9 +209,10 @@ impl HubBuilder {
             explicit_clock: self.clock.is_some(),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             config: self.config,
-            conns: Mutex::new(HashMap::new()),
-            drains: Mutex::new(HashMap::new()),
-            waiters: Mutex::new(HashMap::new()),
+            conns: Mutex::new(BTreeMap::new()),
+            drains: Mutex::new(BTreeMap::new()),
+            waiters: Mutex::new(BTreeMap::new()),
+            ids: self.ids,
             accepting: AtomicBool::new(true),
             shutdown: shutdown_tx,
             tasks: Mutex::new(Vec::new()),
@@ -243,11 +256,13 @@ pub(crate) struct Shared {
     pub(crate) explicit_clock: bool,
     pub(crate) config: HubConfig,
     /// Brokers connected to this node, by session.
-    pub(crate) conns: Mutex<HashMap<BrokerId, LocalConn>>,
+    pub(crate) conns: Mutex<BTreeMap<BrokerId, LocalConn>>,
     /// Drains running per broker; `true` means "run one more pass".
-    pub(crate) drains: Mutex<HashMap<BrokerId, drain::DrainSlot>>,
+    pub(crate) drains: Mutex<BTreeMap<BrokerId, drain::DrainSlot>>,
     /// Originators waiting here, by dispatch.
-    pub(crate) waiters: Mutex<HashMap<DispatchId, Arc<Notify>>>,
+    pub(crate) waiters: Mutex<BTreeMap<DispatchId, Arc<Notify>>>,
+    /// Mints dispatch ids (`None`: [`DispatchId::new`]).
+    pub(crate) ids: Option<IdSource>,
     pub(crate) accepting: AtomicBool,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) tasks: Mutex<Vec<AbortHandle>>,
@@ -257,6 +272,11 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// A fresh dispatch id from the configured source.
+    pub(crate) fn new_id(&self) -> DispatchId {
+        self.ids.as_ref().map_or_else(DispatchId::new, |ids| ids())
     }
 
     /// The `now` to hand to the store: `None` (the store's clock) unless a custom clock is set.
@@ -341,6 +361,7 @@ impl Hub {
             executor: None,
             http: None,
             clock: None,
+            ids: None,
             config: HubConfig::default(),
         }
     }
@@ -513,7 +534,7 @@ impl Hub {
             Route::Local => run_local(sh, cmd, max_attempts).await,
             Route::Http => match &sh.http {
                 Some(http) => {
-                    let d = adhoc_dispatch(cmd, max_attempts, now);
+                    let d = adhoc_dispatch(sh.new_id(), cmd, max_attempts, now);
                     run_guarded(http.call(&d))
                         .await
                         .map_err(|e| exec_failure(d.id, e))
@@ -533,7 +554,7 @@ impl Hub {
         match self.shared.config.undeliverable {
             UndeliverablePolicy::Park => self.write_and_wait(cmd, max_attempts).await,
             UndeliverablePolicy::FailFast => Err(Error::Failed {
-                id: DispatchId::new(),
+                id: self.shared.new_id(),
                 reason: FailReason::Undeliverable,
             }),
         }
@@ -545,7 +566,7 @@ impl Hub {
         max_attempts: u32,
     ) -> Result<serde_json::Value, Error> {
         let sh = &self.shared;
-        let id = DispatchId::new();
+        let id = sh.new_id();
         // Subscribe before write: the transport subscription is live since `start`, and the
         // waiter is registered before the row exists, so no event about it can be missed.
         let waiter = wait::Registration::new(sh, id);
@@ -602,9 +623,7 @@ impl Hub {
         }
         let max_attempts = self.validate(&cmd)?;
         let deadline = sh.now().saturating_add(sh.config.send_ttl);
-        let d = self
-            .write(cmd, DispatchId::new(), max_attempts, deadline)
-            .await?;
+        let d = self.write(cmd, sh.new_id(), max_attempts, deadline).await?;
         Ok(Receipt {
             id: d.id,
             dispatch: d,
@@ -685,7 +704,7 @@ impl Hub {
         for t in sh.tasks.lock().drain(..) {
             t.abort();
         }
-        let conns: Vec<(BrokerId, LocalConn)> = sh.conns.lock().drain().collect();
+        let conns = std::mem::take(&mut *sh.conns.lock());
         let mut first_err = None;
         for (broker, c) in conns {
             let res = sh
@@ -716,8 +735,9 @@ impl Hub {
         for t in sh.tasks.lock().drain(..) {
             t.abort();
         }
-        for slot in sh.drains.lock().drain() {
-            slot.1.abort();
+        let drains = std::mem::take(&mut *sh.drains.lock());
+        for slot in drains.values() {
+            slot.abort();
         }
         sh.conns.lock().clear();
         sh.notify_all_waiters();
@@ -734,9 +754,9 @@ fn route_name(r: &Route) -> &'static str {
 }
 
 /// A dispatch record for work that never touches the store (local fast path, HTTP).
-fn adhoc_dispatch(cmd: Command, max_attempts: u32, now: Timestamp) -> Dispatch {
+fn adhoc_dispatch(id: DispatchId, cmd: Command, max_attempts: u32, now: Timestamp) -> Dispatch {
     Dispatch {
-        id: DispatchId::new(),
+        id,
         broker: cmd.broker,
         op: cmd.op,
         args: cmd.args,
@@ -762,7 +782,7 @@ async fn run_local(
     cmd: Command,
     max_attempts: u32,
 ) -> Result<serde_json::Value, Error> {
-    let mut d = adhoc_dispatch(cmd, max_attempts, Timestamp::EPOCH);
+    let mut d = adhoc_dispatch(sh.new_id(), cmd, max_attempts, Timestamp::EPOCH);
     loop {
         let ctx = ExecContext::new(d.id, d.attempt, None);
         match run_guarded(sh.executor.execute(ctx, &d)).await {

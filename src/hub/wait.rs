@@ -57,7 +57,9 @@ impl<'a> Registration<'a> {
             }
             let until = origin + deadline.poll_timeout().duration_since(Timestamp::EPOCH);
             let poll = sh.jitter(sh.config.poll_interval, self.id.as_uuid().as_u128() as u64);
+            // Biased: a fixed polling order keeps seeded simulations replayable.
             tokio::select! {
+                biased;
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep_until(until) => {}
                 _ = tokio::time::sleep(poll) => {}

@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: the reference store. Every mutation is [`fsm::apply`] under one lock.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use async_trait::async_trait;
 
@@ -22,6 +23,22 @@ use crate::sync::Mutex;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// A [`StoreFault`] as `u8`; `0` (none) in every store not built by a fault-injection test.
+    fault: AtomicU8,
+}
+
+/// A guard [`MemoryStore`] can be told to skip. **For tests only**: it exists so that a
+/// simulation can prove it notices a broken store. Never set it outside such a test.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StoreFault {
+    /// Every guard holds (the default).
+    None = 0,
+    /// Holder writes (heartbeat, finish) are accepted whatever attempt they carry.
+    SkipFencing = 1,
+    /// Claims ignore the dispatch's deadline.
+    SkipClaimDeadline = 2,
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +54,17 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Disables one guard. **For tests only** (see [`StoreFault`]); costs the hot path one
+    /// relaxed atomic load.
+    #[doc(hidden)]
+    pub fn set_fault(&self, fault: StoreFault) {
+        self.fault.store(fault as u8, Ordering::Relaxed);
+    }
+
+    fn fault(&self) -> u8 {
+        self.fault.load(Ordering::Relaxed)
     }
 
     /// How many rows it holds (all states).
@@ -87,6 +115,7 @@ impl MemoryStore {
     pub fn claim_sync(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
         p.validate()?;
         let now = p.now.unwrap_or_else(system_now);
+        let skip_deadline = self.fault() == StoreFault::SkipClaimDeadline as u8;
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         let Some(active) = inner.active.get(&p.broker) else {
@@ -100,17 +129,28 @@ impl MemoryStore {
             let Some(row) = inner.rows.get_mut(id) else {
                 continue;
             };
-            if !row.is_claimable(now) {
-                continue;
+            let deadline = row.deadline;
+            if skip_deadline {
+                row.deadline = None;
             }
-            let next = fsm::apply(
-                row,
-                Event::Claim {
-                    node: p.node.clone(),
-                    now,
-                    lease: p.lease,
-                },
-            )?;
+            let next = if row.is_claimable(now) {
+                fsm::apply(
+                    row,
+                    Event::Claim {
+                        node: p.node.clone(),
+                        now,
+                        lease: p.lease,
+                    },
+                )
+                .map(Some)
+            } else {
+                Ok(None)
+            };
+            row.deadline = deadline;
+            let Some(mut next) = next? else {
+                continue;
+            };
+            next.deadline = deadline;
             *row = next.clone();
             out.push(Claimed::new(next));
         }
@@ -143,6 +183,11 @@ impl MemoryStore {
     }
 
     fn transition(&self, id: DispatchId, event: Event) -> Result<Dispatch, StoreError> {
+        let event = if self.fault() == StoreFault::SkipFencing as u8 {
+            unfenced(event, self.inner.lock().rows.get(&id).map(|d| d.attempt))
+        } else {
+            event
+        };
         let mut inner = self.inner.lock();
         let row = inner.rows.get_mut(&id).ok_or(StoreError::NotFound(id))?;
         let next = fsm::apply(row, event)?;
@@ -154,6 +199,24 @@ impl MemoryStore {
         }
         Ok(next)
     }
+}
+
+/// `event` re-addressed to the row's current attempt: what a store without fencing would do.
+fn unfenced(mut event: Event, current: Option<fsm::Attempt>) -> Event {
+    if let Some(current) = current {
+        match &mut event {
+            Event::Heartbeat { attempt, .. }
+            | Event::Complete { attempt, .. }
+            | Event::Fail { attempt, .. }
+            | Event::Retry { attempt, .. }
+            | Event::Release { attempt, .. } => *attempt = current,
+            Event::Claim { .. }
+            | Event::Cancel { .. }
+            | Event::Expire { .. }
+            | Event::Exhaust { .. } => {}
+        }
+    }
+    event
 }
 
 #[async_trait]

@@ -24,6 +24,8 @@ use crate::fsm::{
 
 mod memory;
 pub use memory::MemoryStore;
+#[doc(hidden)]
+pub use memory::StoreFault;
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
