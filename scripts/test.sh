@@ -24,6 +24,9 @@ fi
 step "demo (release)"
 cargo run --release --example cluster -- --commands 10000 | tail -n 1
 
+step "deterministic cluster simulation (2,000 seeds)"
+cargo run --release --example simulate -- --seeds "${SIM_SEEDS:-2000}" | tail -n 1
+
 if [ -x scripts/fuzz.sh ]; then
   step "fuzz targets (short runs)"
   scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
