@@ -832,3 +832,42 @@ async fn oversized_args_are_refused_before_anything_is_written() {
     );
     assert!(c.store.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_idempotency_key_waits_for_the_first_dispatch() {
+    let c = cluster(2, fast_config(), |_| {}).await;
+    let b = broker("b");
+    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    let cmd =
+        Command::new(b.clone(), "start", json!({"agent": 1})).idempotency_key("start-agent-1");
+    let first = c.hubs[1].dispatch(cmd.clone()).await.unwrap();
+    let again = c.hubs[1].dispatch(cmd.clone()).await.unwrap();
+    assert_eq!(
+        first, again,
+        "the second call reports the first dispatch's result"
+    );
+    assert_eq!(all_rows(&c.store).await.len(), 1);
+    assert_eq!(c.ledger.lock().per_id.len(), 1, "executed once");
+    // Same key, different payload: a conflict, nothing written.
+    let other = Command::new(b, "stop", json!({"agent": 1})).idempotency_key("start-agent-1");
+    let err = c.hubs[1].dispatch(other).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Store(StoreError::Conflict(_))),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_hub() {
+    let c = cluster(2, fast_config(), |_| {}).await;
+    let b = broker("b");
+    let mut hubs = c.hubs;
+    let owner = hubs.remove(0);
+    owner.connect(b.clone(), session("s")).await.unwrap();
+    drop(owner);
+    // The dropped hub no longer drains: a send for its broker stays pending.
+    let receipt = hubs[0].send(Command::new(b, "x", json!(1))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // several poll intervals
+    let row = c.store.get(receipt.id).await.unwrap().unwrap();
+    assert_eq!(row.state, DispatchState::Pending);
+}

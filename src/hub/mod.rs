@@ -219,14 +219,32 @@ impl HubBuilder {
         });
         tasks::spawn_background(&shared, subscription);
         tracing::info!(node = %shared.node, store = shared.store.name(), transport = shared.transport.name(), "hub started");
-        Ok(Hub { shared })
+        let lifetime = Arc::new(Lifetime(Arc::clone(&shared)));
+        Ok(Hub {
+            shared,
+            _lifetime: lifetime,
+        })
     }
 }
 
 /// One replica of the hub. Cheap to clone; all clones drive the same runtime.
+///
+/// Call [`shutdown`](Hub::shutdown) to stop it gracefully. Dropping the last clone without
+/// that stops its tasks at once, like [`abort`](Hub::abort): nothing keeps running unowned.
 #[derive(Clone)]
 pub struct Hub {
     shared: Arc<Shared>,
+    _lifetime: Arc<Lifetime>,
+}
+
+/// Aborts the hub's tasks when the last [`Hub`] handle goes away (background tasks and drains
+/// hold only the shared state, so they do not keep this alive).
+struct Lifetime(Arc<Shared>);
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        self.0.abort_all();
+    }
 }
 
 impl fmt::Debug for Hub {
@@ -270,6 +288,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Stops every task at once (a crash, as far as the cluster can tell).
+    pub(crate) fn abort_all(&self) {
+        let sh = self;
+        sh.accepting.store(false, Ordering::Release);
+        sh.shutdown.send_replace(true);
+        for t in sh.tasks.lock().drain(..) {
+            t.abort();
+        }
+        let drains = std::mem::take(&mut *sh.drains.lock());
+        for slot in drains.values() {
+            slot.abort();
+        }
+        sh.conns.lock().clear();
+        sh.notify_all_waiters();
+    }
+
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }
@@ -572,6 +606,11 @@ impl Hub {
         let waiter = wait::Registration::new(sh, id);
         let deadline = sh.now().saturating_add(sh.config.wait_window);
         let d = self.write(cmd, id, max_attempts, deadline).await?;
+        if d.id != id {
+            // The idempotency key named an existing dispatch: wait for that one instead.
+            drop(waiter);
+            return wait::Registration::new(sh, d.id).wait(d).await;
+        }
         waiter.wait(d).await
     }
 
@@ -729,18 +768,7 @@ impl Hub {
     /// re-claimed after their leases; its affinity goes stale after `freshness`. For tests and
     /// simulations.
     pub fn abort(&self) {
-        let sh = &self.shared;
-        sh.accepting.store(false, Ordering::Release);
-        sh.shutdown.send_replace(true);
-        for t in sh.tasks.lock().drain(..) {
-            t.abort();
-        }
-        let drains = std::mem::take(&mut *sh.drains.lock());
-        for slot in drains.values() {
-            slot.abort();
-        }
-        sh.conns.lock().clear();
-        sh.notify_all_waiters();
+        self.shared.abort_all();
     }
 }
 
