@@ -27,6 +27,7 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 pub use config::{HubConfig, UndeliverablePolicy};
 pub use executor::{ExecContext, Executor, FnExecutor, HttpFallback};
@@ -601,17 +602,22 @@ impl Hub {
     ) -> Result<serde_json::Value, Error> {
         let sh = &self.shared;
         let id = sh.new_id();
-        // Subscribe before write: the transport subscription is live since `start`, and the
-        // waiter is registered before the row exists, so no event about it can be missed.
-        let waiter = wait::Registration::new(sh, id);
-        let deadline = sh.now().saturating_add(sh.config.wait_window);
-        let d = self.write(cmd, id, max_attempts, deadline).await?;
-        if d.id != id {
-            // The idempotency key named an existing dispatch: wait for that one instead.
-            drop(waiter);
-            return wait::Registration::new(sh, d.id).wait(d).await;
+        let span = tracing::debug_span!("dispatch", node = %sh.node, broker = %cmd.broker, op = %cmd.op, %id);
+        async move {
+            // Subscribe before write: the transport subscription is live since `start`, and the
+            // waiter is registered before the row exists, so no event about it can be missed.
+            let waiter = wait::Registration::new(sh, id);
+            let deadline = sh.now().saturating_add(sh.config.wait_window);
+            let d = self.write(cmd, id, max_attempts, deadline).await?;
+            if d.id != id {
+                // The idempotency key named an existing dispatch: wait for that one instead.
+                drop(waiter);
+                return wait::Registration::new(sh, d.id).wait(d).await;
+            }
+            waiter.wait(d).await
         }
-        waiter.wait(d).await
+        .instrument(span)
+        .await
     }
 
     async fn write(
@@ -661,8 +667,14 @@ impl Hub {
             return Err(Error::ShuttingDown);
         }
         let max_attempts = self.validate(&cmd)?;
+        let id = sh.new_id();
+        let span =
+            tracing::debug_span!("send", node = %sh.node, broker = %cmd.broker, op = %cmd.op, %id);
         let deadline = sh.now().saturating_add(sh.config.send_ttl);
-        let d = self.write(cmd, sh.new_id(), max_attempts, deadline).await?;
+        let d = self
+            .write(cmd, id, max_attempts, deadline)
+            .instrument(span)
+            .await?;
         Ok(Receipt {
             id: d.id,
             dispatch: d,
