@@ -4,9 +4,18 @@
 //!
 //! ```text
 //! cargo run --release --example cluster -- [--commands N] [--seed S] [--store sqlite|memory] [--db PATH]
+//! cargo run --release --features postgres --example cluster -- --database-url postgres://… [--round-trip N]
 //! ```
 //!
-//! The last stdout line is machine-readable:
+//! With `--database-url` the hubs run over Postgres as separate replicas would: each has its own
+//! `PgStore` pool and its own `PgTransport` listener, so every wake-up really travels through
+//! NOTIFY. The tables live in a fresh schema, `demo_<pid>`, dropped at the end.
+//!
+//! `--round-trip N` measures the cross-node round trip instead: N sequential `dispatch` calls
+//! from `hub-0` to a broker connected to `hub-1` (an executor that answers at once), reported as
+//! `round_trip: store=… n=… p50_ms=… p99_ms=…`.
+//!
+//! The last stdout line of a normal run is machine-readable:
 //! `summary: store=… dispatched=… done=… failed=… lost=… duplicate_executions=… p50_ms=… p99_ms=…`
 
 use std::collections::HashMap;
@@ -21,7 +30,7 @@ use broker_dispatch::fsm::{
 };
 use broker_dispatch::hub::{Command, ExecContext, Executor, Hub, HubConfig};
 use broker_dispatch::store::{ListFilter, MemoryStore, SqliteStore, Store};
-use broker_dispatch::transport::MemoryTransport;
+use broker_dispatch::transport::{MemoryTransport, Transport};
 use broker_dispatch::{Error, ExecError};
 use parking_lot::Mutex;
 use serde_json::json;
@@ -36,7 +45,12 @@ struct Options {
     seed: u64,
     store: String,
     db: Option<std::path::PathBuf>,
+    database_url: Option<String>,
+    round_trip: Option<usize>,
 }
+
+const USAGE: &str = "usage: cluster [--commands N] [--seed S] [--store sqlite|memory] [--db PATH] \
+                     [--database-url postgres://…] [--round-trip N]";
 
 fn parse_args() -> Result<Options, String> {
     let mut o = Options {
@@ -44,6 +58,8 @@ fn parse_args() -> Result<Options, String> {
         seed: 1,
         store: default_store().to_owned(),
         db: None,
+        database_url: None,
+        round_trip: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -61,12 +77,20 @@ fn parse_args() -> Result<Options, String> {
             }
             "--store" => o.store = value("--store")?,
             "--db" => o.db = Some(value("--db")?.into()),
-            "-h" | "--help" => {
-                return Err(
-                    "usage: cluster [--commands N] [--seed S] [--store sqlite|memory] [--db PATH]"
-                        .into(),
-                )
+            "--database-url" => {
+                o.database_url = Some(value("--database-url")?);
+                o.store = "postgres".into();
             }
+            "--round-trip" => {
+                let n: usize = value("--round-trip")?
+                    .parse()
+                    .map_err(|e| format!("--round-trip: {e}"))?;
+                if n == 0 {
+                    return Err("--round-trip needs at least 1".into());
+                }
+                o.round_trip = Some(n);
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
@@ -77,26 +101,113 @@ fn default_store() -> &'static str {
     "sqlite"
 }
 
-/// Opens the store; the returned guard keeps a temporary database directory alive.
-fn open_store(o: &Options) -> Result<(Arc<dyn Store>, Option<tempfile::TempDir>), String> {
-    match o.store.as_str() {
-        "memory" => Ok((Arc::new(MemoryStore::new()), None)),
+/// One hub's store and transport.
+type Backend = (Arc<dyn Store>, Arc<dyn Transport>);
+
+/// What must outlive the run: a temporary database directory, or a Postgres schema to drop.
+#[derive(Default)]
+struct Cleanup {
+    _tempdir: Option<tempfile::TempDir>,
+    #[cfg(feature = "postgres")]
+    schema: Option<broker_dispatch::store::PgStore>,
+}
+
+impl Cleanup {
+    async fn run(self) {
+        #[cfg(feature = "postgres")]
+        if let Some(store) = self.schema {
+            if let Err(e) = store.drop_schema().await {
+                eprintln!("could not drop schema {}: {e}", store.schema());
+            }
+        }
+    }
+}
+
+/// Opens one (store, transport) per hub: one shared store and in-process transport for
+/// memory and SQLite; a pool and a listener of its own per hub for Postgres.
+async fn open_backends(o: &Options) -> Result<(Vec<Backend>, Cleanup), String> {
+    let mut cleanup = Cleanup::default();
+    let shared: Arc<dyn Store> = match o.store.as_str() {
+        "memory" => Arc::new(MemoryStore::new()),
         "sqlite" => {
-            let (path, dir) = match &o.db {
-                Some(p) => (p.clone(), None),
+            let path = match &o.db {
+                Some(p) => p.clone(),
                 None => {
                     let dir =
                         tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
-                    (dir.path().join("cluster.db"), Some(dir))
+                    let path = dir.path().join("cluster.db");
+                    cleanup._tempdir = Some(dir);
+                    path
                 }
             };
             let store = SqliteStore::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok((Arc::new(store), dir))
+            Arc::new(store)
         }
-        other => Err(format!(
-            "unknown store {other:?}: expected sqlite or memory"
-        )),
+        "postgres" => {
+            let url = o
+                .database_url
+                .as_deref()
+                .ok_or("--store postgres needs --database-url")?;
+            return open_postgres(url, cleanup).await;
+        }
+        other => {
+            return Err(format!(
+                "unknown store {other:?}: expected sqlite or memory (or --database-url)"
+            ))
+        }
+    };
+    let bus = MemoryTransport::new();
+    let backends = (0..HUBS)
+        .map(|_| {
+            let t: Arc<dyn Transport> = Arc::new(bus.clone());
+            (shared.clone(), t)
+        })
+        .collect();
+    Ok((backends, cleanup))
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str, mut cleanup: Cleanup) -> Result<(Vec<Backend>, Cleanup), String> {
+    use broker_dispatch::store::{PgStore, PgStoreOptions};
+    use broker_dispatch::transport::{PgTransport, PgTransportOptions};
+    let schema = format!("demo_{}", std::process::id());
+    let mut backends: Vec<Backend> = Vec::new();
+    for i in 0..HUBS {
+        let store = PgStore::connect(
+            url,
+            PgStoreOptions {
+                schema: schema.clone(),
+                channel_prefix: schema.clone(),
+                pool_size: 8,
+                ..PgStoreOptions::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("connect to postgres: {e}"))?;
+        if i == 0 {
+            store
+                .migrate()
+                .await
+                .map_err(|e| format!("migrate schema {schema}: {e}"))?;
+            cleanup.schema = Some(store.clone());
+        }
+        let transport = PgTransport::connect(
+            url,
+            PgTransportOptions {
+                channel_prefix: schema.clone(),
+                ..PgTransportOptions::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("listen on postgres: {e}"))?;
+        backends.push((Arc::new(store), Arc::new(transport)));
     }
+    Ok((backends, cleanup))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str, _cleanup: Cleanup) -> Result<(Vec<Backend>, Cleanup), String> {
+    Err("this build has no Postgres support: run with --features postgres".into())
 }
 
 /// Records every execution, per (id, attempt), across all hubs.
@@ -110,6 +221,8 @@ struct BrokerConnection {
     node: NodeId,
     ledger: Arc<Mutex<Ledger>>,
     seed: u64,
+    /// Answer at once, never fail (to measure the dispatch path alone).
+    instant: bool,
 }
 
 #[async_trait]
@@ -125,6 +238,9 @@ impl Executor for BrokerConnection {
             .runs
             .entry((ctx.id(), ctx.attempt()))
             .or_default() += 1;
+        if self.instant {
+            return Ok(json!({ "op": d.op, "node": self.node.as_str() }));
+        }
         // A remote call: a little latency, and now and then a transient failure.
         let h = ctx.id().as_uuid().as_u128() as u64 ^ self.seed;
         tokio::time::sleep(Duration::from_micros(200 + h % 800)).await;
@@ -176,8 +292,8 @@ fn main() {
 }
 
 async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
-    let (store, _tempdir) = open_store(&o)?;
-    let transport = MemoryTransport::new();
+    let (backends, cleanup) = open_backends(&o).await?;
+    let store = backends[0].0.clone();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let config = HubConfig {
         lease: Duration::from_secs(2),
@@ -188,22 +304,31 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ..HubConfig::default()
     };
     let mut hubs = Vec::new();
-    for i in 0..HUBS {
+    for (i, (store, transport)) in backends.into_iter().enumerate() {
         let node = NodeId::new(format!("hub-{i}"))?;
         let exec = BrokerConnection {
             node: node.clone(),
             ledger: ledger.clone(),
             seed: o.seed,
+            instant: o.round_trip.is_some(),
         };
         hubs.push(
             Hub::builder(node)
-                .store(store.clone())
-                .transport(Arc::new(transport.clone()))
+                .store(store)
+                .transport(transport)
                 .executor(Arc::new(exec))
                 .config(config.clone())
                 .start()
                 .await?,
         );
+    }
+    if let Some(n) = o.round_trip {
+        let r = round_trip(&hubs, n).await;
+        for h in &hubs {
+            h.shutdown().await?;
+        }
+        cleanup.run().await;
+        return r;
     }
     let brokers: Vec<BrokerId> = (0..BROKERS)
         .map(|i| BrokerId::new(format!("broker-{i:02}")))
@@ -343,6 +468,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     for h in &hubs {
         h.shutdown().await?;
     }
+    cleanup.run().await;
 
     println!(
         "broker-dispatch demo: {HUBS} hubs, {BROKERS} brokers, {ORIGINATORS} originators, seed {}",
@@ -372,6 +498,43 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     if lost > 0 || duplicates > 0 {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `n` sequential dispatches from `hub-0` to a broker held by `hub-1`: the cross-node round
+/// trip (insert + signal, claim, execute, finish + event, the originator's re-read).
+async fn round_trip(hubs: &[Hub], n: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let broker = BrokerId::new("rt-broker")?;
+    hubs[1]
+        .connect(broker.clone(), SessionId::new("rt-session")?)
+        .await?;
+    // Warm up pools and prepared statements on both sides.
+    for i in 0..20 {
+        hubs[0]
+            .dispatch(Command::new(broker.clone(), "ping", json!({ "warmup": i })))
+            .await?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        hubs[0]
+            .dispatch(Command::new(broker.clone(), "ping", json!({ "i": i })))
+            .await?;
+        lat.push(t.elapsed());
+    }
+    let wall = started.elapsed();
+    lat.sort();
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "round_trip: store={} n={n} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} mean_ms={:.3}",
+        hubs[0].store().name(),
+        pct(0.50),
+        pct(0.99),
+        lat.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        wall.as_secs_f64() * 1e3 / n.max(1) as f64,
+    );
     Ok(())
 }
 

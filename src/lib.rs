@@ -89,6 +89,8 @@
 //! - [`transport`]: [`transport::Transport`] and its wake-up media: memory, no-op, Postgres
 //!   LISTEN/NOTIFY.
 //! - [`hub`]: the async runtime.
+//! - `migrate` (`sqlite` + `postgres`): copies a SQLite deployment into Postgres, exactly and
+//!   idempotently.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -102,6 +104,9 @@
 pub mod error;
 pub mod fsm;
 pub mod hub;
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "sqlite", feature = "postgres"))))]
+pub mod migrate;
 pub mod store;
 mod sync;
 pub mod transport;

@@ -37,7 +37,7 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 pub(crate) mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{PgStore, PgStoreOptions, PG_SCHEMA_VERSION};
+pub use postgres::{ImportOutcome, PgImport, PgStore, PgStoreOptions, PG_SCHEMA_VERSION};
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

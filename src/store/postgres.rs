@@ -1152,6 +1152,289 @@ impl PgStore {
     }
 }
 
+/// What one [`PgImport`] call did with the rows it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportOutcome {
+    /// Rows written.
+    pub inserted: u64,
+    /// Rows that were already there with exactly the same content (left as they were).
+    pub present: u64,
+    /// The keys (dispatch ids, broker ids) of rows the destination holds with different
+    /// content, or whose idempotency key another dispatch holds. Nothing was written for them.
+    pub conflicts: Vec<String>,
+}
+
+/// A bulk copy of exact rows into a [`PgStore`], inside one transaction: the path by which
+/// rows move from another store (`migrate::sqlite_to_postgres`). Begin one with
+/// [`PgStore::begin_import`].
+///
+/// Rows are written as given, field for field (ids, attempts, states, leases, timestamps,
+/// results, failures, progress, idempotency keys, affinity high-water marks): no transition is
+/// applied and no signal is sent. A row already present with the same content is skipped, so a
+/// repeated import writes nothing new; a row present with different content is reported as a
+/// conflict and not touched.
+///
+/// Both tables are locked against writers (`SHARE ROW EXCLUSIVE`) from
+/// [`begin_import`](PgStore::begin_import) until the end, so the counts it reports are exact
+/// and running hubs wait rather than interleave. Nothing is visible to anyone until
+/// [`commit`](Self::commit); dropping the import without committing closes its connection,
+/// which rolls everything back.
+pub struct PgImport {
+    store: PgStore,
+    client: Option<deadpool_postgres::Object>,
+    before: (u64, u64),
+}
+
+impl fmt::Debug for PgImport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgImport")
+            .field("schema", &self.store.schema)
+            .field("open", &self.client.is_some())
+            .field("before", &self.before)
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Begins a [`PgImport`]: one transaction on a dedicated pooled connection, with both
+    /// tables locked against writers. The schema must be migrated.
+    ///
+    /// # Errors
+    ///
+    /// As any call ([`StoreError::Backend`] for a missing schema).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future rolls the transaction back.
+    pub async fn begin_import(&self) -> Result<PgImport, StoreError> {
+        let client = self.client().await?;
+        let mut import = PgImport {
+            store: self.clone(),
+            client: Some(client),
+            before: (0, 0),
+        };
+        let s = format!("\"{}\"", self.schema);
+        import
+            .conn()?
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {s}.dispatch, {s}.affinity IN SHARE ROW EXCLUSIVE MODE"
+            ))
+            .await
+            .map_err(map_pg)?;
+        import.before = import.counts().await?;
+        Ok(import)
+    }
+
+    /// Drops the store's schema and everything in it (for tests and demos that made a schema
+    /// of their own). Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// As any call.
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let r = client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ))
+            .await
+            .map_err(map_pg);
+        settle(client, r)
+    }
+}
+
+impl PgImport {
+    fn conn(&self) -> Result<&deadpool_postgres::Object, StoreError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("the import has ended".into()))
+    }
+
+    /// (dispatches, affinity rows) in the destination when the import began.
+    pub fn counts_before(&self) -> (u64, u64) {
+        self.before
+    }
+
+    /// (dispatches, affinity rows) in the destination now, as this transaction sees it.
+    ///
+    /// # Errors
+    ///
+    /// As any call.
+    pub async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let s = format!("\"{}\"", self.store.schema);
+        let row = self
+            .conn()?
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {s}.dispatch), \
+                            (SELECT count(*) FROM {s}.affinity)"
+                ),
+                &[],
+            )
+            .await
+            .map_err(map_pg)?;
+        let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((n(0), n(1)))
+    }
+
+    /// Writes dispatches exactly as given (args through the store's codec, if any).
+    ///
+    /// # Errors
+    ///
+    /// As any call; a row the schema's checks refuse is [`StoreError::Backend`] (the
+    /// transaction is then aborted: drop the import).
+    pub async fn dispatches(&mut self, rows: &[Dispatch]) -> Result<ImportOutcome, StoreError> {
+        let s = format!("\"{}\"", self.store.schema);
+        let client = self.conn()?;
+        let insert = client
+            .prepare_cached(&format!(
+                "INSERT INTO {s}.dispatch AS d (id, broker, op, args, state, attempt, \
+                   max_attempts, claimed_by, lease_until, available_at, deadline, result, \
+                   failure, progress, idempotency_key, created_at, updated_at) \
+                 VALUES ($1::uuid, $2::text, $3::text, $4::json, $5::text, $6::bigint, \
+                   $7::bigint, $8::text, $9::bigint, $10::bigint, $11::bigint, $12::json, \
+                   $13::json, $14::json, $15::text, $16::bigint, $17::bigint) \
+                 ON CONFLICT DO NOTHING RETURNING d.id"
+            ))
+            .await
+            .map_err(map_pg)?;
+        let get = client
+            .prepare_cached(&self.store.sql.get)
+            .await
+            .map_err(map_pg)?;
+        let mut out = ImportOutcome::default();
+        for d in rows {
+            let args = match &self.store.codec {
+                Some(codec) => codec.encode(&d.args)?,
+                None => d.args.clone(),
+            };
+            let failure = d.failure.as_ref().map(to_json).transpose()?;
+            let progress = d.progress.as_ref().map(to_json).transpose()?;
+            let inserted = client
+                .query_opt(
+                    &insert,
+                    &[
+                        d.id.as_uuid(),
+                        &d.broker.as_str(),
+                        &d.op,
+                        &args,
+                        &d.state.as_str(),
+                        &i64::from(d.attempt),
+                        &i64::from(d.max_attempts),
+                        &d.claimed_by.as_ref().map(NodeId::as_str),
+                        &d.lease_until.map(Timestamp::as_micros),
+                        &d.available_at.as_micros(),
+                        &d.deadline.map(Timestamp::as_micros),
+                        &d.result,
+                        &failure,
+                        &progress,
+                        &d.idempotency_key,
+                        &d.created_at.as_micros(),
+                        &d.updated_at.as_micros(),
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            if inserted.is_some() {
+                out.inserted += 1;
+                continue;
+            }
+            let existing = client
+                .query_opt(&get, &[d.id.as_uuid()])
+                .await
+                .map_err(map_pg)?
+                .map(|r| self.store.decode(&r))
+                .transpose()?;
+            match existing {
+                Some(e) if e == *d => out.present += 1,
+                Some(_) => out.conflicts.push(d.id.to_string()),
+                // The id is free, so another dispatch holds its idempotency key.
+                None => out.conflicts.push(format!("{} (idempotency key)", d.id)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes affinity rows exactly as given (released rows included).
+    ///
+    /// # Errors
+    ///
+    /// As [`dispatches`](Self::dispatches).
+    pub async fn affinity(&mut self, rows: &[Affinity]) -> Result<ImportOutcome, StoreError> {
+        let client = self.conn()?;
+        let s = format!("\"{}\"", self.store.schema);
+        let insert = client
+            .prepare_cached(&format!(
+                "INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
+                 VALUES ($1::text, $2::text, $3::text, $4::bigint, $5::bigint) \
+                 ON CONFLICT DO NOTHING RETURNING a.broker"
+            ))
+            .await
+            .map_err(map_pg)?;
+        let get = client
+            .prepare_cached(&self.store.sql.affinity)
+            .await
+            .map_err(map_pg)?;
+        let mut out = ImportOutcome::default();
+        for a in rows {
+            let inserted = client
+                .query_opt(
+                    &insert,
+                    &[
+                        &a.broker.as_str(),
+                        &a.node.as_ref().map(NodeId::as_str),
+                        &a.session.as_str(),
+                        &a.connected_at.as_micros(),
+                        &a.last_seen.as_micros(),
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            if inserted.is_some() {
+                out.inserted += 1;
+                continue;
+            }
+            let existing = client
+                .query_opt(&get, &[&a.broker.as_str()])
+                .await
+                .map_err(map_pg)?
+                .map(|r| decode_affinity(&r))
+                .transpose()?;
+            if existing.as_ref() == Some(a) {
+                out.present += 1;
+            } else {
+                out.conflicts.push(a.broker.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits: every row written becomes visible at once.
+    ///
+    /// # Errors
+    ///
+    /// As any call; then nothing was written.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let client = self
+            .client
+            .take()
+            .ok_or_else(|| StoreError::Backend("the import has ended".into()))?;
+        let r = client.batch_execute("COMMIT").await.map_err(map_pg);
+        settle(client, r)
+    }
+}
+
+impl Drop for PgImport {
+    fn drop(&mut self) {
+        // An open transaction cannot be rolled back from a destructor (it would need to
+        // await), so its connection is closed instead: the server rolls back.
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -281,6 +281,45 @@ impl SqliteStore {
         self.call(|w| migrate(&mut w.conn)).await
     }
 
+    /// Lists affinity rows by ascending broker id, one page at a time: those whose broker is
+    /// strictly greater than `after`, at most `limit` (1..=[`MAX_BATCH`](super::MAX_BATCH)).
+    /// Released rows (no node) are included, since they keep the `connected_at` high-water
+    /// mark. With [`Store::list`] for the dispatches, this is everything the store holds, field
+    /// for field (what a migration to another store copies).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a limit out of range; otherwise as any read.
+    pub async fn list_affinity(
+        &self,
+        after: Option<BrokerId>,
+        limit: u32,
+    ) -> Result<Vec<Affinity>, StoreError> {
+        check_limit(limit)?;
+        self.call(move |w| {
+            let brokers = w
+                .conn
+                .prepare_cached(
+                    "SELECT broker FROM affinity WHERE (?1 IS NULL OR broker > ?1) \
+                     ORDER BY broker LIMIT ?2",
+                )
+                .map_err(db_err)?
+                .query_map(params![after.as_ref().map(BrokerId::as_str), limit], |r| {
+                    r.get::<_, String>(0)
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            let mut rows = Vec::with_capacity(brokers.len());
+            for b in brokers {
+                let broker = BrokerId::new(b).map_err(|_| corrupt("bad broker id"))?;
+                rows.extend(read_affinity(&w.conn, &broker)?);
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
     fn start(
         mut conn: Connection,
         options: SqliteOptions,
