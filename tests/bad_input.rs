@@ -1,0 +1,1307 @@
+//! The bad-input catalogue: malformed input at every public entry point, one named case per
+//! input, so a failure names the input.
+//!
+//! Each case asserts the error *variant* (never message text), that nothing panics (every case
+//! runs under `catch_unwind`), and, where a store is involved, that the store is unchanged: a
+//! full snapshot (every row, by `list` pages, plus the affinity of every broker involved) is
+//! taken before and after. Store-level cases run against the memory store, SQLite, and (when a
+//! Postgres is at hand) Postgres; hub-level cases against hubs on memory and SQLite.
+
+mod support;
+
+#[cfg(feature = "postgres")]
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_dispatch::fsm::{
+    Affinity, BrokerId, Dispatch, DispatchId, DispatchState, EventKind, IdError, NodeId, SessionId,
+    Timestamp,
+};
+use broker_dispatch::hub::{Command, Hub, HubConfig};
+use broker_dispatch::store::{
+    CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
+    FinishParams, HeartbeatParams, ListFilter, MemoryStore, NewDispatch, Outcome, Store,
+    SweepParams, MAX_ARGS_BYTES, MAX_BATCH,
+};
+use broker_dispatch::transport::Notice;
+use broker_dispatch::{Error, StoreError};
+use futures::FutureExt;
+use parking_lot::Mutex;
+use serde_json::json;
+use support::{Ledger, Recorder};
+
+const T0: i64 = 1_700_000_000_000_000;
+
+fn at(offset_micros: i64) -> Option<Timestamp> {
+    Some(Timestamp::from_micros(T0 + offset_micros))
+}
+fn b(s: &str) -> BrokerId {
+    BrokerId::new(s).unwrap()
+}
+fn n(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+fn s(x: &str) -> SessionId {
+    SessionId::new(x).unwrap()
+}
+
+type CaseResult = Result<(), String>;
+type BoxFut<'a> = Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>>;
+
+/// Fails with the value when it is not what `pat` expects.
+macro_rules! expect {
+    ($value:expr, $pat:pat) => {
+        match $value {
+            $pat => Ok(()),
+            other => Err(format!("expected {}, got {other:?}", stringify!($pat))),
+        }
+    };
+}
+
+/// Runs every case, each under `catch_unwind`, and fails once, naming every case that failed.
+fn run_sync(cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)>) -> usize {
+    let mut failures = Vec::new();
+    let count = cases.len();
+    for (name, case) in cases {
+        match std::panic::catch_unwind(AssertUnwindSafe(case)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("{name}: {e}")),
+            Err(_) => failures.push(format!("{name}: panicked")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "bad-input cases failed:\n{}",
+        failures.join("\n")
+    );
+    count
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identifiers and wire formats (no store).
+
+#[test]
+fn identifiers_and_wire_formats() {
+    let long = "x".repeat(257);
+    let long_multibyte = "é".repeat(129); // 258 bytes, 129 chars
+    let mut cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)> = Vec::new();
+    macro_rules! id_cases {
+        ($ty:ident, $prefix:literal) => {
+            let l = long.clone();
+            let m = long_multibyte.clone();
+            cases.push((
+                concat!($prefix, " empty"),
+                Box::new(|| expect!($ty::new(""), Err(IdError::Empty { .. }))),
+            ));
+            cases.push((
+                concat!($prefix, " 257 bytes"),
+                Box::new(move || {
+                    expect!($ty::new(l.clone()), Err(IdError::TooLong { len: 257, .. }))
+                }),
+            ));
+            cases.push((
+                concat!($prefix, " 258 bytes in 129 chars"),
+                Box::new(move || {
+                    expect!($ty::new(m.clone()), Err(IdError::TooLong { len: 258, .. }))
+                }),
+            ));
+            cases.push((
+                concat!($prefix, " newline"),
+                Box::new(|| expect!($ty::new("a\nb"), Err(IdError::ControlChar { .. }))),
+            ));
+            cases.push((
+                concat!($prefix, " NUL"),
+                Box::new(|| expect!($ty::new("a\0b"), Err(IdError::ControlChar { .. }))),
+            ));
+            cases.push((
+                concat!($prefix, " DEL"),
+                Box::new(|| expect!($ty::new("a\u{7f}"), Err(IdError::ControlChar { .. }))),
+            ));
+            cases.push((
+                concat!($prefix, " C1 control (NEL)"),
+                Box::new(|| expect!($ty::new("a\u{85}"), Err(IdError::ControlChar { .. }))),
+            ));
+            cases.push((
+                concat!($prefix, " from JSON, empty"),
+                Box::new(|| {
+                    let e = serde_json::from_str::<$ty>("\"\"")
+                        .err()
+                        .ok_or("accepted")?;
+                    expect!(e.classify(), serde_json::error::Category::Data)
+                }),
+            ));
+        };
+    }
+    id_cases!(BrokerId, "BrokerId");
+    id_cases!(NodeId, "NodeId");
+    id_cases!(SessionId, "SessionId");
+    let l = long.clone();
+    cases.push((
+        "DispatchId::parse empty",
+        Box::new(|| expect!(DispatchId::parse(""), Err(IdError::NotUuid(_)))),
+    ));
+    cases.push((
+        "DispatchId::parse not a uuid",
+        Box::new(|| expect!(DispatchId::parse("not-a-uuid"), Err(IdError::NotUuid(_)))),
+    ));
+    cases.push((
+        "DispatchId::parse 257 bytes",
+        Box::new(move || expect!(DispatchId::parse(&l), Err(IdError::NotUuid(_)))),
+    ));
+    cases.push((
+        "DispatchId::parse NUL",
+        Box::new(|| expect!(DispatchId::parse("\0"), Err(IdError::NotUuid(_)))),
+    ));
+    cases.push((
+        "DispatchId::parse trailing garbage",
+        Box::new(|| {
+            expect!(
+                DispatchId::parse("0190a0b0-0000-7000-8000-000000000000x"),
+                Err(IdError::NotUuid(_))
+            )
+        }),
+    ));
+    cases.push((
+        "DispatchId::parse bad hex digit",
+        Box::new(|| {
+            expect!(
+                DispatchId::parse("0190a0b0-0000-7000-8000-00000000000g"),
+                Err(IdError::NotUuid(_))
+            )
+        }),
+    ));
+    cases.push((
+        "DispatchId::parse error quotes at most 64 chars",
+        Box::new(|| match DispatchId::parse(&"z".repeat(10_000)) {
+            Err(IdError::NotUuid(shown)) if shown.chars().count() <= 64 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }),
+    ));
+    cases.push((
+        "op empty",
+        Box::new(|| {
+            expect!(
+                broker_dispatch::fsm::check_op(""),
+                Err(IdError::Empty { .. })
+            )
+        }),
+    ));
+    let l = long.clone();
+    cases.push((
+        "op 257 bytes",
+        Box::new(move || {
+            expect!(
+                broker_dispatch::fsm::check_op(&l),
+                Err(IdError::TooLong { .. })
+            )
+        }),
+    ));
+    cases.push((
+        "op control char",
+        Box::new(|| {
+            expect!(
+                broker_dispatch::fsm::check_op("st\tart"),
+                Err(IdError::ControlChar { .. })
+            )
+        }),
+    ));
+
+    // Bytes entering through serde.
+    let sample = sample_dispatch();
+    let valid = serde_json::to_vec(&sample).unwrap();
+    let syntax = |bytes: Vec<u8>| -> Box<dyn Fn() -> CaseResult> {
+        Box::new(move || {
+            let e = serde_json::from_slice::<Dispatch>(&bytes)
+                .err()
+                .ok_or("accepted")?;
+            expect!(
+                e.classify(),
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+            )
+        })
+    };
+    let mut invalid_utf8 = valid.clone();
+    let pos = invalid_utf8
+        .windows(4)
+        .position(|w| w == b"\"op\"")
+        .unwrap()
+        + 7;
+    invalid_utf8[pos] = 0xff;
+    cases.push(("Dispatch JSON with invalid UTF-8", syntax(invalid_utf8)));
+    cases.push((
+        "Dispatch JSON truncated",
+        syntax(valid[..valid.len() / 2].to_vec()),
+    ));
+    cases.push(("Dispatch JSON empty", syntax(Vec::new())));
+    let data = |text: String| -> Box<dyn Fn() -> CaseResult> {
+        Box::new(move || {
+            let e = serde_json::from_str::<Dispatch>(&text)
+                .err()
+                .ok_or("accepted")?;
+            expect!(e.classify(), serde_json::error::Category::Data)
+        })
+    };
+    let valid_text = String::from_utf8(valid.clone()).unwrap();
+    cases.push((
+        "Dispatch JSON unknown state",
+        data(valid_text.replace("\"pending\"", "\"zombie\"")),
+    ));
+    cases.push((
+        "Dispatch JSON negative attempt",
+        data(valid_text.replace("\"attempt\":0", "\"attempt\":-1")),
+    ));
+    cases.push((
+        "Dispatch JSON broker with NUL",
+        data(valid_text.replace("\"broker\":\"b1\"", "\"broker\":\"b\\u0000\"")),
+    ));
+    cases.push((
+        "Dispatch JSON id not a uuid",
+        data(valid_text.replacen(&sample.id.to_string(), "nope", 1)),
+    ));
+    let notice =
+        |bytes: Vec<u8>, want: serde_json::error::Category| -> Box<dyn Fn() -> CaseResult> {
+            Box::new(move || {
+                let e = serde_json::from_slice::<Notice>(&bytes)
+                    .err()
+                    .ok_or("accepted")?;
+                if e.classify() == want {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}, not {want:?}", e.classify()))
+                }
+            })
+        };
+    use serde_json::error::Category;
+    cases.push((
+        "Notice invalid UTF-8",
+        notice(
+            b"{\"t\":\"signal\",\"broker\":\"\xff\xfe\"}".to_vec(),
+            Category::Syntax,
+        ),
+    ));
+    cases.push((
+        "Notice unknown tag",
+        notice(br#"{"t":"shout"}"#.to_vec(), Category::Data),
+    ));
+    cases.push((
+        "Notice signal with empty broker",
+        notice(br#"{"t":"signal","broker":""}"#.to_vec(), Category::Data),
+    ));
+    cases.push((
+        "Notice signal with control char",
+        notice(
+            b"{\"t\":\"signal\",\"broker\":\"a\\nb\"}".to_vec(),
+            Category::Data,
+        ),
+    ));
+    cases.push((
+        "Notice event with bad uuid",
+        notice(br#"{"t":"event","id":"xyz"}"#.to_vec(), Category::Data),
+    ));
+    cases.push((
+        "Notice truncated",
+        notice(br#"{"t":"sig"#.to_vec(), Category::Eof),
+    ));
+    let count = run_sync(cases);
+    eprintln!("identifier and wire-format cases: {count}");
+}
+
+fn sample_dispatch() -> Dispatch {
+    NewDispatch::new(b("b1"), "op", json!({"k": "v"})).into_dispatch(Timestamp::from_micros(T0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub configuration.
+
+#[tokio::test]
+async fn hub_configs_are_checked_before_anything_starts() {
+    let zero = Duration::ZERO;
+    let d = HubConfig::default;
+    let configs: Vec<(&'static str, HubConfig)> = vec![
+        ("zero lease", HubConfig { lease: zero, ..d() }),
+        (
+            "zero freshness",
+            HubConfig {
+                freshness: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero wait_window",
+            HubConfig {
+                wait_window: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero wait_hard_cap",
+            HubConfig {
+                wait_hard_cap: Some(zero),
+                ..d()
+            },
+        ),
+        (
+            "zero send_ttl",
+            HubConfig {
+                send_ttl: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero poll_interval",
+            HubConfig {
+                poll_interval: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero sweep_interval",
+            HubConfig {
+                sweep_interval: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero retention",
+            HubConfig {
+                retention: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero execute_timeout",
+            HubConfig {
+                execute_timeout: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero store_timeout",
+            HubConfig {
+                store_timeout: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero shutdown_timeout",
+            HubConfig {
+                shutdown_timeout: zero,
+                ..d()
+            },
+        ),
+        (
+            "zero max_attempts",
+            HubConfig {
+                max_attempts: 0,
+                ..d()
+            },
+        ),
+        (
+            "zero claim_batch",
+            HubConfig {
+                claim_batch: 0,
+                ..d()
+            },
+        ),
+        (
+            "claim_batch above MAX_BATCH",
+            HubConfig {
+                claim_batch: MAX_BATCH + 1,
+                ..d()
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    let count = configs.len() + 2;
+    for (name, config) in configs {
+        if let Err(e) = expect!(config.validate(), Err(Error::InvalidInput(_))) {
+            failures.push(format!("{name} (validate): {e}"));
+        }
+        let started = Hub::builder(n("n1"))
+            .store(Arc::new(MemoryStore::new()))
+            .executor(recorder("n1"))
+            .config(config)
+            .start()
+            .await;
+        if let Err(e) = expect!(started, Err(Error::InvalidInput(_))) {
+            failures.push(format!("{name} (start): {e}"));
+        }
+    }
+    let no_store = Hub::builder(n("n1")).executor(recorder("n1")).start().await;
+    if let Err(e) = expect!(no_store, Err(Error::InvalidInput(_))) {
+        failures.push(format!("hub without a store: {e}"));
+    }
+    let no_exec = Hub::builder(n("n1"))
+        .store(Arc::new(MemoryStore::new()))
+        .start()
+        .await;
+    if let Err(e) = expect!(no_exec, Err(Error::InvalidInput(_))) {
+        failures.push(format!("hub without an executor: {e}"));
+    }
+    assert!(
+        failures.is_empty(),
+        "bad-input cases failed:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("hub config cases: {count}");
+}
+
+fn recorder(node: &str) -> Arc<Recorder> {
+    Arc::new(Recorder::new(
+        &n(node),
+        &Arc::new(Mutex::new(Ledger::default())),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store entry points.
+
+/// What the fixture holds: one row or affinity per situation a bad call can meet.
+struct Fixture {
+    /// Pending, on broker `b-pending`, with idempotency key `key-1`.
+    pending: Dispatch,
+    /// Done at attempt 1, and the holder's handle (as a snapshot) that finished it.
+    done_holder: Dispatch,
+    /// In progress at attempt 2; `stale_holder` is attempt 1's snapshot.
+    current_holder: Dispatch,
+    stale_holder: Dispatch,
+    /// In progress at its only attempt (max_attempts 1).
+    last_attempt: Dispatch,
+    /// Broker `b-aff` is held by node `n1`, session `s2` (connected at T0 + 100 µs, after `s1`).
+    affinity: Affinity,
+}
+
+const LONG_LEASE: Duration = Duration::from_secs(3600);
+
+fn new_row(broker: &str, created: i64) -> NewDispatch {
+    NewDispatch {
+        now: at(created),
+        ..NewDispatch::new(b(broker), "op", json!({ "broker": broker }))
+    }
+}
+
+fn claim_on(broker: &str, lease: Duration, now: i64) -> ClaimParams {
+    ClaimParams {
+        broker: b(broker),
+        node: n("n1"),
+        limit: 10,
+        lease,
+        now: at(now),
+    }
+}
+
+async fn claim_one(store: &dyn Store, broker: &str, lease: Duration, now: i64) -> Claimed {
+    let mut got = store
+        .claim(claim_on(broker, lease, now))
+        .await
+        .expect("claim");
+    assert_eq!(got.len(), 1, "claim {broker}");
+    got.pop().unwrap()
+}
+
+async fn fixture(store: &dyn Store) -> Fixture {
+    let pending = store
+        .insert(NewDispatch {
+            idempotency_key: Some("key-1".into()),
+            ..new_row("b-pending", 0)
+        })
+        .await
+        .expect("insert");
+    store.insert(new_row("b-done", 1)).await.expect("insert");
+    let done = claim_one(store, "b-done", LONG_LEASE, 10).await;
+    let done_holder = done.dispatch().clone();
+    store
+        .finish(
+            done,
+            FinishParams {
+                outcome: Outcome::Complete(json!("ok")),
+                now: at(20),
+            },
+        )
+        .await
+        .expect("complete");
+    store.insert(new_row("b-stale", 2)).await.expect("insert");
+    let stale_holder = claim_one(store, "b-stale", Duration::from_micros(5), 10)
+        .await
+        .into_dispatch();
+    let current_holder = claim_one(store, "b-stale", LONG_LEASE, 30)
+        .await
+        .into_dispatch();
+    store
+        .insert(NewDispatch {
+            max_attempts: 1,
+            ..new_row("b-one", 3)
+        })
+        .await
+        .expect("insert");
+    let last_attempt = claim_one(store, "b-one", LONG_LEASE, 10)
+        .await
+        .into_dispatch();
+    for (session, when) in [("s1", 0), ("s2", 100)] {
+        let out = store
+            .connect(ConnectParams {
+                broker: b("b-aff"),
+                node: n("n1"),
+                session: s(session),
+                connected_at: Timestamp::from_micros(T0 + when),
+                now: at(when),
+            })
+            .await
+            .expect("connect");
+        assert!(matches!(out, ConnectOutcome::Claimed(_)));
+    }
+    let affinity = store.affinity(&b("b-aff")).await.unwrap().unwrap();
+    Fixture {
+        pending,
+        done_holder,
+        current_holder,
+        stale_holder,
+        last_attempt,
+        affinity,
+    }
+}
+
+/// Every row (by pages of 2, to exercise paging) and the affinity of every broker the cases
+/// touch.
+async fn snapshot(store: &dyn Store) -> (Vec<Dispatch>, Vec<Option<Affinity>>) {
+    let mut rows = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(ListFilter {
+                after,
+                limit: 2,
+                ..ListFilter::default()
+            })
+            .await
+            .expect("list");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        rows.extend(page);
+    }
+    let mut affinity = Vec::new();
+    for broker in ["b-aff", "b-pending", "b-done", "b-stale", "b-one", "b-none"] {
+        affinity.push(store.affinity(&b(broker)).await.expect("affinity"));
+    }
+    (rows, affinity)
+}
+
+type StoreCase = Box<dyn for<'a> Fn(&'a dyn Store, &'a Fixture) -> BoxFut<'a> + Send + Sync>;
+
+fn mk<F>(f: F) -> StoreCase
+where
+    F: for<'a> Fn(&'a dyn Store, &'a Fixture) -> BoxFut<'a> + Send + Sync + 'static,
+{
+    Box::new(f)
+}
+
+macro_rules! case {
+    ($cases:ident, $name:literal, |$st:ident, $fx:ident| $body:expr) => {
+        #[allow(unused_variables)]
+        $cases.push(($name, mk(|$st, $fx| Box::pin(async move { $body }))));
+    };
+}
+
+fn forged(d: &Dispatch) -> Claimed {
+    Claimed::new(d.clone())
+}
+
+fn unknown(d: &Dispatch) -> Dispatch {
+    Dispatch {
+        id: DispatchId::new(),
+        ..d.clone()
+    }
+}
+
+fn hb(lease: Duration, now: Option<Timestamp>) -> HeartbeatParams {
+    HeartbeatParams {
+        lease,
+        progress: None,
+        now,
+    }
+}
+
+fn fin(outcome: Outcome) -> FinishParams {
+    FinishParams {
+        outcome,
+        now: at(1_000),
+    }
+}
+
+fn aff(node: &str, session: &str, now: Option<Timestamp>) -> DisconnectParams {
+    DisconnectParams {
+        broker: b("b-aff"),
+        node: n(node),
+        session: s(session),
+        now,
+    }
+}
+
+/// Every bad call a store can get, with the variant it must answer.
+fn store_cases() -> Vec<(&'static str, StoreCase)> {
+    let mut c: Vec<(&'static str, StoreCase)> = Vec::new();
+    // insert
+    case!(c, "insert: empty op", |st, fx| expect!(
+        st.insert(NewDispatch {
+            op: String::new(),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: op of 257 bytes", |st, fx| expect!(
+        st.insert(NewDispatch {
+            op: "o".repeat(257),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: op with a control char", |st, fx| expect!(
+        st.insert(NewDispatch {
+            op: "st\u{7}art".into(),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: op with NUL", |st, fx| expect!(
+        st.insert(NewDispatch {
+            op: "a\0".into(),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: zero max_attempts", |st, fx| expect!(
+        st.insert(NewDispatch {
+            max_attempts: 0,
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: empty idempotency key", |st, fx| expect!(
+        st.insert(NewDispatch {
+            idempotency_key: Some(String::new()),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: idempotency key of 257 bytes", |st, fx| expect!(
+        st.insert(NewDispatch {
+            idempotency_key: Some("k".repeat(257)),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(
+        c,
+        "insert: args one byte over MAX_ARGS_BYTES",
+        |st, fx| expect!(
+            // A JSON string of n chars is n + 2 bytes.
+            st.insert(NewDispatch {
+                args: json!("a".repeat(MAX_ARGS_BYTES - 1)),
+                ..new_row("b-new", 0)
+            })
+            .await,
+            Err(StoreError::InvalidInput(_))
+        )
+    );
+    case!(
+        c,
+        "insert: an existing id with another payload",
+        |st, fx| expect!(
+            st.insert(NewDispatch {
+                id: fx.pending.id,
+                args: json!("other"),
+                ..new_row("b-pending", 0)
+            })
+            .await,
+            Err(StoreError::Conflict(_))
+        )
+    );
+    case!(
+        c,
+        "insert: an existing idempotency key with another payload",
+        |st, fx| expect!(
+            st.insert(NewDispatch {
+                idempotency_key: Some("key-1".into()),
+                ..new_row("b-other", 0)
+            })
+            .await,
+            Err(StoreError::Conflict(_))
+        )
+    );
+    // claim
+    case!(c, "claim: zero limit", |st, fx| expect!(
+        st.claim(ClaimParams {
+            limit: 0,
+            ..claim_on("b-pending", LONG_LEASE, 1_000)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "claim: limit above MAX_BATCH", |st, fx| expect!(
+        st.claim(ClaimParams {
+            limit: MAX_BATCH + 1,
+            ..claim_on("b-pending", LONG_LEASE, 1_000)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "claim: zero lease", |st, fx| expect!(
+        st.claim(claim_on("b-pending", Duration::ZERO, 1_000)).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "claim: now = i64::MIN claims nothing", |st, fx| {
+        let got = st
+            .claim(ClaimParams {
+                now: Some(Timestamp::from_micros(i64::MIN)),
+                ..claim_on("b-pending", LONG_LEASE, 0)
+            })
+            .await;
+        expect!(got.as_deref().map(<[Claimed]>::len), Ok(0))
+    });
+    // heartbeat
+    case!(c, "heartbeat: zero lease", |st, fx| expect!(
+        st.heartbeat(&forged(&fx.current_holder), hb(Duration::ZERO, at(1_000)))
+            .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(
+        c,
+        "heartbeat: stale attempt, lease Duration::MAX at Timestamp::MAX",
+        |st, fx| expect!(
+            st.heartbeat(
+                &forged(&fx.stale_holder),
+                hb(Duration::MAX, Some(Timestamp::MAX))
+            )
+            .await,
+            Err(StoreError::Fenced {
+                presented: 1,
+                current: 2
+            })
+        )
+    );
+    case!(c, "heartbeat: after finish", |st, fx| expect!(
+        st.heartbeat(&forged(&fx.done_holder), hb(LONG_LEASE, at(1_000)))
+            .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::Done,
+            event: EventKind::Heartbeat
+        })
+    ));
+    case!(c, "heartbeat: a never-claimed row", |st, fx| expect!(
+        st.heartbeat(&forged(&fx.pending), hb(LONG_LEASE, at(1_000)))
+            .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::Pending,
+            event: EventKind::Heartbeat
+        })
+    ));
+    case!(c, "heartbeat: unknown id", |st, fx| expect!(
+        st.heartbeat(
+            &forged(&unknown(&fx.current_holder)),
+            hb(LONG_LEASE, at(1_000))
+        )
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // finish
+    case!(c, "finish: double complete", |st, fx| expect!(
+        st.finish(forged(&fx.done_holder), fin(Outcome::Complete(json!(2))))
+            .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::Done,
+            event: EventKind::Complete
+        })
+    ));
+    case!(c, "finish: fail after done", |st, fx| expect!(
+        st.finish(forged(&fx.done_holder), fin(Outcome::Fail("late".into())))
+            .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::Done,
+            event: EventKind::Fail
+        })
+    ));
+    case!(c, "finish: stale complete", |st, fx| expect!(
+        st.finish(forged(&fx.stale_holder), fin(Outcome::Complete(json!(1))))
+            .await,
+        Err(StoreError::Fenced {
+            presented: 1,
+            current: 2
+        })
+    ));
+    case!(c, "finish: stale release", |st, fx| expect!(
+        st.finish(forged(&fx.stale_holder), fin(Outcome::Release))
+            .await,
+        Err(StoreError::Fenced {
+            presented: 1,
+            current: 2
+        })
+    ));
+    case!(
+        c,
+        "finish: stale retry after Duration::MAX",
+        |st, fx| expect!(
+            st.finish(
+                forged(&fx.stale_holder),
+                fin(Outcome::Retry {
+                    after: Duration::MAX
+                })
+            )
+            .await,
+            Err(StoreError::Fenced {
+                presented: 1,
+                current: 2
+            })
+        )
+    );
+    case!(c, "finish: retry without attempts left", |st, fx| expect!(
+        st.finish(
+            forged(&fx.last_attempt),
+            fin(Outcome::Retry {
+                after: Duration::ZERO
+            })
+        )
+        .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::InProgress,
+            event: EventKind::Retry
+        })
+    ));
+    case!(c, "finish: a never-claimed row", |st, fx| expect!(
+        st.finish(forged(&fx.pending), fin(Outcome::Complete(json!(0))))
+            .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::Pending,
+            event: EventKind::Complete
+        })
+    ));
+    case!(c, "finish: unknown id", |st, fx| expect!(
+        st.finish(
+            forged(&unknown(&fx.current_holder)),
+            fin(Outcome::Complete(json!(0)))
+        )
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    // cancel, get
+    case!(c, "cancel: unknown id", |st, fx| expect!(
+        st.cancel(CancelParams {
+            id: DispatchId::new(),
+            now: at(1_000)
+        })
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    case!(c, "cancel: a done row at Timestamp::MAX", |st, fx| expect!(
+        st.cancel(CancelParams {
+            id: fx.done_holder.id,
+            now: Some(Timestamp::MAX)
+        })
+        .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::Done,
+            event: EventKind::Cancel
+        })
+    ));
+    case!(c, "cancel: an in-progress row", |st, fx| expect!(
+        st.cancel(CancelParams {
+            id: fx.current_holder.id,
+            now: at(1_000)
+        })
+        .await,
+        Err(StoreError::Illegal {
+            from: DispatchState::InProgress,
+            event: EventKind::Cancel
+        })
+    ));
+    case!(c, "get: unknown id", |st, fx| expect!(
+        st.get(DispatchId::new()).await,
+        Ok(None)
+    ));
+    // list, sweep
+    case!(c, "list: zero limit", |st, fx| expect!(
+        st.list(ListFilter {
+            limit: 0,
+            ..ListFilter::default()
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "list: limit above MAX_BATCH", |st, fx| expect!(
+        st.list(ListFilter {
+            limit: MAX_BATCH + 1,
+            ..ListFilter::default()
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "sweep: zero limit", |st, fx| expect!(
+        st.sweep(SweepParams {
+            retention: LONG_LEASE,
+            limit: 0,
+            now: at(1_000)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "sweep: limit above MAX_BATCH", |st, fx| expect!(
+        st.sweep(SweepParams {
+            retention: LONG_LEASE,
+            limit: MAX_BATCH + 1,
+            now: at(1_000)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(
+        c,
+        "sweep: now = i64::MIN, retention Duration::MAX",
+        |st, fx| {
+            let r = st
+                .sweep(SweepParams {
+                    retention: Duration::MAX,
+                    limit: 10,
+                    now: Some(Timestamp::from_micros(i64::MIN)),
+                })
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            if r.expired.is_empty() && r.exhausted.is_empty() && r.purged == 0 {
+                Ok(())
+            } else {
+                Err(format!("swept something at the dawn of time: {r:?}"))
+            }
+        }
+    );
+    // affinity
+    case!(
+        c,
+        "connect: connected_at older than the current owner",
+        |st, fx| expect!(
+            st.connect(ConnectParams {
+                broker: b("b-aff"),
+                node: n("n2"),
+                session: s("s9"),
+                connected_at: Timestamp::from_micros(fx.affinity.connected_at.as_micros() - 1),
+                now: at(1_000),
+            })
+            .await,
+            Ok(ConnectOutcome::Superseded(_))
+        )
+    );
+    case!(c, "connect: connected_at = i64::MIN", |st, fx| expect!(
+        st.connect(ConnectParams {
+            broker: b("b-aff"),
+            node: n("n2"),
+            session: s("s9"),
+            connected_at: Timestamp::from_micros(i64::MIN),
+            now: at(1_000),
+        })
+        .await,
+        Ok(ConnectOutcome::Superseded(_))
+    ));
+    case!(
+        c,
+        "connect: the released older session again",
+        |st, fx| expect!(
+            st.connect(ConnectParams {
+                broker: b("b-aff"),
+                node: n("n1"),
+                session: s("s1"),
+                connected_at: Timestamp::from_micros(T0),
+                now: at(1_000),
+            })
+            .await,
+            Ok(ConnectOutcome::Superseded(_))
+        )
+    );
+    case!(c, "disconnect: mismatched session", |st, fx| expect!(
+        st.disconnect(aff("n1", "s1", at(1_000))).await,
+        Ok(false)
+    ));
+    case!(c, "disconnect: mismatched node", |st, fx| expect!(
+        st.disconnect(aff("n2", "s2", at(1_000))).await,
+        Ok(false)
+    ));
+    case!(c, "disconnect: unknown broker", |st, fx| expect!(
+        st.disconnect(DisconnectParams {
+            broker: b("b-none"),
+            ..aff("n1", "s2", at(1_000))
+        })
+        .await,
+        Ok(false)
+    ));
+    case!(c, "touch: mismatched session", |st, fx| expect!(
+        st.touch(aff("n1", "s1", at(1_000))).await,
+        Ok(false)
+    ));
+    case!(c, "touch: mismatched node", |st, fx| expect!(
+        st.touch(aff("n2", "s2", at(1_000))).await,
+        Ok(false)
+    ));
+    case!(c, "touch: unknown broker", |st, fx| expect!(
+        st.touch(DisconnectParams {
+            broker: b("b-none"),
+            ..aff("n1", "s2", at(1_000))
+        })
+        .await,
+        Ok(false)
+    ));
+    case!(
+        c,
+        "touch: the holder at now = i64::MIN moves nothing back",
+        |st, fx| expect!(
+            st.touch(aff("n1", "s2", Some(Timestamp::from_micros(i64::MIN))))
+                .await,
+            Ok(true)
+        )
+    );
+    c
+}
+
+/// Runs every store case on `store` (fixture first), comparing a snapshot around each.
+async fn run_store_cases(label: &str, store: &dyn Store) -> usize {
+    let fx = fixture(store).await;
+    let cases = store_cases();
+    let count = cases.len();
+    let mut failures = Vec::new();
+    for (name, case) in cases {
+        let before = snapshot(store).await;
+        let outcome = AssertUnwindSafe(case(store, &fx)).catch_unwind().await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("[{label}] {name}: {e}")),
+            Err(_) => failures.push(format!("[{label}] {name}: panicked")),
+        }
+        let after = snapshot(store).await;
+        if before != after {
+            failures.push(format!("[{label}] {name}: changed the store"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "bad-input cases failed:\n{}",
+        failures.join("\n")
+    );
+    count
+}
+
+#[tokio::test]
+async fn store_entry_points_on_memory() {
+    let n = run_store_cases("memory", &MemoryStore::new()).await;
+    eprintln!("store cases on memory: {n}");
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn store_entry_points_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = broker_dispatch::store::SqliteStore::open(dir.path().join("d.db")).unwrap();
+    let n = run_store_cases("sqlite", &store).await;
+    eprintln!("store cases on sqlite: {n}");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn store_entry_points_on_postgres() {
+    let Some(db) = pg::fresh() else { return };
+    let store = pg_store(&db).await;
+    let n = run_store_cases("postgres", &store).await;
+    eprintln!("store cases on postgres: {n}");
+}
+
+#[cfg(feature = "postgres")]
+async fn pg_store(db: &pg::TestDb) -> broker_dispatch::store::PgStore {
+    use broker_dispatch::store::{PgStore, PgStoreOptions};
+    let store = PgStore::connect(
+        &db.dsn,
+        PgStoreOptions {
+            schema: db.schema.clone(),
+            channel_prefix: db.schema.clone(),
+            ..PgStoreOptions::default()
+        },
+    )
+    .await
+    .expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Extreme timestamps and durations in valid calls: they change the store (that is their
+/// job), so each runs on a fresh store and checks that nothing wrapped.
+async fn run_extremes(
+    label: &str,
+    fresh: &dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>>>>,
+) -> usize {
+    let max = Timestamp::MAX;
+    let min = Timestamp::from_micros(i64::MIN);
+    let mut failures: Vec<String> = Vec::new();
+    let mut count = 0;
+    let mut check = |name: &str, r: CaseResult| {
+        count += 1;
+        if let Err(e) = r {
+            failures.push(format!("[{label}] {name}: {e}"));
+        }
+    };
+
+    let st = fresh().await;
+    st.insert(new_row("b1", 0)).await.unwrap();
+    let got = st
+        .claim(ClaimParams {
+            now: Some(max),
+            ..claim_on("b1", LONG_LEASE, 0)
+        })
+        .await;
+    check(
+        "claim at Timestamp::MAX: the lease saturates",
+        match got.as_deref() {
+            Ok([c]) if c.dispatch().lease_until == Some(max) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    let st = fresh().await;
+    st.insert(new_row("b1", 0)).await.unwrap();
+    let c = claim_one(&*st, "b1", LONG_LEASE, 10).await;
+    let r = st.heartbeat(&c, hb(Duration::MAX, at(20))).await;
+    check(
+        "heartbeat with lease Duration::MAX saturates",
+        match &r {
+            Ok(d) if d.lease_until == Some(max) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let r = st
+        .finish(
+            c,
+            FinishParams {
+                outcome: Outcome::Retry {
+                    after: Duration::MAX,
+                },
+                now: at(30),
+            },
+        )
+        .await;
+    check(
+        "retry after Duration::MAX saturates",
+        match &r {
+            Ok(d) if d.available_at == max && d.state == DispatchState::Pending => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    let st = fresh().await;
+    st.insert(NewDispatch {
+        deadline: Some(min),
+        ..new_row("b1", 0)
+    })
+    .await
+    .unwrap();
+    let got = st.claim(claim_on("b1", LONG_LEASE, 10)).await;
+    check(
+        "deadline i64::MIN is never claimed",
+        expect!(got.as_deref().map(<[Claimed]>::len), Ok(0)),
+    );
+    let r = st
+        .sweep(SweepParams {
+            retention: LONG_LEASE,
+            limit: 10,
+            now: at(20),
+        })
+        .await;
+    check(
+        "deadline i64::MIN is expired by the sweep",
+        match &r {
+            Ok(r) if r.expired.len() == 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    let st = fresh().await;
+    st.insert(NewDispatch {
+        available_at: Some(max),
+        ..new_row("b1", 0)
+    })
+    .await
+    .unwrap();
+    let got = st
+        .claim(ClaimParams {
+            now: Some(Timestamp::from_micros(i64::MAX - 1)),
+            ..claim_on("b1", LONG_LEASE, 0)
+        })
+        .await;
+    check(
+        "available_at Timestamp::MAX is not claimable before it",
+        expect!(got.as_deref().map(<[Claimed]>::len), Ok(0)),
+    );
+
+    let st = fresh().await;
+    let params = |session: &str, when: Timestamp| ConnectParams {
+        broker: b("b-aff"),
+        node: n("n1"),
+        session: s(session),
+        connected_at: when,
+        now: at(0),
+    };
+    let first = st.connect(params("s-max", max)).await;
+    let later = st
+        .connect(params("s-now", Timestamp::from_micros(T0)))
+        .await;
+    check(
+        "connect at Timestamp::MAX wins and stays newest",
+        match (&first, &later) {
+            (Ok(ConnectOutcome::Claimed(_)), Ok(ConnectOutcome::Superseded(_))) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(
+        failures.is_empty(),
+        "extreme-value cases failed:\n{}",
+        failures.join("\n")
+    );
+    count
+}
+
+#[tokio::test]
+async fn extreme_times_on_memory_and_sqlite() {
+    let n = run_extremes("memory", &|| {
+        Box::pin(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> })
+    })
+    .await;
+    #[cfg(feature = "sqlite")]
+    let n = n + run_extremes("sqlite", &|| {
+        Box::pin(async {
+            Arc::new(broker_dispatch::store::SqliteStore::open_in_memory().unwrap())
+                as Arc<dyn Store>
+        })
+    })
+    .await;
+    eprintln!("extreme-value cases: {n}");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn extreme_times_on_postgres() {
+    if pg::fresh().is_none() {
+        return;
+    }
+    let n = run_extremes("postgres", &|| {
+        Box::pin(async {
+            let db = pg::fresh().unwrap();
+            Arc::new(pg_store(&db).await) as Arc<dyn Store>
+        })
+    })
+    .await;
+    eprintln!("extreme-value cases on postgres: {n}");
+}
