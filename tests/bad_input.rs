@@ -1305,3 +1305,270 @@ async fn extreme_times_on_postgres() {
     .await;
     eprintln!("extreme-value cases on postgres: {n}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hub entry points.
+
+type HubCase = Box<dyn for<'a> Fn(&'a Hub) -> BoxFut<'a> + Send + Sync>;
+
+fn mk_hub<F>(f: F) -> HubCase
+where
+    F: for<'a> Fn(&'a Hub) -> BoxFut<'a> + Send + Sync + 'static,
+{
+    Box::new(f)
+}
+
+macro_rules! hub_case {
+    ($cases:ident, $name:literal, |$hub:ident| $body:expr) => {
+        $cases.push(($name, mk_hub(|$hub| Box::pin(async move { $body }))));
+    };
+}
+
+fn cmd(broker: &str, op: &str) -> Command {
+    Command::new(b(broker), op, json!({}))
+}
+
+fn hub_cases() -> Vec<(&'static str, HubCase)> {
+    let mut c: Vec<(&'static str, HubCase)> = Vec::new();
+    hub_case!(c, "dispatch: empty op", |h| expect!(
+        h.dispatch(cmd("b-remote", "")).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "dispatch: op of 257 bytes", |h| expect!(
+        h.dispatch(cmd("b-remote", &"o".repeat(257))).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "dispatch: op with a control char", |h| expect!(
+        h.dispatch(cmd("b-local", "a\u{1b}[2J")).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "dispatch: zero max_attempts", |h| expect!(
+        h.dispatch(cmd("b-local", "op").max_attempts(0)).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "dispatch: empty idempotency key", |h| expect!(
+        h.dispatch(cmd("b-remote", "op").idempotency_key("")).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "dispatch: idempotency key of 257 bytes", |h| expect!(
+        h.dispatch(cmd("b-remote", "op").idempotency_key("k".repeat(257)))
+            .await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(
+        c,
+        "dispatch: oversized args to a parked broker",
+        |h| expect!(
+            h.dispatch(Command::new(
+                b("b-remote"),
+                "op",
+                json!("a".repeat(MAX_ARGS_BYTES))
+            ))
+            .await,
+            Err(Error::Store(StoreError::InvalidInput(_)))
+        )
+    );
+    hub_case!(c, "send: empty op", |h| expect!(
+        h.send(cmd("b-local", "")).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "send: zero max_attempts", |h| expect!(
+        h.send(cmd("b-remote", "op").max_attempts(0)).await,
+        Err(Error::InvalidInput(_))
+    ));
+    hub_case!(c, "send: oversized args", |h| expect!(
+        h.send(Command::new(
+            b("b-local"),
+            "op",
+            json!("a".repeat(MAX_ARGS_BYTES))
+        ))
+        .await,
+        Err(Error::Store(StoreError::InvalidInput(_)))
+    ));
+    hub_case!(c, "wait: unknown id", |h| expect!(
+        h.wait(DispatchId::new()).await,
+        Err(Error::Store(StoreError::NotFound(_)))
+    ));
+    hub_case!(c, "get: unknown id", |h| expect!(
+        h.get(DispatchId::new()).await,
+        Ok(None)
+    ));
+    hub_case!(c, "connect_at: older than the current owner", |h| {
+        let r = h
+            .connect_at(b("b-local"), s("s1"), Timestamp::from_micros(T0))
+            .await;
+        expect!(r, Err(Error::Superseded))?;
+        expect!(h.is_connected(&b("b-local")), true)
+    });
+    hub_case!(c, "connect_at: i64::MIN", |h| expect!(
+        h.connect_at(b("b-local"), s("s0"), Timestamp::from_micros(i64::MIN))
+            .await,
+        Err(Error::Superseded)
+    ));
+    hub_case!(c, "disconnect: mismatched session", |h| {
+        expect!(h.disconnect(&b("b-local"), &s("s1")).await, Ok(false))?;
+        expect!(h.is_connected(&b("b-local")), true)
+    });
+    hub_case!(c, "disconnect: unknown broker", |h| expect!(
+        h.disconnect(&b("b-none"), &s("s2")).await,
+        Ok(false)
+    ));
+    c
+}
+
+fn quick_config() -> HubConfig {
+    HubConfig {
+        lease: Duration::from_secs(5),
+        wait_window: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(50),
+        sweep_interval: Duration::from_millis(100),
+        ..HubConfig::default()
+    }
+}
+
+async fn run_hub_cases(label: &str, store: Arc<dyn Store>) -> usize {
+    let hub = Hub::builder(n("h1"))
+        .store(Arc::clone(&store))
+        .executor(recorder("h1"))
+        .config(quick_config())
+        .start()
+        .await
+        .expect("start");
+    hub.connect_at(b("b-local"), s("s2"), Timestamp::from_micros(T0 + 100))
+        .await
+        .expect("connect");
+    let cases = hub_cases();
+    let mut count = cases.len();
+    let mut failures = Vec::new();
+    for (name, case) in cases {
+        let before = snapshot(&*store).await;
+        match AssertUnwindSafe(case(&hub)).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("[{label}] {name}: {e}")),
+            Err(_) => failures.push(format!("[{label}] {name}: panicked")),
+        }
+        // The affinity refresher may advance `last_seen`; compare everything else.
+        let (rows, affinity) = before;
+        let (rows_after, affinity_after) = snapshot(&*store).await;
+        let strip = |a: Vec<Option<Affinity>>| -> Vec<_> {
+            a.into_iter()
+                .map(|a| a.map(|a| (a.broker, a.node, a.session, a.connected_at)))
+                .collect()
+        };
+        if rows != rows_after || strip(affinity) != strip(affinity_after) {
+            failures.push(format!("[{label}] {name}: changed the store"));
+        }
+    }
+    // A stopped hub refuses everything; a second hub without brokers, so stopping it changes
+    // nothing in the store.
+    let stopped = Hub::builder(n("h2"))
+        .store(Arc::clone(&store))
+        .executor(recorder("h2"))
+        .config(quick_config())
+        .start()
+        .await
+        .expect("start");
+    stopped.shutdown().await.expect("shutdown");
+    let before = snapshot(&*store).await.0;
+    for (name, r) in [
+        (
+            "dispatch after shutdown",
+            stopped.dispatch(cmd("b-local", "op")).await.map(|_| ()),
+        ),
+        (
+            "send after shutdown",
+            stopped.send(cmd("b-local", "op")).await.map(|_| ()),
+        ),
+        (
+            "connect after shutdown",
+            stopped.connect(b("b-new"), s("s1")).await,
+        ),
+    ] {
+        count += 1;
+        if let Err(e) = expect!(r, Err(Error::ShuttingDown)) {
+            failures.push(format!("[{label}] {name}: {e}"));
+        }
+    }
+    if snapshot(&*store).await.0 != before {
+        failures.push(format!(
+            "[{label}] calls on a stopped hub changed the store"
+        ));
+    }
+    hub.shutdown().await.expect("shutdown");
+    assert!(
+        failures.is_empty(),
+        "bad-input cases failed:\n{}",
+        failures.join("\n")
+    );
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_entry_points_on_memory_and_sqlite() {
+    let n = run_hub_cases("memory", Arc::new(MemoryStore::new())).await;
+    #[cfg(feature = "sqlite")]
+    let n = n + {
+        let dir = tempfile::tempdir().unwrap();
+        let store = broker_dispatch::store::SqliteStore::open(dir.path().join("h.db")).unwrap();
+        run_hub_cases("sqlite", Arc::new(store)).await
+    };
+    eprintln!("hub cases: {n}");
+}
+
+/// Durations far beyond any sensible setting are valid (only zero is refused), so the hub must
+/// saturate them rather than panic: a send with a TTL of `Duration::MAX`, waited on with an
+/// unbounded window, and a shutdown with an unbounded grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_with_every_duration_at_max_runs_and_stops() {
+    let max = Duration::MAX;
+    let config = HubConfig {
+        lease: max,
+        freshness: max,
+        wait_window: max,
+        wait_hard_cap: None,
+        send_ttl: max,
+        poll_interval: max,
+        sweep_interval: max,
+        retention: max,
+        execute_timeout: max,
+        store_timeout: max,
+        shutdown_timeout: max,
+        ..HubConfig::default()
+    };
+    let store = Arc::new(MemoryStore::new());
+    // Polling never comes with these settings: the in-process transport carries the events.
+    let hub = Hub::builder(n("h1"))
+        .store(store.clone())
+        .transport(Arc::new(broker_dispatch::transport::MemoryTransport::new()))
+        .executor(recorder("h1"))
+        .config(config)
+        .start()
+        .await
+        .expect("start");
+    let bounded = |what: &'static str| move |e| panic!("{what} hung: {e:?}");
+    let run = async {
+        // Sent before the broker connects, so each wait really waits (and computes its
+        // jittered poll); several, because the jitter only overflows when it stretches.
+        for i in 0..12 {
+            let broker = format!("b{i}");
+            let receipt = hub.send(cmd(&broker, "op")).await.expect("send");
+            assert_eq!(receipt.dispatch.deadline, Some(Timestamp::MAX));
+            let (out, connected) = tokio::join!(hub.wait(receipt.id), async {
+                tokio::task::yield_now().await;
+                hub.connect(b(&broker), s("s1")).await
+            });
+            connected.expect("connect");
+            assert_eq!(out.expect("wait")["node"], "h1");
+        }
+        let local = hub.dispatch(cmd("b0", "op")).await.expect("local dispatch");
+        assert_eq!(local["node"], "h1");
+        hub.shutdown().await.expect("shutdown");
+    };
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        AssertUnwindSafe(run).catch_unwind(),
+    )
+    .await
+    .unwrap_or_else(bounded("the hub"))
+    .expect("nothing panics");
+}

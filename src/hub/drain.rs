@@ -256,7 +256,7 @@ async fn finish_durably(sh: &Arc<Shared>, c: Claimed, outcome: Outcome) {
     let id = c.id();
     let broker = c.dispatch().broker.clone();
     let created_at = c.dispatch().created_at;
-    let give_up_at = tokio::time::Instant::now() + sh.config.lease;
+    let give_up_at = super::instant_after(tokio::time::Instant::now(), sh.config.lease);
     let mut backoff = std::time::Duration::from_millis(50);
     loop {
         let res = sh
