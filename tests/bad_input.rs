@@ -1572,3 +1572,234 @@ async fn a_hub_with_every_duration_at_max_runs_and_stops() {
     .unwrap_or_else(bounded("the hub"))
     .expect("nothing panics");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Opening stores.
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn sqlite_open_refuses_what_is_not_a_database_and_touches_nothing() {
+    use broker_dispatch::store::{SqliteOptions, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let not_db = dir.path().join("notes.txt");
+    let text = "not a database\n".repeat(300);
+    std::fs::write(&not_db, &text).unwrap();
+    let real = dir.path().join("real.db");
+    drop(SqliteStore::open(&real).unwrap());
+    let truncated = dir.path().join("truncated.db");
+    let bytes = std::fs::read(&real).unwrap();
+    std::fs::write(&truncated, &bytes[..100.min(bytes.len())]).unwrap();
+    let missing_dir = dir.path().join("no-such-dir");
+    let missing_file = dir.path().join("missing.db");
+
+    let d = dir.path().to_path_buf();
+    let nd = not_db.clone();
+    let tr = truncated.clone();
+    let md = missing_dir.clone();
+    let mf = missing_file.clone();
+    let txt = text.clone();
+    let cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)> = vec![
+        (
+            "open a directory",
+            Box::new(move || expect!(SqliteStore::open(&d), Err(StoreError::Backend(_)))),
+        ),
+        (
+            "open a file that is not a database",
+            Box::new(move || {
+                expect!(SqliteStore::open(&nd), Err(StoreError::Backend(_)))?;
+                expect!(std::fs::read_to_string(&nd).ok() == Some(txt.clone()), true)
+            }),
+        ),
+        (
+            "open a truncated database",
+            Box::new(move || expect!(SqliteStore::open(&tr), Err(StoreError::Backend(_)))),
+        ),
+        (
+            "open a path in a missing directory",
+            Box::new(move || {
+                expect!(
+                    SqliteStore::open(md.join("d.db")),
+                    Err(StoreError::Backend(_))
+                )?;
+                expect!(md.exists(), false)
+            }),
+        ),
+        (
+            "open read-only a missing file",
+            Box::new(move || {
+                expect!(
+                    SqliteOptions::new().read_only(true).open(&mf),
+                    Err(StoreError::Backend(_))
+                )?;
+                expect!(mf.exists(), false)
+            }),
+        ),
+        (
+            "open a path with NUL",
+            Box::new(|| {
+                expect!(
+                    SqliteStore::open("bad\0name.db"),
+                    Err(StoreError::Backend(_) | StoreError::InvalidInput(_))
+                )
+            }),
+        ),
+    ];
+    let n = run_sync(cases);
+    assert_eq!(
+        std::fs::read(&truncated).unwrap(),
+        &bytes[..100.min(bytes.len())],
+        "the truncated file was rewritten"
+    );
+    eprintln!("sqlite open cases: {n}");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_dsns_and_options_are_typed_within_a_bound() {
+    use broker_dispatch::store::{PgStore, PgStoreOptions};
+    use broker_dispatch::transport::{PgTransport, PgTransportOptions};
+    use broker_dispatch::TransportError;
+    let quick = || PgStoreOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..PgStoreOptions::default()
+    };
+    // A port nothing listens on: bound, then released.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed = format!("postgres://u@127.0.0.1:{closed_port}/db");
+    let store_cases: Vec<(
+        &'static str,
+        String,
+        PgStoreOptions,
+        fn(&StoreError) -> bool,
+    )> = vec![
+        ("store: empty DSN", String::new(), quick(), |e| {
+            matches!(e, StoreError::InvalidInput(_))
+        }),
+        ("store: garbage DSN", "garbage".into(), quick(), |e| {
+            matches!(e, StoreError::InvalidInput(_))
+        }),
+        (
+            "store: wrong scheme",
+            "mysql://u@127.0.0.1/db".into(),
+            quick(),
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: port out of range",
+            "postgres://u@127.0.0.1:99999999/db".into(),
+            quick(),
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: key=value with a bad port",
+            "host=127.0.0.1 port=notaport".into(),
+            quick(),
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: bad connect_timeout parameter",
+            "postgres://u@127.0.0.1/db?connect_timeout=soon".into(),
+            quick(),
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        ("store: unreachable port", closed.clone(), quick(), |e| {
+            matches!(e, StoreError::Unavailable(_))
+        }),
+        (
+            "store: bad schema name",
+            closed.clone(),
+            PgStoreOptions {
+                schema: "Bad Schema".into(),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: bad channel prefix",
+            closed.clone(),
+            PgStoreOptions {
+                channel_prefix: "bad-prefix".into(),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+    ];
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for (name, dsn, options, ok) in store_cases {
+        count += 1;
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            AssertUnwindSafe(PgStore::connect(&dsn, options)).catch_unwind(),
+        )
+        .await
+        {
+            Err(_) => failures.push(format!("{name}: no answer within 10 s")),
+            Ok(Err(_)) => failures.push(format!("{name}: panicked")),
+            Ok(Ok(Ok(_))) => failures.push(format!("{name}: connected")),
+            Ok(Ok(Err(e))) if ok(&e) => {}
+            Ok(Ok(Err(e))) => failures.push(format!(
+                "{name}: wrong variant {e:?} after {:?}",
+                started.elapsed()
+            )),
+        }
+    }
+    let topts = || PgTransportOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..PgTransportOptions::default()
+    };
+    let transport_cases: Vec<(
+        &'static str,
+        String,
+        PgTransportOptions,
+        fn(&TransportError) -> bool,
+    )> = vec![
+        ("transport: empty DSN", String::new(), topts(), |e| {
+            matches!(e, TransportError::Backend(_))
+        }),
+        ("transport: garbage DSN", "garbage".into(), topts(), |e| {
+            matches!(e, TransportError::Backend(_))
+        }),
+        (
+            "transport: unreachable port",
+            closed.clone(),
+            topts(),
+            |e| matches!(e, TransportError::Unavailable(_)),
+        ),
+        (
+            "transport: bad channel prefix",
+            closed.clone(),
+            PgTransportOptions {
+                channel_prefix: "Bad".into(),
+                ..topts()
+            },
+            |e| matches!(e, TransportError::Payload(_)),
+        ),
+    ];
+    for (name, dsn, options, ok) in transport_cases {
+        count += 1;
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            AssertUnwindSafe(PgTransport::connect(&dsn, options)).catch_unwind(),
+        )
+        .await
+        {
+            Err(_) => failures.push(format!("{name}: no answer within 10 s")),
+            Ok(Err(_)) => failures.push(format!("{name}: panicked")),
+            Ok(Ok(Ok(_))) => failures.push(format!("{name}: connected")),
+            Ok(Ok(Err(e))) if ok(&e) => {}
+            Ok(Ok(Err(e))) => failures.push(format!("{name}: wrong variant {e:?}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "bad-input cases failed:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("postgres DSN and option cases: {count}");
+}
