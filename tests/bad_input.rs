@@ -1803,3 +1803,124 @@ async fn postgres_dsns_and_options_are_typed_within_a_bound() {
     );
     eprintln!("postgres DSN and option cases: {count}");
 }
+
+/// Garbage on the notification channels (sent with `pg_notify` by a foreign session): each is
+/// ignored, the listener stays on the same connection, nothing is written, and the next
+/// dispatch still completes, carried by notices alone (polling is slower than the bound).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_notify_payloads_are_ignored_and_notices_keep_flowing() {
+    use broker_dispatch::store::{PgStore, PgStoreOptions};
+    use broker_dispatch::transport::{PgTransport, PgTransportOptions};
+    let Some(db) = pg::fresh() else { return };
+    let config = HubConfig {
+        poll_interval: Duration::from_secs(120),
+        sweep_interval: Duration::from_secs(120),
+        wait_window: Duration::from_secs(60),
+        ..quick_config()
+    };
+    let mut hubs = Vec::new();
+    let mut transports = Vec::new();
+    let mut store = None;
+    for name in ["owner", "origin"] {
+        let s = PgStore::connect(
+            &db.dsn,
+            PgStoreOptions {
+                schema: db.schema.clone(),
+                channel_prefix: db.schema.clone(),
+                ..PgStoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.migrate().await.unwrap();
+        let t = PgTransport::connect(
+            &db.dsn,
+            PgTransportOptions {
+                channel_prefix: db.schema.clone(),
+                ..PgTransportOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        transports.push(t.clone());
+        store.get_or_insert_with(|| s.clone());
+        hubs.push(
+            Hub::builder(n(name))
+                .store(Arc::new(s))
+                .transport(Arc::new(t))
+                .executor(recorder(name))
+                .config(config.clone())
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    let store = store.unwrap();
+    hubs[0].connect(b("nb"), s("s1")).await.unwrap();
+    let admin = pg::client(&db.dsn).await;
+    let signal = format!("{}_signal", db.schema);
+    let event = format!("{}_event", db.schema);
+    let pids: Vec<_> = transports.iter().map(PgTransport::listener_pid).collect();
+    let cases: Vec<(&'static str, &String, String)> = vec![
+        ("signal with a newline", &signal, "bad\nbroker".into()),
+        ("signal of 300 bytes", &signal, "b".repeat(300)),
+        ("signal of 7999 bytes", &signal, "x".repeat(7999)),
+        ("signal with DEL", &signal, "b\u{7f}".into()),
+        (
+            "signal with an escape sequence",
+            &signal,
+            "\u{1b}[2J".into(),
+        ),
+        ("event that is not a uuid", &event, "not-a-uuid".into()),
+        ("event that is empty", &event, String::new()),
+        (
+            "event with a bad hex digit",
+            &event,
+            "0190a0b0-0000-7000-8000-00000000000g".into(),
+        ),
+        (
+            "event that is JSON",
+            &event,
+            r#"{"t":"event","id":"x"}"#.into(),
+        ),
+    ];
+    let count = cases.len();
+    let mut failures = Vec::new();
+    for (i, (name, channel, payload)) in cases.into_iter().enumerate() {
+        let before = snapshot(&store).await.0;
+        admin
+            .execute("SELECT pg_notify($1, $2)", &[channel, &payload])
+            .await
+            .unwrap();
+        let out = tokio::time::timeout(
+            Duration::from_secs(15),
+            hubs[1].dispatch(Command::new(b("nb"), "op", json!({ "case": i }))),
+        )
+        .await;
+        match out {
+            Ok(Ok(v)) if v["node"] == "owner" => {}
+            other => failures.push(format!("{name}: the next dispatch got {other:?}")),
+        }
+        let after = snapshot(&store).await.0;
+        let new: Vec<_> = after.iter().filter(|d| !before.contains(d)).collect();
+        if after.len() != before.len() + 1 || new.len() != 1 || new[0].args != json!({ "case": i })
+        {
+            failures.push(format!(
+                "{name}: the store changed beyond the one dispatch: {new:?}"
+            ));
+        }
+        let now: Vec<_> = transports.iter().map(PgTransport::listener_pid).collect();
+        if now != pids {
+            failures.push(format!(
+                "{name}: a listener reconnected ({pids:?} -> {now:?})"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "bad-input cases failed:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("malformed NOTIFY cases: {count}");
+}
