@@ -52,6 +52,11 @@ fn s(x: &str) -> SessionId {
 }
 
 type CaseResult = Result<(), String>;
+/// A named case that needs no runtime.
+type SyncCase = (&'static str, Box<dyn Fn() -> CaseResult>);
+/// A named connect attempt: DSN, options, and the error variant it must produce.
+#[cfg(feature = "postgres")]
+type ConnectCase<O, E> = (&'static str, String, O, fn(&E) -> bool);
 type BoxFut<'a> = Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>>;
 
 /// Fails with the value when it is not what `pat` expects.
@@ -65,7 +70,7 @@ macro_rules! expect {
 }
 
 /// Runs every case, each under `catch_unwind`, and fails once, naming every case that failed.
-fn run_sync(cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)>) -> usize {
+fn run_sync(cases: Vec<SyncCase>) -> usize {
     let mut failures = Vec::new();
     let count = cases.len();
     for (name, case) in cases {
@@ -90,7 +95,7 @@ fn run_sync(cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)>) -> usize {
 fn identifiers_and_wire_formats() {
     let long = "x".repeat(257);
     let long_multibyte = "é".repeat(129); // 258 bytes, 129 chars
-    let mut cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)> = Vec::new();
+    let mut cases: Vec<SyncCase> = Vec::new();
     macro_rules! id_cases {
         ($ty:ident, $prefix:literal) => {
             let l = long.clone();
@@ -1598,7 +1603,7 @@ fn sqlite_open_refuses_what_is_not_a_database_and_touches_nothing() {
     let md = missing_dir.clone();
     let mf = missing_file.clone();
     let txt = text.clone();
-    let cases: Vec<(&'static str, Box<dyn Fn() -> CaseResult>)> = vec![
+    let cases: Vec<SyncCase> = vec![
         (
             "open a directory",
             Box::new(move || expect!(SqliteStore::open(&d), Err(StoreError::Backend(_)))),
@@ -1670,12 +1675,7 @@ async fn postgres_dsns_and_options_are_typed_within_a_bound() {
         .unwrap()
         .port();
     let closed = format!("postgres://u@127.0.0.1:{closed_port}/db");
-    let store_cases: Vec<(
-        &'static str,
-        String,
-        PgStoreOptions,
-        fn(&StoreError) -> bool,
-    )> = vec![
+    let store_cases: Vec<ConnectCase<PgStoreOptions, StoreError>> = vec![
         ("store: empty DSN", String::new(), quick(), |e| {
             matches!(e, StoreError::InvalidInput(_))
         }),
@@ -1753,12 +1753,7 @@ async fn postgres_dsns_and_options_are_typed_within_a_bound() {
         connect_timeout: Duration::from_secs(2),
         ..PgTransportOptions::default()
     };
-    let transport_cases: Vec<(
-        &'static str,
-        String,
-        PgTransportOptions,
-        fn(&TransportError) -> bool,
-    )> = vec![
+    let transport_cases: Vec<ConnectCase<PgTransportOptions, TransportError>> = vec![
         ("transport: empty DSN", String::new(), topts(), |e| {
             matches!(e, TransportError::Backend(_))
         }),

@@ -222,7 +222,7 @@ pub async fn start(
 #[derive(Debug)]
 pub enum Got {
     Dispatched(Result<serde_json::Value, Error>),
-    Sent(Result<Receipt, Error>),
+    Sent(Result<Box<Receipt>, Error>),
 }
 
 /// One command of a load: its tag (also in its args), its broker, what the originator got.
@@ -255,7 +255,7 @@ pub fn load(
             tasks.push(tokio::spawn(async move {
                 let cmd = Command::new(broker.clone(), "op", json!({ "tag": tag }));
                 let got = if tag % 3 == 0 {
-                    Got::Sent(hub.send(cmd).await)
+                    Got::Sent(hub.send(cmd).await.map(Box::new))
                 } else {
                     Got::Dispatched(hub.dispatch(cmd).await)
                 };
