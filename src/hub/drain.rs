@@ -296,15 +296,19 @@ fn retry_or_fail(c: &Claimed, after: std::time::Duration, message: String) -> Ou
     }
 }
 
-/// Finishes an attempt, retrying transient store errors a few times: a completion must be
-/// durable before anyone is told. If it cannot be written, the lease runs out and another
-/// attempt runs (at-least-once).
+/// Finishes an attempt, retrying store failures (a lock held elsewhere, a lost connection, a
+/// disk that went read-only for a while) for up to one lease: a completion must be durable
+/// before anyone is told, and the claim still protects the attempt for that long, so giving up
+/// sooner would throw away a result and run the work again. A definitive answer (fenced,
+/// illegal, not found) ends it at once. If the outcome still cannot be written, the lease runs
+/// out and another attempt runs (at-least-once).
 async fn finish_durably(sh: &Arc<Shared>, c: Claimed, outcome: Outcome) {
     let id = c.id();
     let broker = c.dispatch().broker.clone();
     let created_at = c.dispatch().created_at;
+    let give_up_at = super::instant_after(tokio::time::Instant::now(), sh.config.lease);
     let mut backoff = std::time::Duration::from_millis(50);
-    for _ in 0..5 {
+    loop {
         let res = sh
             .bounded(sh.store.finish(
                 c.renewal_handle(),
@@ -339,10 +343,14 @@ async fn finish_durably(sh: &Arc<Shared>, c: Claimed, outcome: Outcome) {
                 sh.publish(Notice::Event { id }).await;
                 return;
             }
-            Err(Error::Store(e)) if e.is_retryable() => {
+            Err(Error::Store(e @ (StoreError::Unavailable(_) | StoreError::Backend(_)))) => {
+                let left = give_up_at.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
                 tracing::debug!(%id, error = %e, "finish failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
             Err(e) => {
                 metrics::counter!("broker_dispatch_fenced_total").increment(1);

@@ -373,8 +373,16 @@ impl Shared {
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
         x ^= x >> 33;
         let frac = (x % 1000) as f64 / 1000.0; // 0..1
-        d.mul_f64(0.75 + frac * 0.5)
+                                               // Saturating: any duration the config accepts must not panic here.
+        Duration::try_from_secs_f64(d.as_secs_f64() * (0.75 + frac * 0.5)).unwrap_or(Duration::MAX)
     }
+}
+
+/// `from + d`, or about 30 years from `from` when that is not representable: config durations
+/// may be as large as `Duration::MAX`, and adding one to an instant must not panic.
+pub(crate) fn instant_after(from: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    from.checked_add(d)
+        .unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 fn seed_from(node: &NodeId) -> u64 {
@@ -737,7 +745,7 @@ impl Hub {
         let sh = &self.shared;
         sh.accepting.store(false, Ordering::Release);
         sh.shutdown.send_replace(true);
-        let deadline = tokio::time::Instant::now() + sh.config.shutdown_timeout;
+        let deadline = instant_after(tokio::time::Instant::now(), sh.config.shutdown_timeout);
         // Drains observe the flag between items; wait for them to wind down.
         loop {
             if sh.drains.lock().is_empty() {

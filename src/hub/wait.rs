@@ -55,7 +55,10 @@ impl<'a> Registration<'a> {
             if deadline.is_expired(elapsed_ts()) {
                 return self.give_up(d).await;
             }
-            let until = origin + deadline.poll_timeout().duration_since(Timestamp::EPOCH);
+            let until = super::instant_after(
+                origin,
+                deadline.poll_timeout().duration_since(Timestamp::EPOCH),
+            );
             let poll = sh.jitter(sh.config.poll_interval, self.id.as_uuid().as_u128() as u64);
             // Biased: a fixed polling order keeps seeded simulations replayable.
             tokio::select! {

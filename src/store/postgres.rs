@@ -438,6 +438,11 @@ impl PgStore {
         let mut config: tokio_postgres::Config = dsn
             .parse()
             .map_err(|e| StoreError::invalid(format!("bad postgres dsn: {e}")))?;
+        // The parser accepts a DSN without a host (an empty string, say); the driver only
+        // refuses it when connecting, which would surface as a backend failure.
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            return Err(StoreError::invalid("bad postgres dsn: no host"));
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
