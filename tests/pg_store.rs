@@ -882,3 +882,36 @@ mod conformance {
         }
     ));
 }
+
+/// A caller that gives up on a call blocked on the server (its own timeout drops the future)
+/// must not leave that busy connection in the pool for the next caller to wait behind.
+#[tokio::test]
+async fn an_abandoned_call_does_not_poison_the_pool() {
+    let Some(db) = pg::fresh() else { return };
+    let store = store_on(
+        &db.dsn,
+        &db.schema,
+        PgStoreOptions {
+            pool_size: 1,
+            ..PgStoreOptions::default()
+        },
+    )
+    .await;
+    let held = claimed_row(&store, "abandoned").await;
+    let locker = lock_row(&db, held.id()).await;
+    // The heartbeat blocks on the row lock; the caller's timeout abandons it.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        store.heartbeat(&held, heartbeat_now()),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the heartbeat should still be blocked");
+    // With one pooled connection, a reused busy connection would block this read until the
+    // lock is released; a fresh one answers at once.
+    let read = tokio::time::timeout(Duration::from_secs(5), store.get(held.id())).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let row = read
+        .expect("the read waited behind the abandoned statement")
+        .unwrap();
+    assert_eq!(row.map(|d| d.attempt), Some(1));
+}

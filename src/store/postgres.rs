@@ -406,9 +406,53 @@ fn map_pg(e: tokio_postgres::Error) -> StoreError {
 /// Hands the connection back to the pool, unless the call failed in a way that may have
 /// broken it: a backend terminated mid-call is not always noticed before the pool would hand
 /// the connection out again, so it is discarded rather than failing the next caller too.
-fn settle<T>(client: deadpool_postgres::Object, r: Result<T, StoreError>) -> Result<T, StoreError> {
-    if matches!(r, Err(StoreError::Unavailable(_))) {
-        drop(deadpool_postgres::Object::take(client));
+/// A pooled connection that goes back to the pool only when its call settles without a
+/// connection error. If the caller's future is dropped mid-statement (a timeout around the store
+/// call), the connection may still be busy on the server; handing it to the next caller would
+/// make that caller wait behind the abandoned statement, so it leaves the pool instead.
+struct Conn {
+    obj: Option<deadpool_postgres::Object>,
+}
+
+impl Conn {
+    fn obj(&self) -> &deadpool_postgres::Object {
+        self.obj
+            .as_ref()
+            .expect("a Conn holds its connection until it is dropped")
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.obj()
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.obj
+            .as_mut()
+            .expect("a Conn holds its connection until it is dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Reached only when the call did not settle: detach, so the pool never reuses it.
+        if let Some(obj) = self.obj.take() {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
+}
+
+fn settle<T>(mut client: Conn, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    if let Some(obj) = client.obj.take() {
+        if matches!(r, Err(StoreError::Unavailable(_))) {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+        // Otherwise dropping `obj` returns it to the pool.
     }
     r
 }
@@ -614,8 +658,9 @@ impl PgStore {
         .await
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(map_pool)
+    async fn client(&self) -> Result<Conn, StoreError> {
+        let obj = self.pool.get().await.map_err(map_pool)?;
+        Ok(Conn { obj: Some(obj) })
     }
 
     async fn insert_on<C, S1, S2>(
@@ -1186,7 +1231,7 @@ pub struct ImportOutcome {
 /// which rolls everything back.
 pub struct PgImport {
     store: PgStore,
-    client: Option<deadpool_postgres::Object>,
+    client: Option<Conn>,
     before: (u64, u64),
 }
 
@@ -1252,7 +1297,7 @@ impl PgStore {
 impl PgImport {
     fn conn(&self) -> Result<&deadpool_postgres::Object, StoreError> {
         self.client
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| StoreError::Backend("the import has ended".into()))
     }
 
@@ -1433,10 +1478,9 @@ impl PgImport {
 impl Drop for PgImport {
     fn drop(&mut self) {
         // An open transaction cannot be rolled back from a destructor (it would need to
-        // await), so its connection is closed instead: the server rolls back.
-        if let Some(client) = self.client.take() {
-            drop(deadpool_postgres::Object::take(client));
-        }
+        // await), so its connection is closed instead (dropping an unsettled `Conn` detaches
+        // it from the pool): the server rolls back.
+        drop(self.client.take());
     }
 }
 
