@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::{run_guarded, ExecContext, Shared};
+use super::{instant_after, run_guarded, ExecContext, Shared};
 use crate::error::{Error, ExecError, StoreError};
 use crate::fsm::{BrokerId, DispatchId, DispatchState, Progress, SessionId};
 use crate::store::{ClaimParams, Claimed, FinishParams, HeartbeatParams, Outcome};
@@ -107,7 +107,14 @@ async fn pass(sh: &Arc<Shared>, broker: &BrokerId) {
         }
         let n = claimed.len();
         metrics::counter!("broker_dispatch_claimed_total").increment(n as u64);
-        execute_batch(sh, broker, &session, claimed, asked + sh.config.lease).await;
+        execute_batch(
+            sh,
+            broker,
+            &session,
+            claimed,
+            instant_after(asked, sh.config.lease),
+        )
+        .await;
         if n < batch as usize {
             return;
         }
@@ -175,7 +182,7 @@ async fn still_held(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> bool {
     let Some(valid_until) = held.lock().get(&c.id()).map(|h| h.1) else {
         return false;
     };
-    if Instant::now() + sh.config.lease / 3 < valid_until {
+    if instant_after(Instant::now(), sh.config.lease / 3) < valid_until {
         return true;
     }
     let asked = Instant::now();
@@ -192,7 +199,7 @@ async fn still_held(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> bool {
     match res {
         Ok(_) => {
             if let Some(h) = held.lock().get_mut(&c.id()) {
-                h.1 = asked + sh.config.lease;
+                h.1 = instant_after(asked, sh.config.lease);
             }
             true
         }
@@ -224,7 +231,7 @@ async fn renew(sh: Arc<Shared>, held: Held) {
             match res {
                 Ok(_) => {
                     if let Some(h) = held.lock().get_mut(&c.id()) {
-                        h.1 = asked + sh.config.lease;
+                        h.1 = instant_after(asked, sh.config.lease);
                     }
                 }
                 Err(Error::Store(StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {
