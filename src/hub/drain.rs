@@ -15,7 +15,7 @@ use tokio::task::AbortHandle;
 
 use super::{run_guarded, ExecContext, Shared};
 use crate::error::{Error, ExecError, StoreError};
-use crate::fsm::{BrokerId, DispatchId, DispatchState, Progress, SessionId};
+use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, Progress, SessionId};
 use crate::store::{ClaimParams, Claimed, FinishParams, HeartbeatParams, Outcome};
 use crate::transport::Notice;
 
@@ -122,6 +122,11 @@ impl Drop for AbortOnDrop {
 
 type Held = Arc<Mutex<HashMap<DispatchId, Claimed>>>;
 
+/// How long a finished execution's outcome may wait to be written with later ones. Outcomes of
+/// fast executions are written together (one store call per batch instead of one per dispatch);
+/// once the oldest has waited this long, they are written while the next execution runs.
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+
 async fn execute_batch(
     sh: &Arc<Shared>,
     broker: &BrokerId,
@@ -136,27 +141,54 @@ async fn execute_batch(
     ));
     let _renewal =
         AbortOnDrop(tokio::spawn(renew(Arc::clone(sh), Arc::clone(&held))).abort_handle());
+    // Outcomes not yet written, and when the oldest of them was decided.
+    let mut outcomes: Vec<(Claimed, Outcome)> = Vec::with_capacity(claimed.len());
+    let mut oldest = Instant::now();
+    let mut released = false;
     for c in claimed {
         let still_here = sh.local_session(broker).as_ref() == Some(session);
         if sh.is_shutting_down() || !still_here {
             // Hand it back unexecuted instead of re-routing from inside the drain: the
-            // broker's new owner (or this node after a reconnect) claims it on the signal.
-            let id = c.id();
-            finish_durably(sh, c, Outcome::Release).await;
-            held.lock().remove(&id);
-            sh.publish(Notice::Signal {
-                broker: broker.clone(),
-            })
-            .await;
+            // broker's new owner (or this node after a reconnect) claims it on the signal
+            // sent once the release is durable.
+            if outcomes.is_empty() {
+                oldest = Instant::now();
+            }
+            outcomes.push((c, Outcome::Release));
+            released = true;
             continue;
         }
         if !held.lock().contains_key(&c.id()) {
             tracing::warn!(node = %sh.node, id = %c.id(), "lost the claim before executing; skipping");
             continue;
         }
-        let id = c.id();
-        execute_one(sh, c).await;
-        held.lock().remove(&id);
+        let outcome = if outcomes.is_empty() {
+            run_with_progress(sh, &c).await
+        } else {
+            let exec = run_with_progress(sh, &c);
+            tokio::pin!(exec);
+            let flush_at = tokio::time::Instant::from_std(oldest + FLUSH_AFTER);
+            tokio::select! {
+                biased;
+                outcome = &mut exec => outcome,
+                () = tokio::time::sleep_until(flush_at) => {
+                    let earlier = std::mem::take(&mut outcomes);
+                    let (outcome, ()) = tokio::join!(exec, finish_durably(sh, &held, earlier));
+                    outcome
+                }
+            }
+        };
+        if outcomes.is_empty() {
+            oldest = Instant::now();
+        }
+        outcomes.push((c, outcome));
+    }
+    finish_durably(sh, &held, outcomes).await;
+    if released {
+        sh.publish(Notice::Signal {
+            broker: broker.clone(),
+        })
+        .await;
     }
 }
 
@@ -188,11 +220,6 @@ async fn renew(sh: Arc<Shared>, held: Held) {
             }
         }
     }
-}
-
-async fn execute_one(sh: &Arc<Shared>, c: Claimed) {
-    let outcome = run_with_progress(sh, &c).await;
-    finish_durably(sh, c, outcome).await;
 }
 
 /// Runs the executor, storing each progress report (which also renews the lease) and telling
@@ -246,60 +273,99 @@ fn retry_or_fail(c: &Claimed, after: std::time::Duration, message: String) -> Ou
     }
 }
 
-/// Finishes an attempt, retrying transient store errors a few times: a completion must be
-/// durable before anyone is told. If it cannot be written, the lease runs out and another
-/// attempt runs (at-least-once).
-async fn finish_durably(sh: &Arc<Shared>, c: Claimed, outcome: Outcome) {
-    let id = c.id();
-    let broker = c.dispatch().broker.clone();
-    let created_at = c.dispatch().created_at;
+/// Finishes attempts (one store call for the lot), retrying transient store errors a few
+/// times: a completion must be durable before anyone is told. An outcome that cannot be written
+/// is left to the lease, which runs out so that another attempt runs (at-least-once). Every
+/// attempt passed in is dropped from `held` once settled either way.
+async fn finish_durably(sh: &Arc<Shared>, held: &Held, mut pending: Vec<(Claimed, Outcome)>) {
     let mut backoff = std::time::Duration::from_millis(50);
-    for _ in 0..5 {
-        let res = sh
-            .bounded(sh.store.finish(
-                c.renewal_handle(),
-                FinishParams {
-                    outcome: outcome.clone(),
-                    now: sh.store_now(),
-                },
-            ))
-            .await;
-        match res {
-            Ok(d) => {
-                match d.state {
-                    DispatchState::Done => {
-                        metrics::counter!("broker_dispatch_done_total").increment(1);
-                        let latency = sh.now().duration_since(created_at);
-                        metrics::histogram!("broker_dispatch_intent_to_done_seconds")
-                            .record(latency.as_secs_f64());
-                    }
-                    DispatchState::Failed => {
-                        let reason = d.failure.as_ref().map_or("error", |f| f.kind());
-                        metrics::counter!("broker_dispatch_failed_total", "reason" => reason)
-                            .increment(1);
-                    }
-                    DispatchState::Pending => {
-                        // Retried or released: the owner (maybe this node) must look again.
-                        if sh.local_session(&broker).is_some() {
-                            schedule(sh, &broker);
-                        }
-                    }
-                    DispatchState::InProgress => {}
+    for round in 0..5 {
+        if pending.is_empty() {
+            return;
+        }
+        if round > 0 {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+        let batch = pending
+            .iter()
+            .map(|(c, outcome)| {
+                (
+                    c.renewal_handle(),
+                    FinishParams {
+                        outcome: outcome.clone(),
+                        now: sh.store_now(),
+                    },
+                )
+            })
+            .collect();
+        let results = match tokio::time::timeout(
+            sh.config.store_timeout,
+            sh.store.finish_many(batch),
+        )
+        .await
+        {
+            Ok(results) if results.len() == pending.len() => results,
+            Ok(_) => {
+                tracing::warn!(node = %sh.node, "store answered a finish batch with the wrong number of results; retrying");
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(node = %sh.node, "finish timed out; retrying");
+                continue;
+            }
+        };
+        let announced = sh.store.announces_finishes();
+        let mut retry = Vec::new();
+        for ((c, outcome), res) in pending.into_iter().zip(results) {
+            let id = c.id();
+            match res {
+                Ok(d) => {
+                    held.lock().remove(&id);
+                    finished(sh, &d, announced).await;
                 }
-                sh.publish(Notice::Event { id }).await;
-                return;
-            }
-            Err(Error::Store(e)) if e.is_retryable() => {
-                tracing::debug!(%id, error = %e, "finish failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-            Err(e) => {
-                metrics::counter!("broker_dispatch_fenced_total").increment(1);
-                tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
-                return;
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(%id, error = %e, "finish failed; retrying");
+                    retry.push((c, outcome));
+                }
+                Err(e) => {
+                    held.lock().remove(&id);
+                    metrics::counter!("broker_dispatch_fenced_total").increment(1);
+                    tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
+                }
             }
         }
+        pending = retry;
     }
-    tracing::warn!(node = %sh.node, %id, "could not record the outcome; the lease will run out and the dispatch be re-claimed");
+    for (c, _) in pending {
+        held.lock().remove(&c.id());
+        tracing::warn!(node = %sh.node, id = %c.id(), "could not record the outcome; the lease will run out and the dispatch be re-claimed");
+    }
+}
+
+/// What follows a durable finish: metrics, another drain pass for a row handed back, and the
+/// event for its waiters (unless the store already announced it with the write).
+async fn finished(sh: &Arc<Shared>, d: &Dispatch, announced: bool) {
+    match d.state {
+        DispatchState::Done => {
+            metrics::counter!("broker_dispatch_done_total").increment(1);
+            let latency = sh.now().duration_since(d.created_at);
+            metrics::histogram!("broker_dispatch_intent_to_done_seconds")
+                .record(latency.as_secs_f64());
+        }
+        DispatchState::Failed => {
+            let reason = d.failure.as_ref().map_or("error", |f| f.kind());
+            metrics::counter!("broker_dispatch_failed_total", "reason" => reason).increment(1);
+        }
+        DispatchState::Pending => {
+            // Retried or released: the owner (maybe this node) must look again.
+            if sh.local_session(&d.broker).is_some() {
+                schedule(sh, &d.broker);
+            }
+        }
+        DispatchState::InProgress => {}
+    }
+    if !announced {
+        sh.publish(Notice::Event { id: d.id }).await;
+    }
 }
