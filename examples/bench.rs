@@ -1140,14 +1140,15 @@ fn main() {
         |name: &str| o.only.is_empty() || o.only.iter().any(|w| name.starts_with(w.as_str()));
     let mut rows = Vec::new();
     let started = Instant::now();
+    // First: memory freed by the other workloads would be reused and hide the growth.
+    if wants("memory_footprint") {
+        rows.extend(memory_footprint(&o));
+    }
     if wants("local_fast_path") {
         rows.extend(rt.block_on(local_fast_path(&o)));
     }
     if wants("memory_claim_complete") {
         rows.extend(memory_claim_complete(&o));
-    }
-    if wants("memory_footprint") {
-        rows.extend(memory_footprint(&o));
     }
     if wants("sqlite_drain") {
         rows.extend(rt.block_on(sqlite_drain(&o)));
