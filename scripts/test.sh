@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the crate: formatting, lints, unit/integration/property tests
 # (Postgres tests start a throwaway server themselves unless DATABASE_URL is set), the loom
-# model checks, the demo, and short fuzz runs. This is the command CI runs.
+# model checks, the demo, a quick run of the benchmark harness, and short fuzz runs. This is the
+# command CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -26,6 +27,9 @@ cargo run --release --example cluster -- --commands 10000 | tail -n 1
 
 step "deterministic cluster simulation (2,000 seeds)"
 cargo run --release --example simulate -- --seeds "${SIM_SEEDS:-2000}" | tail -n 1
+
+step "benchmark harness, quick (checks that it runs; asserts nothing about speed)"
+cargo run --release --example bench -- --quick | tail -n 40
 
 if [ -x scripts/fuzz.sh ]; then
   step "fuzz targets (short runs)"

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{instant_after, run_guarded, ExecContext, Shared};
 use crate::error::{Error, ExecError, StoreError};
-use crate::fsm::{BrokerId, DispatchId, DispatchState, Progress, SessionId};
+use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, Progress, SessionId};
 use crate::store::{ClaimParams, Claimed, FinishParams, HeartbeatParams, Outcome};
 use crate::transport::Notice;
 
@@ -73,50 +73,76 @@ async fn run(sh: Arc<Shared>, broker: BrokerId) {
 }
 
 /// Claims and executes until the broker has no claimable work, leaves this node, or the hub
-/// shuts down.
+/// shuts down. A batch's outcomes are written before the next claim: claiming first could
+/// re-claim one of this node's own rows whose lease lapsed while its outcome was pending, and
+/// run it a second time.
 async fn pass(sh: &Arc<Shared>, broker: &BrokerId) {
-    let batch = sh.config.claim_batch;
-    loop {
-        if sh.is_shutting_down() {
-            return;
-        }
-        let Some(session) = sh.local_session(broker) else {
-            return;
-        };
-        // The lease is measured from before the request left, on the monotonic clock: the
-        // store stamps it no earlier, so this node never believes in a lease the store dropped.
-        let asked = Instant::now();
-        let claimed = sh
-            .bounded(sh.store.claim(ClaimParams {
-                broker: broker.clone(),
-                node: sh.node.clone(),
-                limit: batch,
-                lease: sh.config.lease,
-                now: sh.store_now(),
-            }))
+    let batch = sh.config.claim_batch as usize;
+    while let Some((session, claimed, lease_until)) = claim_next(sh, broker).await {
+        let full = claimed.len() >= batch;
+        execute_batch(sh, broker, &session, claimed, lease_until)
+            .await
+            .finish(sh, broker)
             .await;
-        let claimed = match claimed {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(node = %sh.node, %broker, error = %e, "claim failed; the next signal or catch-up retries");
-                return;
-            }
-        };
-        if claimed.is_empty() {
+        if !full {
             return;
         }
-        let n = claimed.len();
-        metrics::counter!("broker_dispatch_claimed_total").increment(n as u64);
-        execute_batch(
-            sh,
-            broker,
-            &session,
-            claimed,
-            instant_after(asked, sh.config.lease),
-        )
+    }
+}
+
+/// The broker's next batch, with the session it was claimed under and the instant (monotonic)
+/// until which its leases are known to hold; `None` when there is nothing to claim, the broker
+/// is no longer connected here, the hub is shutting down, or the claim failed.
+async fn claim_next(
+    sh: &Arc<Shared>,
+    broker: &BrokerId,
+) -> Option<(SessionId, Vec<Claimed>, Instant)> {
+    if sh.is_shutting_down() {
+        return None;
+    }
+    let session = sh.local_session(broker)?;
+    // The lease is measured from before the request left, on the monotonic clock: the store
+    // stamps it no earlier, so this node never believes in a lease the store dropped.
+    let asked = Instant::now();
+    let claimed = sh
+        .bounded(sh.store.claim(ClaimParams {
+            broker: broker.clone(),
+            node: sh.node.clone(),
+            limit: sh.config.claim_batch,
+            lease: sh.config.lease,
+            now: sh.store_now(),
+        }))
         .await;
-        if n < batch as usize {
-            return;
+    match claimed {
+        Ok(c) if c.is_empty() => None,
+        Ok(c) => {
+            metrics::counter!("broker_dispatch_claimed_total").increment(c.len() as u64);
+            Some((session, c, instant_after(asked, sh.config.lease)))
+        }
+        Err(e) => {
+            tracing::warn!(node = %sh.node, %broker, error = %e, "claim failed; the next signal or catch-up retries");
+            None
+        }
+    }
+}
+
+/// A batch whose executions are over and whose outcomes remain to be written. Its leases are
+/// renewed until then.
+struct Finishing {
+    held: Held,
+    outcomes: Vec<(Claimed, Outcome)>,
+    released: bool,
+    _renewal: AbortOnDrop,
+}
+
+impl Finishing {
+    async fn finish(self, sh: &Arc<Shared>, broker: &BrokerId) {
+        finish_durably(sh, &self.held, self.outcomes).await;
+        if self.released {
+            sh.publish(Notice::Signal {
+                broker: broker.clone(),
+            })
+            .await;
         }
     }
 }
@@ -134,33 +160,41 @@ impl Drop for AbortOnDrop {
 /// its lease is known to hold.
 type Held = Arc<Mutex<BTreeMap<DispatchId, (Claimed, Instant)>>>;
 
+/// How long a finished execution's outcome may wait to be written with later ones. Outcomes of
+/// fast executions are written together (one store call per batch instead of one per dispatch);
+/// once the oldest has waited this long, they are written while the next execution runs.
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+
 async fn execute_batch(
     sh: &Arc<Shared>,
     broker: &BrokerId,
     session: &SessionId,
     claimed: Vec<Claimed>,
     lease_until: Instant,
-) {
+) -> Finishing {
     let held: Held = Arc::new(Mutex::new(
         claimed
             .iter()
             .map(|c| (c.id(), (c.renewal_handle(), lease_until)))
             .collect(),
     ));
-    let _renewal =
+    let renewal =
         AbortOnDrop(tokio::spawn(renew(Arc::clone(sh), Arc::clone(&held))).abort_handle());
+    // Outcomes not yet written, and when the oldest of them was decided.
+    let mut outcomes: Vec<(Claimed, Outcome)> = Vec::with_capacity(claimed.len());
+    let mut oldest = Instant::now();
+    let mut released = false;
     for c in claimed {
         let still_here = sh.local_session(broker).as_ref() == Some(session);
         if sh.is_shutting_down() || !still_here {
             // Hand it back unexecuted instead of re-routing from inside the drain: the
-            // broker's new owner (or this node after a reconnect) claims it on the signal.
-            let id = c.id();
-            finish_durably(sh, c, Outcome::Release).await;
-            held.lock().remove(&id);
-            sh.publish(Notice::Signal {
-                broker: broker.clone(),
-            })
-            .await;
+            // broker's new owner (or this node after a reconnect) claims it on the signal
+            // sent once the release is durable.
+            if outcomes.is_empty() {
+                oldest = Instant::now();
+            }
+            outcomes.push((c, Outcome::Release));
+            released = true;
             continue;
         }
         if !still_held(sh, &held, &c).await {
@@ -168,9 +202,32 @@ async fn execute_batch(
             held.lock().remove(&c.id());
             continue;
         }
-        let id = c.id();
-        execute_one(sh, c).await;
-        held.lock().remove(&id);
+        let outcome = if outcomes.is_empty() {
+            run_with_progress(sh, &c).await
+        } else {
+            let exec = run_with_progress(sh, &c);
+            tokio::pin!(exec);
+            let flush_at = oldest + FLUSH_AFTER;
+            tokio::select! {
+                biased;
+                outcome = &mut exec => outcome,
+                () = tokio::time::sleep_until(flush_at) => {
+                    let earlier = std::mem::take(&mut outcomes);
+                    let (outcome, ()) = tokio::join!(exec, finish_durably(sh, &held, earlier));
+                    outcome
+                }
+            }
+        };
+        if outcomes.is_empty() {
+            oldest = Instant::now();
+        }
+        outcomes.push((c, outcome));
+    }
+    Finishing {
+        held,
+        outcomes,
+        released,
+        _renewal: renewal,
     }
 }
 
@@ -245,11 +302,6 @@ async fn renew(sh: Arc<Shared>, held: Held) {
     }
 }
 
-async fn execute_one(sh: &Arc<Shared>, c: Claimed) {
-    let outcome = run_with_progress(sh, &c).await;
-    finish_durably(sh, c, outcome).await;
-}
-
 /// Runs the executor, storing each progress report (which also renews the lease) and telling
 /// the originator about it.
 async fn run_with_progress(sh: &Arc<Shared>, c: &Claimed) -> Outcome {
@@ -303,68 +355,108 @@ fn retry_or_fail(c: &Claimed, after: std::time::Duration, message: String) -> Ou
     }
 }
 
-/// Finishes an attempt, retrying store failures (a lock held elsewhere, a lost connection, a
-/// disk that went read-only for a while) for up to one lease: a completion must be durable
-/// before anyone is told, and the claim still protects the attempt for that long, so giving up
-/// sooner would throw away a result and run the work again. A definitive answer (fenced,
-/// illegal, not found) ends it at once. If the outcome still cannot be written, the lease runs
-/// out and another attempt runs (at-least-once).
-async fn finish_durably(sh: &Arc<Shared>, c: Claimed, outcome: Outcome) {
-    let id = c.id();
-    let broker = c.dispatch().broker.clone();
-    let created_at = c.dispatch().created_at;
-    let give_up_at = super::instant_after(tokio::time::Instant::now(), sh.config.lease);
+/// Finishes attempts (one store call for the lot), retrying store failures for up to one
+/// lease: a completion must be durable before anyone is told. An outcome that cannot be written
+/// is left to the lease, which runs out so that another attempt runs (at-least-once). Every
+/// attempt passed in is dropped from `held` once settled either way.
+async fn finish_durably(sh: &Arc<Shared>, held: &Held, mut pending: Vec<(Claimed, Outcome)>) {
+    // Keep trying for one lease: a short store outage (a foreign lock, a read-only moment, a
+    // restart) must not turn a finished execution into a second one.
+    let give_up_at = instant_after(Instant::now(), sh.config.lease);
     let mut backoff = std::time::Duration::from_millis(50);
+    let mut first = true;
     loop {
-        let res = sh
-            .bounded(sh.store.finish(
-                c.renewal_handle(),
-                FinishParams {
-                    outcome: outcome.clone(),
-                    now: sh.store_now(),
-                },
-            ))
-            .await;
-        match res {
-            Ok(d) => {
-                match d.state {
-                    DispatchState::Done => {
-                        metrics::counter!("broker_dispatch_done_total").increment(1);
-                        let latency = sh.now().duration_since(created_at);
-                        metrics::histogram!("broker_dispatch_intent_to_done_seconds")
-                            .record(latency.as_secs_f64());
-                    }
-                    DispatchState::Failed => {
-                        let reason = d.failure.as_ref().map_or("error", |f| f.kind());
-                        metrics::counter!("broker_dispatch_failed_total", "reason" => reason)
-                            .increment(1);
-                    }
-                    DispatchState::Pending => {
-                        // Retried or released: the owner (maybe this node) must look again.
-                        if sh.local_session(&broker).is_some() {
-                            schedule(sh, &broker);
-                        }
-                    }
-                    DispatchState::InProgress => {}
-                }
-                sh.publish(Notice::Event { id }).await;
-                return;
+        if pending.is_empty() {
+            return;
+        }
+        if !first {
+            let left = give_up_at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
             }
-            Err(Error::Store(e @ (StoreError::Unavailable(_) | StoreError::Backend(_)))) => {
-                let left = give_up_at.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                tracing::debug!(%id, error = %e, "finish failed; retrying");
-                tokio::time::sleep(backoff.min(left)).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+        }
+        first = false;
+        let batch = pending
+            .iter()
+            .map(|(c, outcome)| {
+                (
+                    c.renewal_handle(),
+                    FinishParams {
+                        outcome: outcome.clone(),
+                        now: sh.store_now(),
+                    },
+                )
+            })
+            .collect();
+        let results = match tokio::time::timeout(
+            sh.config.store_timeout,
+            sh.store.finish_many(batch),
+        )
+        .await
+        {
+            Ok(results) if results.len() == pending.len() => results,
+            Ok(_) => {
+                tracing::warn!(node = %sh.node, "store answered a finish batch with the wrong number of results; retrying");
+                continue;
             }
-            Err(e) => {
-                metrics::counter!("broker_dispatch_fenced_total").increment(1);
-                tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
-                return;
+            Err(_) => {
+                tracing::debug!(node = %sh.node, "finish timed out; retrying");
+                continue;
+            }
+        };
+        let announced = sh.store.announces_finishes();
+        let mut retry = Vec::new();
+        for ((c, outcome), res) in pending.into_iter().zip(results) {
+            let id = c.id();
+            match res {
+                Ok(d) => {
+                    held.lock().remove(&id);
+                    finished(sh, &d, announced).await;
+                }
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => {
+                    tracing::debug!(%id, error = %e, "finish failed; retrying");
+                    retry.push((c, outcome));
+                }
+                Err(e) => {
+                    held.lock().remove(&id);
+                    metrics::counter!("broker_dispatch_fenced_total").increment(1);
+                    tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
+                }
             }
         }
+        pending = retry;
     }
-    tracing::warn!(node = %sh.node, %id, "could not record the outcome; the lease will run out and the dispatch be re-claimed");
+    for (c, _) in pending {
+        held.lock().remove(&c.id());
+        tracing::warn!(node = %sh.node, id = %c.id(), "could not record the outcome; the lease will run out and the dispatch be re-claimed");
+    }
+}
+
+/// What follows a durable finish: metrics, another drain pass for a row handed back, and the
+/// event for its waiters (unless the store already announced it with the write).
+async fn finished(sh: &Arc<Shared>, d: &Dispatch, announced: bool) {
+    match d.state {
+        DispatchState::Done => {
+            metrics::counter!("broker_dispatch_done_total").increment(1);
+            let latency = sh.now().duration_since(d.created_at);
+            metrics::histogram!("broker_dispatch_intent_to_done_seconds")
+                .record(latency.as_secs_f64());
+        }
+        DispatchState::Failed => {
+            let reason = d.failure.as_ref().map_or("error", |f| f.kind());
+            metrics::counter!("broker_dispatch_failed_total", "reason" => reason).increment(1);
+        }
+        DispatchState::Pending => {
+            // Retried or released: the owner (maybe this node) must look again.
+            if sh.local_session(&d.broker).is_some() {
+                schedule(sh, &d.broker);
+            }
+        }
+        DispatchState::InProgress => {}
+    }
+    if !announced {
+        sh.publish(Notice::Event { id: d.id }).await;
+    }
 }

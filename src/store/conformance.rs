@@ -61,6 +61,8 @@ macro_rules! store_conformance_tests {
             attempts_exhausted_blocks_reclaim_and_sweep_exhausts,
             cancel_only_while_pending,
             double_finish_is_a_typed_error,
+            finish_many_agrees_with_apply_entry_by_entry,
+            finish_many_takes_a_full_claim_batch,
             unknown_id_is_not_found,
             store_agrees_with_apply_in_every_state,
             concurrent_claimers_partition_the_rows,
@@ -1598,4 +1600,157 @@ pub async fn bad_input_is_rejected_and_changes_nothing(store: Arc<dyn Store>) {
             .await,
     );
     assert_eq!(all_rows(&*store).await, before);
+}
+
+/// `finish_many` answers each entry exactly as `finish` would, in input order: every outcome
+/// kind, a stale holder (fenced), a retry with no attempts left (illegal), an unknown id (not
+/// found), and one attempt finished twice in the batch (the second entry sees the first's
+/// write). Refused entries change nothing and do not stop the others.
+pub async fn finish_many_agrees_with_apply_entry_by_entry(store: Arc<dyn Store>) {
+    let s = &*store;
+    for n in 1..=5 {
+        insert(s, new_dispatch(n, "b1", at(n as i64))).await;
+    }
+    let mut one_shot = new_dispatch(7, "b1", at(7));
+    one_shot.max_attempts = 1;
+    insert(s, one_shot).await;
+    insert(s, new_dispatch(6, "b2", at(6))).await;
+    let stale = claim_one(s, "b2", "n1", at(secs(1))).await;
+    let current = claim_one(s, "b2", "n2", at(secs(20))).await;
+    assert_eq!(current.attempt(), 2);
+    let mut held = claim(s, "b1", "n1", 10, at(secs(15))).await;
+    assert_eq!(held.len(), 6);
+    let by_id = |held: &mut Vec<Claimed>, n: u128| {
+        let i = held.iter().position(|c| c.id() == id(n)).expect("held");
+        held.remove(i)
+    };
+    let mut unknown = stale.dispatch().clone();
+    unknown.id = id(99);
+    let c5 = by_id(&mut held, 5);
+    let c5_again = Claimed::new(c5.dispatch().clone());
+    let c1 = by_id(&mut held, 1);
+    let c1_again = Claimed::new(c1.dispatch().clone());
+    let now = at(secs(21));
+    let entries: Vec<(Claimed, Outcome)> = vec![
+        (c1, Outcome::Complete(serde_json::json!({ "r": 1 }))),
+        (by_id(&mut held, 2), Outcome::Fail("boom".into())),
+        (
+            by_id(&mut held, 3),
+            Outcome::Retry {
+                after: Duration::from_secs(5),
+            },
+        ),
+        (by_id(&mut held, 4), Outcome::Release),
+        (stale, Outcome::Complete(serde_json::json!("stale"))),
+        (
+            by_id(&mut held, 7),
+            Outcome::Retry {
+                after: Duration::ZERO,
+            },
+        ),
+        (
+            Claimed::new(unknown),
+            Outcome::Complete(serde_json::json!(0)),
+        ),
+        (c5, Outcome::Complete(serde_json::json!(5))),
+        (c5_again, Outcome::Complete(serde_json::json!("again"))),
+        (c1_again, Outcome::Release),
+    ];
+
+    // The oracle: `apply` on each row as the entries before it left it.
+    let mut rows = std::collections::HashMap::new();
+    for n in 1..=7 {
+        rows.insert(id(n), get(s, id(n)).await);
+    }
+    let mut expected = Vec::new();
+    for (c, outcome) in &entries {
+        let attempt = c.attempt();
+        let event = match outcome.clone() {
+            Outcome::Complete(result) => Event::Complete {
+                attempt,
+                now,
+                result,
+            },
+            Outcome::Fail(error) => Event::Fail {
+                attempt,
+                now,
+                error,
+            },
+            Outcome::Retry { after } => Event::Retry {
+                attempt,
+                now,
+                at: now.saturating_add(after),
+            },
+            Outcome::Release => Event::Release { attempt, now },
+        };
+        expected.push(match rows.get(&c.id()) {
+            None => Err(StoreError::NotFound(c.id())),
+            Some(row) => match fsm::apply(row, event) {
+                Ok(next) => {
+                    rows.insert(c.id(), next.clone());
+                    Ok(next)
+                }
+                Err(e) => Err(StoreError::from(e)),
+            },
+        });
+    }
+
+    let batch = entries
+        .into_iter()
+        .map(|(c, outcome)| {
+            (
+                c,
+                FinishParams {
+                    outcome,
+                    now: Some(now),
+                },
+            )
+        })
+        .collect();
+    let got = s.finish_many(batch).await;
+    assert_eq!(got.len(), expected.len(), "one answer per entry");
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        match (g, e) {
+            (Ok(g), Ok(e)) => assert_eq!(g, e, "entry {i}"),
+            (Err(g), Err(e)) => assert_same_error(g, e),
+            _ => panic!("entry {i}: expected {e:?}, got {g:?}"),
+        }
+    }
+    for n in 1..=7 {
+        assert_eq!(get(s, id(n)).await, rows[&id(n)], "row {n} after the batch");
+    }
+    assert!(s.finish_many(Vec::new()).await.is_empty());
+}
+
+/// A large `finish_many` batch (the most one claim hands out) finishes every row.
+pub async fn finish_many_takes_a_full_claim_batch(store: Arc<dyn Store>) {
+    let s = &*store;
+    for n in 0..u128::from(MAX_BATCH) {
+        let mut new = new_dispatch(n + 1, "b1", at(0));
+        new.args = serde_json::json!(null);
+        insert(s, new).await;
+    }
+    let held = claim(s, "b1", "n1", MAX_BATCH, at(1)).await;
+    assert_eq!(held.len(), MAX_BATCH as usize);
+    let batch = held
+        .into_iter()
+        .map(|c| {
+            let n = c.id();
+            (
+                c,
+                FinishParams {
+                    outcome: Outcome::Complete(serde_json::json!(n.to_string())),
+                    now: Some(at(2)),
+                },
+            )
+        })
+        .collect();
+    for r in s.finish_many(batch).await {
+        let d = r.expect("every held row finishes");
+        assert_eq!(d.state, DispatchState::Done);
+        assert_eq!(d.result, Some(serde_json::json!(d.id.to_string())));
+    }
+    assert!(claim(s, "b1", "n1", MAX_BATCH, at(secs(100)))
+        .await
+        .is_empty());
 }

@@ -159,45 +159,40 @@ impl MemoryStore {
 
     /// The synchronous core of [`Store::finish`].
     pub fn finish_sync(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
-        let now = p.now.unwrap_or_else(system_now);
-        let attempt = c.attempt();
-        let event = match p.outcome {
-            Outcome::Complete(result) => Event::Complete {
-                attempt,
-                now,
-                result,
-            },
-            Outcome::Fail(error) => Event::Fail {
-                attempt,
-                now,
-                error,
-            },
-            Outcome::Retry { after } => Event::Retry {
-                attempt,
-                now,
-                at: now.saturating_add(after),
-            },
-            Outcome::Release => Event::Release { attempt, now },
-        };
-        self.transition(c.id(), event)
+        let (id, event) = finish_event(&c, p);
+        self.transition(id, event)
+    }
+
+    /// The synchronous core of [`Store::finish_many`]: every entry under one lock.
+    pub fn finish_many_sync(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let mut inner = self.inner.lock();
+        batch
+            .into_iter()
+            .map(|(c, p)| {
+                let (id, event) = finish_event(&c, p);
+                let event = self.maybe_unfenced(&inner, id, event);
+                transition_locked(&mut inner, id, event)
+            })
+            .collect()
     }
 
     fn transition(&self, id: DispatchId, event: Event) -> Result<Dispatch, StoreError> {
-        let event = if self.fault() == StoreFault::SkipFencing as u8 {
-            unfenced(event, self.inner.lock().rows.get(&id).map(|d| d.attempt))
+        let mut inner = self.inner.lock();
+        let event = self.maybe_unfenced(&inner, id, event);
+        transition_locked(&mut inner, id, event)
+    }
+
+    /// `event` as given, or — with the test-only `SkipFencing` fault set — re-addressed to the
+    /// row's current attempt, as a store without fencing would apply it.
+    fn maybe_unfenced(&self, inner: &Inner, id: DispatchId, event: Event) -> Event {
+        if self.fault() == StoreFault::SkipFencing as u8 {
+            unfenced(event, inner.rows.get(&id).map(|d| d.attempt))
         } else {
             event
-        };
-        let mut inner = self.inner.lock();
-        let row = inner.rows.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        let next = fsm::apply(row, event)?;
-        *row = next.clone();
-        if next.state.is_terminal() {
-            if let Some(set) = inner.active.get_mut(&next.broker) {
-                set.remove(&(next.created_at, id));
-            }
         }
-        Ok(next)
     }
 }
 
@@ -217,6 +212,47 @@ fn unfenced(mut event: Event, current: Option<fsm::Attempt>) -> Event {
         }
     }
     event
+}
+
+/// The event `finish` applies for this holder and outcome.
+fn finish_event(c: &Claimed, p: FinishParams) -> (DispatchId, Event) {
+    let now = p.now.unwrap_or_else(system_now);
+    let attempt = c.attempt();
+    let event = match p.outcome {
+        Outcome::Complete(result) => Event::Complete {
+            attempt,
+            now,
+            result,
+        },
+        Outcome::Fail(error) => Event::Fail {
+            attempt,
+            now,
+            error,
+        },
+        Outcome::Retry { after } => Event::Retry {
+            attempt,
+            now,
+            at: now.saturating_add(after),
+        },
+        Outcome::Release => Event::Release { attempt, now },
+    };
+    (c.id(), event)
+}
+
+fn transition_locked(
+    inner: &mut Inner,
+    id: DispatchId,
+    event: Event,
+) -> Result<Dispatch, StoreError> {
+    let row = inner.rows.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+    let next = fsm::apply(row, event)?;
+    *row = next.clone();
+    if next.state.is_terminal() {
+        if let Some(set) = inner.active.get_mut(&next.broker) {
+            set.remove(&(next.created_at, id));
+        }
+    }
+    Ok(next)
 }
 
 #[async_trait]
@@ -249,6 +285,13 @@ impl Store for MemoryStore {
 
     async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
         self.finish_sync(c, p)
+    }
+
+    async fn finish_many(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        self.finish_many_sync(batch)
     }
 
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {

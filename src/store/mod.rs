@@ -104,6 +104,42 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// As [`heartbeat`](Store::heartbeat); a `Retry` with no attempts left is `Illegal`.
     async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError>;
 
+    /// Finishes several attempts at once: each entry exactly as [`finish`](Store::finish) would
+    /// (same guards, same fencing by its own attempt, same typed errors), answered in input
+    /// order. Entries are independent: a refused entry changes nothing and does not stop the
+    /// others. A result is `Ok` only once that row's new state is durable.
+    ///
+    /// The default calls `finish` once per entry; the SQL stores write a batch in one
+    /// statement (SQLite: one transaction), which is what makes draining fast.
+    ///
+    /// # Errors
+    ///
+    /// Per entry, as [`finish`](Store::finish). A failure of the whole batch (connection lost)
+    /// is reported on every entry it affected, as the same variant.
+    ///
+    /// # Cancel safety
+    ///
+    /// As `finish`: dropping the future leaves each entry applied in full or not at all; which
+    /// entries were applied is then unknown (a re-read tells).
+    async fn finish_many(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (c, p) in batch {
+            out.push(self.finish(c, p).await);
+        }
+        out
+    }
+
+    /// Whether [`finish_many`](Store::finish_many) itself announces every row it finishes
+    /// ([`Notice::Event`](crate::transport::Notice::Event)) on the cluster's transport, in the
+    /// same transaction as the rows (Postgres, with NOTIFY). When `false` (the default) the hub
+    /// publishes the events after `finish_many` returns.
+    fn announces_finishes(&self) -> bool {
+        false
+    }
+
     /// Cancels a pending dispatch so it never runs.
     ///
     /// # Errors
@@ -464,6 +500,35 @@ fn json_size(v: &serde_json::Value) -> usize {
     // Writing a `Value` to an infallible sink cannot fail.
     let _ = serde_json::to_writer(&mut c, v);
     c.0
+}
+
+/// The same failure for each of `n` entries of a batch that failed as a whole. Driver errors
+/// cannot be cloned, so the copies carry its message (and keep its variant, hence
+/// [`StoreError::is_retryable`]).
+pub(crate) fn batch_failure(e: &StoreError, n: usize) -> Vec<Result<Dispatch, StoreError>> {
+    (0..n)
+        .map(|_| {
+            Err(match e {
+                StoreError::NotFound(id) => StoreError::NotFound(*id),
+                StoreError::Fenced { presented, current } => StoreError::Fenced {
+                    presented: *presented,
+                    current: *current,
+                },
+                StoreError::Illegal { from, event } => StoreError::Illegal {
+                    from: *from,
+                    event: *event,
+                },
+                StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
+                StoreError::InvalidInput(m) => StoreError::InvalidInput(m.clone()),
+                StoreError::SchemaTooNew { found, supported } => StoreError::SchemaTooNew {
+                    found: *found,
+                    supported: *supported,
+                },
+                StoreError::Unavailable(src) => StoreError::Unavailable(src.to_string().into()),
+                StoreError::Backend(src) => StoreError::Backend(src.to_string().into()),
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {

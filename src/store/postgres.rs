@@ -30,7 +30,7 @@ use crate::fsm::{
     self, Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, Event, FailReason,
     NodeId, SessionId, Timestamp,
 };
-use crate::transport::postgres::{check_channel_prefix, signal_channel};
+use crate::transport::postgres::{check_channel_prefix, event_channel, signal_channel};
 
 /// The migrations, in order: `(version, SQL)`. `{schema}` stands for the quoted schema name.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
@@ -90,6 +90,8 @@ struct Sql {
     fail: String,
     retry: String,
     release: String,
+    finish_many: String,
+    notify: String,
     cancel: String,
     read_at: String,
     get: String,
@@ -196,6 +198,34 @@ impl Sql {
                 "state = 'pending', available_at = clock.now, lease_until = NULL",
                 "",
             ),
+            // Every finish of a batch in one statement, each row still guarded by its own
+            // attempt (the same guards as `complete`, `fail`, `retry` and `release` above), and
+            // an event per finished row on `$8` in the same transaction. `$1..$7` are parallel
+            // arrays: id, attempt, kind, result, failure, retry delay, explicit now.
+            finish_many: format!(
+                "WITH clock AS MATERIALIZED (SELECT {s}.clock_micros() AS now), \
+                 v AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::json[], \
+                         $5::json[], $6::bigint[], $7::bigint[]) \
+                       AS v(id, attempt, kind, result, failure, delay, at)), \
+                 upd AS ( \
+                   UPDATE {s}.dispatch AS d SET \
+                     state = CASE v.kind WHEN 'complete' THEN 'done' WHEN 'fail' THEN 'failed' \
+                             ELSE 'pending' END, \
+                     result = CASE WHEN v.kind = 'complete' THEN v.result ELSE d.result END, \
+                     failure = CASE WHEN v.kind = 'fail' THEN v.failure ELSE d.failure END, \
+                     available_at = CASE v.kind \
+                       WHEN 'retry' THEN {s}.sat_add(COALESCE(v.at, clock.now), v.delay) \
+                       WHEN 'release' THEN COALESCE(v.at, clock.now) \
+                       ELSE d.available_at END, \
+                     lease_until = NULL, updated_at = COALESCE(v.at, clock.now) \
+                   FROM clock, v \
+                   WHERE d.id = v.id AND d.attempt = v.attempt AND d.state = 'in_progress' \
+                     AND (v.kind <> 'retry' OR d.attempt < d.max_attempts) \
+                   RETURNING {COLS}), \
+                 ev AS (SELECT pg_notify($8::text, upd.id::text) FROM upd) \
+                 SELECT upd.*, (SELECT count(*) FROM ev) FROM upd"
+            ),
+            notify: "SELECT pg_notify($1::text, $2::text)".to_owned(),
             cancel: format!(
                 "{} UPDATE {s}.dispatch AS d \
                  SET state = 'failed', failure = $3::json, updated_at = clock.now FROM clock \
@@ -307,6 +337,7 @@ pub struct PgStore {
     sql: Arc<Sql>,
     schema: Arc<str>,
     signal_channel: Arc<str>,
+    event_channel: Arc<str>,
     codec: Option<Arc<dyn ArgsCodec>>,
     sweep_key: i64,
 }
@@ -537,6 +568,7 @@ impl PgStore {
             sweep_key: lock_key("sweep", &options.schema),
             schema: options.schema.into(),
             signal_channel: signal_channel(&options.channel_prefix).into(),
+            event_channel: event_channel(&options.channel_prefix).into(),
             codec: options.args_codec,
         })
     }
@@ -972,6 +1004,32 @@ impl Store for PgStore {
         }
     }
 
+    /// One statement per batch (see [`PgStore::finish_run`]); entries naming an id already in
+    /// the batch start a new statement, so each entry sees the row as the entries before it
+    /// left it, exactly as a loop of `finish` would.
+    async fn finish_many(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut run = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for (c, p) in batch {
+            if !ids.insert(c.id()) {
+                out.extend(self.finish_run(std::mem::take(&mut run)).await);
+                ids.clear();
+                ids.insert(c.id());
+            }
+            run.push((c, p));
+        }
+        out.extend(self.finish_run(run).await);
+        out
+    }
+
+    fn announces_finishes(&self) -> bool {
+        true
+    }
+
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
         let failure = to_json(&FailReason::Cancelled)?;
         self.guarded(&self.sql.cancel, p.id, p.now, &[&failure], |now| {
@@ -1175,6 +1233,117 @@ impl Store for PgStore {
         }
         .await;
         settle(client, r)
+    }
+}
+
+impl PgStore {
+    /// Finishes a batch of distinct dispatches in one statement. Rows the statement's guards
+    /// refused go through [`Store::finish`] one by one, which re-applies the guard and, when it
+    /// refuses again, names the error exactly as `finish` does.
+    async fn finish_run(
+        &self,
+        run: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let n = run.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut ids = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut results = Vec::with_capacity(n);
+        let mut failures = Vec::with_capacity(n);
+        let mut delays = Vec::with_capacity(n);
+        let mut ats = Vec::with_capacity(n);
+        for (c, p) in &run {
+            ids.push(*c.id().as_uuid());
+            attempts.push(i64::from(c.attempt()));
+            ats.push(p.now.map(Timestamp::as_micros));
+            let (kind, result, failure, delay) = match &p.outcome {
+                Outcome::Complete(v) => ("complete", Some(v.clone()), None, None),
+                Outcome::Fail(m) => match to_json(&FailReason::Error(m.clone())) {
+                    Ok(f) => ("fail", None, Some(f), None),
+                    Err(e) => return super::batch_failure(&e, n),
+                },
+                Outcome::Retry { after } => ("retry", None, None, Some(micros(*after))),
+                Outcome::Release => ("release", None, None, None),
+            };
+            kinds.push(kind);
+            results.push(result);
+            failures.push(failure);
+            delays.push(delay);
+        }
+        let client = match self.client().await {
+            Ok(c) => c,
+            Err(e) => return super::batch_failure(&e, n),
+        };
+        let r: Result<_, StoreError> = async {
+            let stmt = client
+                .prepare_cached(&self.sql.finish_many)
+                .await
+                .map_err(map_pg)?;
+            let channel: &str = &self.event_channel;
+            client
+                .query(
+                    &stmt,
+                    &[
+                        &ids, &attempts, &kinds, &results, &failures, &delays, &ats, &channel,
+                    ],
+                )
+                .await
+                .map_err(map_pg)
+        }
+        .await;
+        let rows = match settle(client, r) {
+            Ok(rows) => rows,
+            Err(e) => return super::batch_failure(&e, n),
+        };
+        let mut finished: std::collections::HashMap<Uuid, Result<Dispatch, StoreError>> = rows
+            .iter()
+            .filter_map(|r| {
+                let id: Uuid = r.try_get(0).ok()?;
+                Some((id, self.decode(r)))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        for (c, p) in run {
+            match finished.remove(c.id().as_uuid()) {
+                Some(r) => out.push(r),
+                None => {
+                    let id = c.id();
+                    let r = self.finish(c, p).await;
+                    if r.is_ok() {
+                        // The row changed between the statement and the retry, and the retry
+                        // applied it: announce it as the statement would have.
+                        self.announce(id).await;
+                    }
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    /// Publishes an event for `id` on the event channel. Best effort: events are hints.
+    async fn announce(&self, id: DispatchId) {
+        let Ok(client) = self.client().await else {
+            return;
+        };
+        let r: Result<_, StoreError> = async {
+            let stmt = client
+                .prepare_cached(&self.sql.notify)
+                .await
+                .map_err(map_pg)?;
+            let channel: &str = &self.event_channel;
+            client
+                .execute(&stmt, &[&channel, &id.to_string()])
+                .await
+                .map_err(map_pg)
+        }
+        .await;
+        if let Err(e) = settle(client, r) {
+            tracing::debug!(%id, error = %e, "event not announced; waiters poll");
+        }
     }
 }
 

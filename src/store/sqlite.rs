@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    check_limit, check_positive, system_now, ArgsCodec, CancelParams, ClaimParams, Claimed,
-    ConnectOutcome, ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter,
-    NewDispatch, Outcome, Store, SweepParams, SweepReport, TouchParams,
+    batch_failure, check_limit, check_positive, system_now, ArgsCodec, CancelParams, ClaimParams,
+    Claimed, ConnectOutcome, ConnectParams, DisconnectParams, FinishParams, HeartbeatParams,
+    ListFilter, NewDispatch, Outcome, Store, SweepParams, SweepReport, TouchParams,
 };
 use crate::error::{BoxError, StoreError};
 use crate::fsm::{
@@ -609,9 +609,8 @@ fn read_dispatch(conn: &Connection, id: DispatchId) -> Result<Option<RawDispatch
         .map_err(db_err)
 }
 
-/// Runs one guarded transition: `sql` is an `UPDATE … WHERE id = ?1 AND <guard> RETURNING`.
-/// When the guard refuses, the row is re-read in the same transaction and [`fsm::apply`] names
-/// the error, so a refusal is exactly the state machine's.
+/// Runs one guarded transition in its own immediate transaction: `sql` is an
+/// `UPDATE … WHERE id = ?1 AND <guard> RETURNING`. See [`guarded_in`].
 fn guarded<P: rusqlite::Params>(
     w: &mut Writer,
     id: DispatchId,
@@ -621,6 +620,22 @@ fn guarded<P: rusqlite::Params>(
 ) -> Result<Dispatch, StoreError> {
     let codec = w.codec.clone();
     let tx = immediate(&mut w.conn)?;
+    let raw = guarded_in(&tx, codec.as_deref(), id, event, sql, params)?;
+    tx.commit().map_err(db_err)?;
+    raw.into_dispatch(codec.as_deref())
+}
+
+/// Runs one guarded transition inside the caller's transaction. When the guard refuses, the
+/// row is re-read in the same transaction and [`fsm::apply`] names the error, so a refusal is
+/// exactly the state machine's (and changed nothing).
+fn guarded_in<P: rusqlite::Params>(
+    tx: &Connection,
+    codec: Option<&dyn ArgsCodec>,
+    id: DispatchId,
+    event: Event,
+    sql: &str,
+    params: P,
+) -> Result<RawDispatch, StoreError> {
     let updated = tx
         .prepare_cached(sql)
         .map_err(db_err)?
@@ -628,14 +643,11 @@ fn guarded<P: rusqlite::Params>(
         .optional()
         .map_err(db_err)?;
     match updated {
-        Some(raw) => {
-            tx.commit().map_err(db_err)?;
-            raw.into_dispatch(codec.as_deref())
-        }
+        Some(raw) => Ok(raw),
         None => {
-            let current = read_dispatch(&tx, id)?
+            let current = read_dispatch(tx, id)?
                 .ok_or(StoreError::NotFound(id))?
-                .into_dispatch(codec.as_deref())?;
+                .into_dispatch(codec)?;
             Err(match fsm::apply(&current, event) {
                 Err(e) => e.into(),
                 Ok(_) => StoreError::Backend(
@@ -643,6 +655,89 @@ fn guarded<P: rusqlite::Params>(
                 ),
             })
         }
+    }
+}
+
+/// One holder's `finish` inside the caller's transaction.
+fn finish_in(
+    tx: &Connection,
+    codec: Option<&dyn ArgsCodec>,
+    id: DispatchId,
+    attempt: Attempt,
+    p: FinishParams,
+) -> Result<RawDispatch, StoreError> {
+    let now = p.now.unwrap_or_else(system_now);
+    let ts = now.as_micros();
+    let key = &id_bytes(id)[..];
+    let attempt_param = i64::from(attempt);
+    match p.outcome {
+        Outcome::Complete(result) => {
+            let text = serde_json::to_string(&result).map_err(json_err)?;
+            guarded_in(
+                tx,
+                codec,
+                id,
+                Event::Complete {
+                    attempt,
+                    now,
+                    result,
+                },
+                concat!(
+                    "UPDATE dispatch SET state = 'done', result = ?3, lease_until = NULL, \
+                     updated_at = ?4 WHERE id = ?1 AND state = 'in_progress' \
+                     AND attempt = ?2 RETURNING ",
+                    dispatch_cols!()
+                ),
+                params![key, attempt_param, text, ts],
+            )
+        }
+        Outcome::Fail(error) => guarded_in(
+            tx,
+            codec,
+            id,
+            Event::Fail {
+                attempt,
+                now,
+                error: error.clone(),
+            },
+            concat!(
+                "UPDATE dispatch SET state = 'failed', failure_kind = 'error', \
+                 failure_message = ?3, lease_until = NULL, updated_at = ?4 \
+                 WHERE id = ?1 AND state = 'in_progress' AND attempt = ?2 RETURNING ",
+                dispatch_cols!()
+            ),
+            params![key, attempt_param, error, ts],
+        ),
+        Outcome::Retry { after } => {
+            let at = now.saturating_add(after);
+            guarded_in(
+                tx,
+                codec,
+                id,
+                Event::Retry { attempt, now, at },
+                concat!(
+                    "UPDATE dispatch SET state = 'pending', available_at = ?3, \
+                     lease_until = NULL, updated_at = ?4 WHERE id = ?1 \
+                     AND state = 'in_progress' AND attempt = ?2 \
+                     AND attempt < max_attempts RETURNING ",
+                    dispatch_cols!()
+                ),
+                params![key, attempt_param, at.as_micros(), ts],
+            )
+        }
+        Outcome::Release => guarded_in(
+            tx,
+            codec,
+            id,
+            Event::Release { attempt, now },
+            concat!(
+                "UPDATE dispatch SET state = 'pending', available_at = ?3, \
+                 lease_until = NULL, updated_at = ?3 WHERE id = ?1 \
+                 AND state = 'in_progress' AND attempt = ?2 RETURNING ",
+                dispatch_cols!()
+            ),
+            params![key, attempt_param, ts],
+        ),
     }
 }
 
@@ -821,79 +916,53 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
-        let now = p.now.unwrap_or_else(system_now);
         let (id, attempt) = (c.id(), c.attempt());
-        let ts = now.as_micros();
         self.call(move |w| {
-            let key = &id_bytes(id)[..];
-            let attempt_param = i64::from(attempt);
-            match p.outcome {
-                Outcome::Complete(result) => {
-                    let text = serde_json::to_string(&result).map_err(json_err)?;
-                    guarded(
-                        w,
-                        id,
-                        Event::Complete {
-                            attempt,
-                            now,
-                            result,
-                        },
-                        concat!(
-                            "UPDATE dispatch SET state = 'done', result = ?3, lease_until = NULL, \
-                             updated_at = ?4 WHERE id = ?1 AND state = 'in_progress' \
-                             AND attempt = ?2 RETURNING ",
-                            dispatch_cols!()
-                        ),
-                        params![key, attempt_param, text, ts],
-                    )
-                }
-                Outcome::Fail(error) => guarded(
-                    w,
-                    id,
-                    Event::Fail {
-                        attempt,
-                        now,
-                        error: error.clone(),
-                    },
-                    concat!(
-                        "UPDATE dispatch SET state = 'failed', failure_kind = 'error', \
-                         failure_message = ?3, lease_until = NULL, updated_at = ?4 \
-                         WHERE id = ?1 AND state = 'in_progress' AND attempt = ?2 RETURNING ",
-                        dispatch_cols!()
-                    ),
-                    params![key, attempt_param, error, ts],
-                ),
-                Outcome::Retry { after } => {
-                    let at = now.saturating_add(after);
-                    guarded(
-                        w,
-                        id,
-                        Event::Retry { attempt, now, at },
-                        concat!(
-                            "UPDATE dispatch SET state = 'pending', available_at = ?3, \
-                             lease_until = NULL, updated_at = ?4 WHERE id = ?1 \
-                             AND state = 'in_progress' AND attempt = ?2 \
-                             AND attempt < max_attempts RETURNING ",
-                            dispatch_cols!()
-                        ),
-                        params![key, attempt_param, at.as_micros(), ts],
-                    )
-                }
-                Outcome::Release => guarded(
-                    w,
-                    id,
-                    Event::Release { attempt, now },
-                    concat!(
-                        "UPDATE dispatch SET state = 'pending', available_at = ?3, \
-                         lease_until = NULL, updated_at = ?3 WHERE id = ?1 \
-                         AND state = 'in_progress' AND attempt = ?2 RETURNING ",
-                        dispatch_cols!()
-                    ),
-                    params![key, attempt_param, ts],
-                ),
-            }
+            let codec = w.codec.clone();
+            let tx = immediate(&mut w.conn)?;
+            let raw = finish_in(&tx, codec.as_deref(), id, attempt, p)?;
+            tx.commit().map_err(db_err)?;
+            raw.into_dispatch(codec.as_deref())
         })
         .await
+    }
+
+    /// One immediate transaction for the whole batch: SQLite has no round trips to save, so
+    /// the cost that matters is the commit, paid once. A refused entry (fenced, illegal, not
+    /// found) leaves the others to commit; a database failure rolls the batch back.
+    async fn finish_many(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let n = batch.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let items: Vec<(DispatchId, Attempt, FinishParams)> = batch
+            .into_iter()
+            .map(|(c, p)| (c.id(), c.attempt(), p))
+            .collect();
+        let answer = self
+            .call(move |w| {
+                let codec = w.codec.clone();
+                let tx = immediate(&mut w.conn)?;
+                let mut raws = Vec::with_capacity(items.len());
+                for (id, attempt, p) in items {
+                    match finish_in(&tx, codec.as_deref(), id, attempt, p) {
+                        Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => {
+                            return Err(e)
+                        }
+                        r => raws.push(r),
+                    }
+                }
+                tx.commit().map_err(db_err)?;
+                Ok(raws
+                    .into_iter()
+                    .map(|r| r.and_then(|raw| raw.into_dispatch(codec.as_deref())))
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        answer.unwrap_or_else(|e| batch_failure(&e, n))
     }
 
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {

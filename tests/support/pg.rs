@@ -6,6 +6,7 @@
 //!   directory under the temp dir. Every test isolates itself with its own schema.
 //! - [`private`]: a server of the caller's own, for tests that stop or restart the database.
 //!   Never the shared one, and never a server this module did not start.
+//! - [`durable`]: like [`private`], but with fsync on, for benchmarks (tests run with fsync off).
 //!
 //! `initdb` refuses to run as root, so as root every server command runs as the `postgres`
 //! user (`runuser -u postgres --`), in directories that user owns.
@@ -86,6 +87,16 @@ pub fn private() -> Option<PgServer> {
     }
 }
 
+/// A server of the caller's own that flushes like production (`fsync`, `synchronous_commit`
+/// and `full_page_writes` on), for benchmarks whose figures must be honest; `None` (after
+/// printing why) when there are no binaries and `CI` is unset.
+pub fn durable() -> Option<PgServer> {
+    match PgServer::start_durable() {
+        Ok(server) => Some(server),
+        Err(reason) => skip(&reason),
+    }
+}
+
 fn skip<T>(reason: &str) -> Option<T> {
     if std::env::var_os("CI").is_some() {
         panic!("no Postgres for this test, and CI is set (a skip would hide it): {reason}");
@@ -101,14 +112,27 @@ pub struct PgServer {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Whether the server flushes to disk (benchmarks) or skips it (tests: faster, and a
+    /// throwaway server has nothing to keep).
+    durable: bool,
     running: Mutex<bool>,
     /// Closing this pipe (drop, or process exit) makes the watchdog stop the server.
     watchdog: Mutex<Option<(Child, ChildStdin)>>,
 }
 
 impl PgServer {
-    /// initdb + start. The error says what is missing or what failed.
+    /// initdb + start, with fsync off. The error says what is missing or what failed.
     pub fn start() -> Result<PgServer, String> {
+        Self::start_with(false)
+    }
+
+    /// As [`start`](Self::start), but with the server's durability settings at their defaults
+    /// (fsync on), so commit latencies are the real ones.
+    pub fn start_durable() -> Result<PgServer, String> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<PgServer, String> {
         let bin = find_bin_dir().ok_or_else(|| {
             "no Postgres server binaries (initdb, pg_ctl, postgres) on PATH or under \
              /usr/lib/postgresql/*/bin, and DATABASE_URL is unset"
@@ -125,6 +149,7 @@ impl PgServer {
             dir,
             port: 0,
             as_postgres,
+            durable,
             running: Mutex::new(false),
             watchdog: Mutex::new(None),
         };
@@ -173,9 +198,13 @@ impl PgServer {
 
     /// Starts the (stopped) server again on the same port, waiting until it accepts connections.
     pub fn start_again(&self) -> Result<(), String> {
+        let durability = if self.durable {
+            "-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+        } else {
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {durability}",
             self.port,
             self.dir.join("sock").display()
         );
