@@ -14,6 +14,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
 
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps --quiet
+
 step "cargo test (all features)"
 cargo test --all-features
 

@@ -89,6 +89,10 @@
 //! - [`transport`]: [`transport::Transport`] and its wake-up media: memory, no-op, Postgres
 //!   LISTEN/NOTIFY.
 //! - [`hub`]: the async runtime.
+//! - `migrate` (`sqlite` + `postgres` features): copying a deployment from SQLite to Postgres.
+//!
+//! See `docs/guarantees.md` in the repository for each guarantee, the behaviour under each fault,
+//! and the test that proves it.
 //! - `migrate` (`sqlite` + `postgres`): copies a SQLite deployment into Postgres, exactly and
 //!   idempotently.
 

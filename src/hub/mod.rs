@@ -1,7 +1,7 @@
 //! The hub runtime: the async shell around the pure core.
 //!
 //! A [`Hub`] is one replica's view of the cluster. It routes each command
-//! ([`fsm::route`](crate::fsm::route)), runs it locally when the broker is connected here, and
+//! ([`fsm::route`](crate::fsm::route())), runs it locally when the broker is connected here, and
 //! otherwise writes a durable dispatch, signals the owner, and waits for the result with a
 //! rolling deadline. For brokers connected here it drains their pending dispatches (one coalesced
 //! drain task per broker), runs the user's [`Executor`], renews leases while it runs, and

@@ -1004,7 +1004,7 @@ impl Store for PgStore {
         }
     }
 
-    /// One statement per batch (see [`PgStore::finish_run`]); entries naming an id already in
+    /// One statement per batch (see `finish_run`); entries naming an id already in
     /// the batch start a new statement, so each entry sees the row as the entries before it
     /// left it, exactly as a loop of `finish` would.
     async fn finish_many(

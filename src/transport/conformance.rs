@@ -4,7 +4,7 @@
 //!
 //! A harness hands out transport instances ("nodes") that share one medium, and says what the
 //! medium can do through [`Capabilities`] rather than by name: a transport that delivers nothing
-//! (like [`NoopTransport`](super::NoopTransport)) is held to silence instead of delivery, and
+//! (like [`NoopTransport`]) is held to silence instead of delivery, and
 //! the reconnect case runs only where the harness can drop a node's connection.
 //!
 //! Third-party transports run it with the `conformance` feature:
