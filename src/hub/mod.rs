@@ -372,8 +372,8 @@ impl Shared {
         x ^= x >> 33;
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
         x ^= x >> 33;
-        let frac = (x % 1000) as f64 / 1000.0; // 0..1
-                                               // Saturating: any duration the config accepts must not panic here.
+        let frac = (x % 1000) as f64 / 1000.0;
+        // In [0.75, 1.25) of `d`, saturating: any duration the config accepts must not panic here.
         Duration::try_from_secs_f64(d.as_secs_f64() * (0.75 + frac * 0.5)).unwrap_or(Duration::MAX)
     }
 }
