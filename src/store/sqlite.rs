@@ -25,7 +25,10 @@ use crate::fsm::{
 };
 
 /// The migrations, in order; the version of each is its position plus one.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/0001_init.sql"),
+    include_str!("migrations/sqlite/0002_narrow_lease_index.sql"),
+];
 
 /// The newest schema version this build knows.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
