@@ -62,6 +62,7 @@ macro_rules! store_conformance_tests {
             cancel_only_while_pending,
             double_finish_is_a_typed_error,
             finish_many_agrees_with_apply_entry_by_entry,
+            finish_many_agrees_with_apply_without_repeats,
             finish_many_takes_a_full_claim_batch,
             unknown_id_is_not_found,
             store_agrees_with_apply_in_every_state,
@@ -1607,6 +1608,16 @@ pub async fn bad_input_is_rejected_and_changes_nothing(store: Arc<dyn Store>) {
 /// found), and one attempt finished twice in the batch (the second entry sees the first's
 /// write). Refused entries change nothing and do not stop the others.
 pub async fn finish_many_agrees_with_apply_entry_by_entry(store: Arc<dyn Store>) {
+    finish_many_against_apply(store, true).await;
+}
+
+/// The same batch without the entries that repeat an attempt: a store may take a faster path
+/// when every id in the batch is distinct, and its refusals must still be `finish`'s.
+pub async fn finish_many_agrees_with_apply_without_repeats(store: Arc<dyn Store>) {
+    finish_many_against_apply(store, false).await;
+}
+
+async fn finish_many_against_apply(store: Arc<dyn Store>, repeats: bool) {
     let s = &*store;
     for n in 1..=5 {
         insert(s, new_dispatch(n, "b1", at(n as i64))).await;
@@ -1631,7 +1642,7 @@ pub async fn finish_many_agrees_with_apply_entry_by_entry(store: Arc<dyn Store>)
     let c1 = by_id(&mut held, 1);
     let c1_again = Claimed::new(c1.dispatch().clone());
     let now = at(secs(21));
-    let entries: Vec<(Claimed, Outcome)> = vec![
+    let mut entries: Vec<(Claimed, Outcome)> = vec![
         (c1, Outcome::Complete(serde_json::json!({ "r": 1 }))),
         (by_id(&mut held, 2), Outcome::Fail("boom".into())),
         (
@@ -1656,6 +1667,9 @@ pub async fn finish_many_agrees_with_apply_entry_by_entry(store: Arc<dyn Store>)
         (c5_again, Outcome::Complete(serde_json::json!("again"))),
         (c1_again, Outcome::Release),
     ];
+    if !repeats {
+        entries.truncate(entries.len() - 2);
+    }
 
     // The oracle: `apply` on each row as the entries before it left it.
     let mut rows = std::collections::HashMap::new();

@@ -33,10 +33,20 @@ use crate::fsm::{
 use crate::transport::postgres::{check_channel_prefix, event_channel, signal_channel};
 
 /// The migrations, in order: `(version, SQL)`. `{schema}` stands for the quoted schema name.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("migrations/postgres/0002_narrow_lease_index.sql"),
+    ),
+    (
+        3,
+        include_str!("migrations/postgres/0003_partial_idempotency_key.sql"),
+    ),
+];
 
 /// The newest schema version this build understands.
-pub const PG_SCHEMA_VERSION: i64 = 1;
+pub const PG_SCHEMA_VERSION: i64 = 3;
 
 /// The dispatch columns, in the order [`PgStore::decode`] reads them.
 const COLS: &str = "d.id, d.broker, d.op, d.args, d.state, d.attempt, d.max_attempts, \

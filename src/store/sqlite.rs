@@ -25,7 +25,10 @@ use crate::fsm::{
 };
 
 /// The migrations, in order; the version of each is its position plus one.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/0001_init.sql"),
+    include_str!("migrations/sqlite/0002_narrow_lease_index.sql"),
+];
 
 /// The newest schema version this build knows.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -741,6 +744,144 @@ fn finish_in(
     }
 }
 
+/// Most rows one batched finish statement carries; larger batches take several statements.
+const FINISH_CHUNK: usize = 128;
+
+/// The row counts batched finish statements are prepared for: a chunk is padded up to the
+/// next one (with rows matching no id), so at most this many statements are ever cached.
+const FINISH_SIZES: [usize; 3] = [8, 32, FINISH_CHUNK];
+
+/// The batched finish for `rows` rows: each row of `v` is one entry (`id`, `attempt`, `kind`
+/// 0 complete / 1 fail / 2 retry / 3 release, `result`, `message`, `available_at`, `now`), and
+/// the guard is [`finish_in`]'s for every kind: in progress, same attempt, and for a retry an
+/// attempt left.
+fn finish_batch_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "WITH v(vid, vattempt, vkind, vresult, vmessage, vavailable, vnow) AS (VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
+    }
+    sql.push_str(concat!(
+        ") UPDATE dispatch SET \
+         state = CASE v.vkind WHEN 0 THEN 'done' WHEN 1 THEN 'failed' ELSE 'pending' END, \
+         result = CASE WHEN v.vkind = 0 THEN v.vresult ELSE dispatch.result END, \
+         failure_kind = CASE WHEN v.vkind = 1 THEN 'error' ELSE dispatch.failure_kind END, \
+         failure_message = CASE WHEN v.vkind = 1 THEN v.vmessage \
+           ELSE dispatch.failure_message END, \
+         available_at = CASE WHEN v.vkind >= 2 THEN v.vavailable \
+           ELSE dispatch.available_at END, \
+         lease_until = NULL, updated_at = v.vnow \
+         FROM v WHERE dispatch.id = v.vid AND dispatch.state = 'in_progress' \
+         AND dispatch.attempt = v.vattempt \
+         AND (v.vkind <> 2 OR dispatch.attempt < dispatch.max_attempts) RETURNING ",
+        dispatch_cols!()
+    ));
+    sql
+}
+
+/// Several holders' `finish` inside the caller's transaction, in as few statements as
+/// possible, with results (in input order) exactly those of [`finish_in`] one entry at a time:
+/// the entries a batched statement's guard refused go through [`finish_in`], which refuses
+/// again (nothing changed them since) and names the error with [`fsm::apply`]. A batch naming
+/// one id twice takes [`finish_in`] throughout, since one statement would apply an arbitrary
+/// one of the two entries where the sequence applies the first and refuses the second.
+fn finish_batch_in(
+    tx: &Connection,
+    codec: Option<&dyn ArgsCodec>,
+    items: Vec<(DispatchId, Attempt, FinishParams)>,
+) -> Result<Vec<Result<RawDispatch, StoreError>>, StoreError> {
+    let mut ids: Vec<DispatchId> = items.iter().map(|i| i.0).collect();
+    ids.sort_unstable();
+    let distinct = ids.windows(2).all(|w| w[0] != w[1]);
+    let mut out: Vec<Option<Result<RawDispatch, StoreError>>> = Vec::new();
+    out.resize_with(items.len(), || None);
+    if distinct {
+        for (base, chunk) in (0..).step_by(FINISH_CHUNK).zip(items.chunks(FINISH_CHUNK)) {
+            finish_chunk(tx, base, chunk, &mut out)?;
+        }
+    }
+    let mut results = Vec::with_capacity(items.len());
+    for ((id, attempt, p), done) in items.into_iter().zip(out) {
+        match done {
+            Some(r) => results.push(r),
+            None => match finish_in(tx, codec, id, attempt, p) {
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => return Err(e),
+                r => results.push(r),
+            },
+        }
+    }
+    Ok(results)
+}
+
+/// One batched finish statement for `chunk` (entries `base..` of the batch, distinct ids):
+/// stores each row it finished in `out`; the entries it refused stay `None`.
+fn finish_chunk(
+    tx: &Connection,
+    base: usize,
+    chunk: &[(DispatchId, Attempt, FinishParams)],
+    out: &mut [Option<Result<RawDispatch, StoreError>>],
+) -> Result<(), StoreError> {
+    use rusqlite::types::Value;
+    let rows = FINISH_SIZES
+        .into_iter()
+        .find(|&s| s >= chunk.len())
+        .unwrap_or(FINISH_CHUNK);
+    let mut values: Vec<Value> = Vec::with_capacity(rows * 7);
+    let mut index = std::collections::HashMap::with_capacity(chunk.len());
+    for (i, (id, attempt, p)) in chunk.iter().enumerate() {
+        let now = p.now.unwrap_or_else(system_now);
+        let (kind, result, message, available) = match &p.outcome {
+            Outcome::Complete(result) => (
+                0,
+                Value::Text(serde_json::to_string(result).map_err(json_err)?),
+                Value::Null,
+                Value::Null,
+            ),
+            Outcome::Fail(error) => (1, Value::Null, Value::Text(error.clone()), Value::Null),
+            Outcome::Retry { after } => (
+                2,
+                Value::Null,
+                Value::Null,
+                Value::Integer(now.saturating_add(*after).as_micros()),
+            ),
+            Outcome::Release => (3, Value::Null, Value::Null, Value::Integer(now.as_micros())),
+        };
+        let key = id_bytes(*id);
+        index.insert(key, base + i);
+        values.extend([
+            Value::Blob(key.to_vec()),
+            Value::Integer(i64::from(*attempt)),
+            Value::Integer(kind),
+            result,
+            message,
+            available,
+            Value::Integer(now.as_micros()),
+        ]);
+    }
+    // Padding: rows whose NULL id joins nothing.
+    values.resize(rows * 7, Value::Null);
+    let mut st = tx.prepare_cached(&finish_batch_sql(rows)).map_err(db_err)?;
+    let mut returned = st
+        .query(rusqlite::params_from_iter(values))
+        .map_err(db_err)?;
+    while let Some(row) = returned.next().map_err(db_err)? {
+        let raw = RawDispatch::from_row(row).map_err(db_err)?;
+        let at = raw
+            .id
+            .as_slice()
+            .try_into()
+            .ok()
+            .and_then(|k: [u8; 16]| index.get(&k).copied())
+            .ok_or_else(|| corrupt("batched finish returned a row it was not given"))?;
+        out[at] = Some(Ok(raw));
+    }
+    Ok(())
+}
+
 fn read_affinity(conn: &Connection, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
     let raw = conn
         .prepare_cached(
@@ -928,8 +1069,9 @@ impl Store for SqliteStore {
     }
 
     /// One immediate transaction for the whole batch: SQLite has no round trips to save, so
-    /// the cost that matters is the commit, paid once. A refused entry (fenced, illegal, not
-    /// found) leaves the others to commit; a database failure rolls the batch back.
+    /// the costs that matter are the commit, paid once, and the statements, one per
+    /// [`FINISH_CHUNK`] rows ([`finish_batch_in`]). A refused entry (fenced, illegal, not found)
+    /// leaves the others to commit; a database failure rolls the batch back.
     async fn finish_many(
         &self,
         batch: Vec<(Claimed, FinishParams)>,
@@ -946,15 +1088,7 @@ impl Store for SqliteStore {
             .call(move |w| {
                 let codec = w.codec.clone();
                 let tx = immediate(&mut w.conn)?;
-                let mut raws = Vec::with_capacity(items.len());
-                for (id, attempt, p) in items {
-                    match finish_in(&tx, codec.as_deref(), id, attempt, p) {
-                        Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => {
-                            return Err(e)
-                        }
-                        r => raws.push(r),
-                    }
-                }
+                let raws = finish_batch_in(&tx, codec.as_deref(), items)?;
                 tx.commit().map_err(db_err)?;
                 Ok(raws
                     .into_iter()
