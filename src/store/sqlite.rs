@@ -1070,7 +1070,7 @@ impl Store for SqliteStore {
 
     /// One immediate transaction for the whole batch: SQLite has no round trips to save, so
     /// the costs that matter are the commit, paid once, and the statements, one per
-    /// [`FINISH_CHUNK`] rows ([`finish_batch_in`]). A refused entry (fenced, illegal, not found)
+    /// `FINISH_CHUNK` rows (`finish_batch_in`). A refused entry (fenced, illegal, not found)
     /// leaves the others to commit; a database failure rolls the batch back.
     async fn finish_many(
         &self,
