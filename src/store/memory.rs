@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -43,7 +44,8 @@ pub enum StoreFault {
 
 #[derive(Debug, Default)]
 struct Inner {
-    rows: HashMap<DispatchId, Dispatch>,
+    /// Rows are shared with the `Claimed` handles minted from them (a claim clones nothing).
+    rows: HashMap<DispatchId, Arc<Dispatch>>,
     /// Non-terminal rows per broker, in claim order.
     active: HashMap<BrokerId, BTreeSet<(Timestamp, DispatchId)>>,
     keys: HashMap<String, DispatchId>,
@@ -90,7 +92,7 @@ impl MemoryStore {
         });
         if let Some(d) = existing {
             return if new.same_payload(d) {
-                Ok(d.clone())
+                Ok(Dispatch::clone(d))
             } else {
                 Err(StoreError::Conflict(format!(
                     "dispatch {} exists with a different payload",
@@ -107,7 +109,7 @@ impl MemoryStore {
             .entry(d.broker.clone())
             .or_default()
             .insert((d.created_at, d.id));
-        inner.rows.insert(d.id, d.clone());
+        inner.rows.insert(d.id, Arc::new(d.clone()));
         Ok(d)
     }
 
@@ -129,30 +131,30 @@ impl MemoryStore {
             let Some(row) = inner.rows.get_mut(id) else {
                 continue;
             };
-            let deadline = row.deadline;
-            if skip_deadline {
-                row.deadline = None;
-            }
-            let next = if row.is_claimable(now) {
-                fsm::apply(
-                    row,
-                    Event::Claim {
-                        node: p.node.clone(),
-                        now,
-                        lease: p.lease,
-                    },
-                )
-                .map(Some)
+            let claim = Event::Claim {
+                node: p.node.clone(),
+                now,
+                lease: p.lease,
+            };
+            let next = if skip_deadline {
+                // Test-only fault: judge and claim the row as if it had no deadline.
+                let mut probe = Dispatch::clone(row);
+                probe.deadline = None;
+                if !probe.is_claimable(now) {
+                    continue;
+                }
+                let mut next = fsm::apply(&probe, claim)?;
+                next.deadline = row.deadline;
+                next
             } else {
-                Ok(None)
+                if !row.is_claimable(now) {
+                    continue;
+                }
+                fsm::apply(row, claim)?
             };
-            row.deadline = deadline;
-            let Some(mut next) = next? else {
-                continue;
-            };
-            next.deadline = deadline;
-            *row = next.clone();
-            out.push(Claimed::new(next));
+            let next = Arc::new(next);
+            *row = Arc::clone(&next);
+            out.push(Claimed::from_shared(next));
         }
         Ok(out)
     }
@@ -246,7 +248,7 @@ fn transition_locked(
 ) -> Result<Dispatch, StoreError> {
     let row = inner.rows.get_mut(&id).ok_or(StoreError::NotFound(id))?;
     let next = fsm::apply(row, event)?;
-    *row = next.clone();
+    *row = Arc::new(next.clone());
     if next.state.is_terminal() {
         if let Some(set) = inner.active.get_mut(&next.broker) {
             set.remove(&(next.created_at, id));
@@ -300,7 +302,7 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
-        Ok(self.inner.lock().rows.get(&id).cloned())
+        Ok(self.inner.lock().rows.get(&id).map(|d| Dispatch::clone(d)))
     }
 
     async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
@@ -309,6 +311,7 @@ impl Store for MemoryStore {
         let mut rows: Vec<&Dispatch> = inner
             .rows
             .values()
+            .map(|d| &**d)
             .filter(|d| f.broker.as_ref().is_none_or(|b| *b == d.broker))
             .filter(|d| f.state.is_none_or(|s| s == d.state))
             .filter(|d| f.after.is_none_or(|a| d.id > a))
@@ -355,7 +358,7 @@ impl Store for MemoryStore {
                     if let Some(set) = inner.active.get_mut(&next.broker) {
                         set.remove(&(next.created_at, id));
                     }
-                    *row = next;
+                    *row = Arc::new(next);
                 }
                 None => {
                     if row.state == fsm::DispatchState::Pending {

@@ -189,6 +189,11 @@ impl Claimed {
         }
     }
 
+    /// Wraps a claimed dispatch the store also keeps (no copy).
+    pub(crate) fn from_shared(dispatch: Arc<Dispatch>) -> Self {
+        Claimed { dispatch }
+    }
+
     /// A second handle on the same attempt, for the lease-renewal task that runs beside the
     /// executor. It carries no more power than the original: the store fences both alike.
     pub(crate) fn renewal_handle(&self) -> Claimed {
