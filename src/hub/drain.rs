@@ -242,29 +242,32 @@ async fn still_held(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> bool {
     if instant_after(Instant::now(), sh.config.lease / 3) < valid_until {
         return true;
     }
-    let asked = Instant::now();
-    let res = sh
-        .bounded(sh.store.heartbeat(
-            c,
-            HeartbeatParams {
-                lease: sh.config.lease,
-                progress: None,
-                now: sh.store_now(),
-            },
-        ))
-        .await;
-    match res {
-        Ok(_) => {
-            if let Some(h) = held.lock().get_mut(&c.id()) {
-                h.1 = instant_after(asked, sh.config.lease);
-            }
-            true
-        }
+    match renew_one(sh, held, c).await {
+        Ok(()) => true,
         Err(e) => {
             tracing::debug!(id = %c.id(), error = %e, "could not confirm the lease before executing");
             false
         }
     }
+}
+
+/// Extends one held claim's lease and records until when it now holds (measured from before the
+/// request left, on the monotonic clock).
+async fn renew_one(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> Result<(), Error> {
+    let asked = Instant::now();
+    sh.bounded(sh.store.heartbeat(
+        c,
+        HeartbeatParams {
+            lease: sh.config.lease,
+            progress: None,
+            now: sh.store_now(),
+        },
+    ))
+    .await?;
+    if let Some(h) = held.lock().get_mut(&c.id()) {
+        h.1 = instant_after(asked, sh.config.lease);
+    }
+    Ok(())
 }
 
 /// Renews the lease of every held claim every `lease / 3`; drops claims the store says are lost.
@@ -274,23 +277,8 @@ async fn renew(sh: Arc<Shared>, held: Held) {
         tokio::time::sleep(period).await;
         let handles: Vec<Claimed> = held.lock().values().map(|h| h.0.renewal_handle()).collect();
         for c in handles {
-            let asked = Instant::now();
-            let res = sh
-                .bounded(sh.store.heartbeat(
-                    &c,
-                    HeartbeatParams {
-                        lease: sh.config.lease,
-                        progress: None,
-                        now: sh.store_now(),
-                    },
-                ))
-                .await;
-            match res {
-                Ok(_) => {
-                    if let Some(h) = held.lock().get_mut(&c.id()) {
-                        h.1 = instant_after(asked, sh.config.lease);
-                    }
-                }
+            match renew_one(&sh, &held, &c).await {
+                Ok(()) => {}
                 Err(Error::Store(StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {
                     held.lock().remove(&c.id());
                 }

@@ -1678,25 +1678,7 @@ async fn finish_many_against_apply(store: Arc<dyn Store>, repeats: bool) {
     }
     let mut expected = Vec::new();
     for (c, outcome) in &entries {
-        let attempt = c.attempt();
-        let event = match outcome.clone() {
-            Outcome::Complete(result) => Event::Complete {
-                attempt,
-                now,
-                result,
-            },
-            Outcome::Fail(error) => Event::Fail {
-                attempt,
-                now,
-                error,
-            },
-            Outcome::Retry { after } => Event::Retry {
-                attempt,
-                now,
-                at: now.saturating_add(after),
-            },
-            Outcome::Release => Event::Release { attempt, now },
-        };
+        let event = outcome.clone().into_event(c.attempt(), now);
         expected.push(match rows.get(&c.id()) {
             None => Err(StoreError::NotFound(c.id())),
             Some(row) => match fsm::apply(row, event) {

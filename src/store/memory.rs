@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use super::{
     check_limit, check_positive, system_now, CancelParams, ClaimParams, Claimed, ConnectOutcome,
-    ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch,
-    Outcome, Store, SweepParams, SweepReport, TouchParams,
+    ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch, Store,
+    SweepParams, SweepReport, TouchParams,
 };
 use crate::error::StoreError;
 use crate::fsm::{
@@ -219,26 +219,7 @@ fn unfenced(mut event: Event, current: Option<fsm::Attempt>) -> Event {
 /// The event `finish` applies for this holder and outcome.
 fn finish_event(c: &Claimed, p: FinishParams) -> (DispatchId, Event) {
     let now = p.now.unwrap_or_else(system_now);
-    let attempt = c.attempt();
-    let event = match p.outcome {
-        Outcome::Complete(result) => Event::Complete {
-            attempt,
-            now,
-            result,
-        },
-        Outcome::Fail(error) => Event::Fail {
-            attempt,
-            now,
-            error,
-        },
-        Outcome::Retry { after } => Event::Retry {
-            attempt,
-            now,
-            at: now.saturating_add(after),
-        },
-        Outcome::Release => Event::Release { attempt, now },
-    };
-    (c.id(), event)
+    (c.id(), p.outcome.into_event(c.attempt(), now))
 }
 
 fn transition_locked(

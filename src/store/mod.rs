@@ -361,6 +361,32 @@ pub enum Outcome {
     Release,
 }
 
+impl Outcome {
+    /// The [`fsm::apply`](crate::fsm::apply) event this outcome is for the holder of `attempt`
+    /// at `now` (a retry becomes claimable again `after` from `now`).
+    pub fn into_event(self, attempt: Attempt, now: Timestamp) -> crate::fsm::Event {
+        use crate::fsm::Event;
+        match self {
+            Outcome::Complete(result) => Event::Complete {
+                attempt,
+                now,
+                result,
+            },
+            Outcome::Fail(error) => Event::Fail {
+                attempt,
+                now,
+                error,
+            },
+            Outcome::Retry { after } => Event::Retry {
+                attempt,
+                now,
+                at: now.saturating_add(after),
+            },
+            Outcome::Release => Event::Release { attempt, now },
+        }
+    }
+}
+
 /// Parameters of [`Store::finish`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinishParams {
