@@ -29,7 +29,7 @@ use broker_dispatch::fsm::{
     Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, SessionId,
 };
 use broker_dispatch::hub::{Command, ExecContext, Executor, Hub, HubConfig};
-use broker_dispatch::store::{ListFilter, MemoryStore, SqliteStore, Store};
+use broker_dispatch::store::{list_all, ListFilter, MemoryStore, SqliteStore, Store};
 use broker_dispatch::transport::{MemoryTransport, Transport};
 use broker_dispatch::{Error, ExecError};
 use parking_lot::Mutex;
@@ -581,20 +581,13 @@ async fn progress(finished: Arc<AtomicUsize>, total: usize) {
 }
 
 async fn count_rows(store: &dyn Store) -> Result<usize, broker_dispatch::StoreError> {
-    let mut n = 0;
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: 1000,
-                ..ListFilter::default()
-            })
-            .await?;
-        let Some(last) = page.last() else {
-            return Ok(n);
-        };
-        after = Some(last.id);
-        n += page.len();
-    }
+    Ok(list_all(
+        store,
+        ListFilter {
+            limit: 1000,
+            ..ListFilter::default()
+        },
+    )
+    .await?
+    .len())
 }

@@ -31,7 +31,7 @@ use broker_dispatch::fsm::{
 };
 use broker_dispatch::hub::{Clock, Command, ExecContext, Executor, Hub, HubConfig, IdSource};
 use broker_dispatch::store::{
-    CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
+    list_all, CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
     FinishParams, HeartbeatParams, ListFilter, MemoryStore, NewDispatch, Store, StoreFault,
     SweepParams, SweepReport, TouchParams,
 };
@@ -1220,22 +1220,15 @@ fn deadline_offset(r: &InsertRec) -> Duration {
 }
 
 async fn all_rows(store: &MemoryStore) -> Vec<Dispatch> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: 1000,
-                ..ListFilter::default()
-            })
-            .await
-            .expect("list");
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        out.extend(page);
-    }
-    out
+    list_all(
+        store,
+        ListFilter {
+            limit: 1000,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .expect("list")
 }
 
 /// The end-of-run checks (I1, I2, I4, I5 and I7 are checked as the history unfolds):

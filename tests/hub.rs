@@ -78,22 +78,15 @@ async fn cluster(n: usize, config: HubConfig, tweak: impl Fn(&mut Recorder)) -> 
 }
 
 async fn all_rows(store: &MemoryStore) -> Vec<Dispatch> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(broker_dispatch::store::ListFilter {
-                after,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        out.extend(page);
-    }
-    out
+    broker_dispatch::store::list_all(
+        store,
+        broker_dispatch::store::ListFilter {
+            limit: 1000,
+            ..broker_dispatch::store::ListFilter::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,8 +16,8 @@ use broker_dispatch::fsm::{
 };
 use broker_dispatch::migrate::{sqlite_to_postgres, MigrateError, MigrateOptions};
 use broker_dispatch::store::{
-    CancelParams, ClaimParams, ConnectParams, DisconnectParams, FinishParams, HeartbeatParams,
-    ListFilter, NewDispatch, Outcome, PgStore, PgStoreOptions, SqliteStore, Store,
+    list_all, CancelParams, ClaimParams, ConnectParams, DisconnectParams, FinishParams,
+    HeartbeatParams, ListFilter, NewDispatch, Outcome, PgStore, PgStoreOptions, SqliteStore, Store,
 };
 use serde_json::json;
 
@@ -159,21 +159,15 @@ async fn populate(path: &Path) -> SqliteStore {
 }
 
 async fn all_dispatches(store: &dyn Store) -> Vec<Dispatch> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: 1000,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { return out };
-        after = Some(last.id);
-        out.extend(page);
-    }
+    list_all(
+        store,
+        ListFilter {
+            limit: 1000,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn all_affinity(store: &dyn Store, brokers: &[&str]) -> Vec<Affinity> {

@@ -29,7 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_dispatch::fsm::{BrokerId, Dispatch, DispatchId, NodeId, SessionId};
 use broker_dispatch::hub::{Command, ExecContext, Executor, Hub, HubConfig};
-use broker_dispatch::store::{ListFilter, NewDispatch, SqliteStore, Store};
+use broker_dispatch::store::{list_all, ListFilter, NewDispatch, SqliteStore, Store};
 use broker_dispatch::transport::{NoopTransport, Notice, Transport};
 use broker_dispatch::{Error, ExecError};
 use futures::StreamExt;
@@ -397,21 +397,15 @@ fn spawn_node(
 }
 
 async fn all_rows(store: &dyn Store) -> Vec<Dispatch> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: 1000,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { return out };
-        after = Some(last.id);
-        out.extend(page);
-    }
+    list_all(
+        store,
+        ListFilter {
+            limit: 1000,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -823,21 +817,13 @@ async fn in_progress(store: &broker_dispatch::store::PgStore) -> Vec<Dispatch> {
 /// Every row, or `None` if the database did not answer (it may be restarting).
 #[cfg(feature = "postgres")]
 async fn all_rows_pg(store: &broker_dispatch::store::PgStore) -> Option<Vec<Dispatch>> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: 1000,
-                ..ListFilter::default()
-            })
-            .await
-            .ok()?;
-        let Some(last) = page.last() else {
-            return Some(out);
-        };
-        after = Some(last.id);
-        out.extend(page);
-    }
+    list_all(
+        store,
+        ListFilter {
+            limit: 1000,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .ok()
 }

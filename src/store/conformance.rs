@@ -204,23 +204,15 @@ async fn cancel(store: &dyn Store, d: DispatchId, now: Timestamp) -> Result<Disp
 }
 
 async fn all_rows(store: &dyn Store) -> Vec<Dispatch> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: MAX_BATCH,
-                ..ListFilter::default()
-            })
-            .await
-            .expect("list");
-        let Some(last) = page.last() else {
-            return out;
-        };
-        after = Some(last.id);
-        out.extend(page);
-    }
+    super::list_all(
+        store,
+        ListFilter {
+            limit: MAX_BATCH,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .expect("list")
 }
 
 fn sweep_params(limit: u32, retention: Duration, now: Timestamp) -> SweepParams {

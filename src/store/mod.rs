@@ -562,6 +562,28 @@ pub(crate) fn batch_failure(e: &StoreError, n: usize) -> Vec<Result<Dispatch, St
         .collect()
 }
 
+/// Every dispatch matching `filter`, reading [`Store::list`] page by page (`filter.limit` rows a
+/// page, starting after `filter.after`): for tools, migrations and tests that need the whole set.
+/// The result is as large as the match; page through `list` yourself to bound memory.
+///
+/// # Errors
+///
+/// The first error of any page read.
+pub async fn list_all<S: Store + ?Sized>(
+    store: &S,
+    mut filter: ListFilter,
+) -> Result<Vec<Dispatch>, StoreError> {
+    let mut out = Vec::new();
+    loop {
+        let page = store.list(filter.clone()).await?;
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
+        filter.after = Some(last.id);
+        out.extend(page);
+    }
+}
+
 pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     if limit == 0 || limit > MAX_BATCH {
         return Err(StoreError::invalid(format!(

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use broker_dispatch::fsm::{Affinity, BrokerId, Dispatch, DispatchId, NodeId, SessionId};
 use broker_dispatch::hub::{Command, Hub, HubConfig, Receipt};
 use broker_dispatch::store::{
-    CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
+    list_all, CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
     FinishParams, HeartbeatParams, ListFilter, NewDispatch, Store, SweepParams, SweepReport,
     TouchParams,
 };
@@ -278,22 +278,15 @@ pub fn load(
 
 /// Every row of the database, by pages.
 pub async fn all_rows(store: &dyn Store) -> Vec<Dispatch> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list(ListFilter {
-                after,
-                limit: 500,
-                ..ListFilter::default()
-            })
-            .await
-            .expect("list rows");
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        out.extend(page);
-    }
-    out
+    list_all(
+        store,
+        ListFilter {
+            limit: 1000,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .expect("list rows")
 }
 
 /// What a load amounted to once every row settled.
