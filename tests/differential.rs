@@ -278,6 +278,10 @@ async fn apply_op(store: &dyn Store, step: &Step, run: &Run) -> Answer {
                     deadline: deadline_in.map(|s| run.now.saturating_add(secs(s))),
                     idempotency_key: key.map(|k| format!("key-{k}")),
                     now,
+                    key: None,
+                    delay: None,
+                    ttl: None,
+                    executions: 0,
                 })
                 .await,
         )),

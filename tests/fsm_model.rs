@@ -423,6 +423,8 @@ fn start() -> impl Strategy<Value = Dispatch> {
             idempotency_key: None,
             created_at: Timestamp::from_micros(T0),
             updated_at: Timestamp::from_micros(T0),
+            key: None,
+            released: 0,
         })
 }
 
@@ -647,6 +649,8 @@ fn dispatch() -> impl Strategy<Value = Dispatch> {
                 idempotency_key,
                 created_at,
                 updated_at,
+                key: None,
+                released: 0,
             },
         )
 }

@@ -56,6 +56,8 @@ fn pending() -> Dispatch {
         failure: None,
         progress: None,
         idempotency_key: Some("key-1".into()),
+        key: None,
+        released: 0,
         created_at: ts(T0),
         updated_at: ts(T0),
     }

@@ -33,6 +33,10 @@ fn new_dispatch(n: u128) -> NewDispatch {
         available_at: None,
         deadline: None,
         idempotency_key: None,
+        key: None,
+        delay: None,
+        ttl: None,
+        executions: 0,
         now: Some(Timestamp::from_micros(T0 + n as i64)),
     }
 }

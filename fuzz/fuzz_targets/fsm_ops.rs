@@ -123,6 +123,8 @@ fuzz_target!(|input: Input| {
         idempotency_key: None,
         created_at: created,
         updated_at: created,
+        key: None,
+        released: 0,
     };
 
     for op in input.ops {

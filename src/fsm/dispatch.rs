@@ -301,6 +301,14 @@ pub struct Dispatch {
     pub progress: Option<Progress>,
     /// The caller's deduplication key: a second insert with the same key returns this row.
     pub idempotency_key: Option<String>,
+    /// The ordering key: dispatches of one broker with the same key run one at a time, in
+    /// insertion order ([`claim_order`](super::claim_order)). `None`: no order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How many claims were handed back unexecuted ([`Event::Release`](super::Event::Release)).
+    /// They used up a fencing token but not an execution: see [`executions`](Self::executions).
+    #[serde(default)]
+    pub released: u32,
     /// When it was written.
     pub created_at: Timestamp,
     /// When it last changed.
@@ -308,23 +316,50 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    /// Whether a claim by another node at `now` would succeed ([`apply`](super::apply)'s claim
-    /// guard, shared by every store's claim query).
+    /// How many executions have begun: every claim, less the claims handed back unexecuted.
+    /// `max_attempts` bounds this, not the fencing token `attempt`.
+    pub fn executions(&self) -> u32 {
+        self.attempt.saturating_sub(self.released)
+    }
+
+    /// Whether another execution may begin (`executions < max_attempts`).
+    pub fn has_attempts_left(&self) -> bool {
+        self.executions() < self.max_attempts
+    }
+
+    /// Whether this row, on its own, may be claimed at `now` ([`apply`](super::apply)'s claim
+    /// guard, shared by every store's claim query). A keyed row must also be first in line for
+    /// its key: see [`claim_order`](super::claim_order).
     pub fn is_claimable(&self, now: Timestamp) -> bool {
         let before_deadline = self.deadline.is_none_or(|d| now < d);
+        // The fencing token must not wrap: at `Attempt::MAX` a claim could not bump it.
+        let token_left = self.attempt < Attempt::MAX;
         match self.state {
-            // A pending row is not attempt-limited (a release hands an attempt back unexecuted),
-            // but the fencing token must not wrap: at `Attempt::MAX` the claim could not bump it.
             DispatchState::Pending => {
-                self.available_at <= now && before_deadline && self.attempt < Attempt::MAX
+                self.available_at <= now && before_deadline && token_left && self.has_attempts_left()
             }
             DispatchState::InProgress => {
                 self.lease_until.is_some_and(|l| l <= now)
-                    && self.attempt < self.max_attempts
+                    && self.has_attempts_left()
                     && before_deadline
+                    && token_left
             }
             DispatchState::Done | DispatchState::Failed => false,
         }
+    }
+
+    /// Whether this row can never run again, though not yet terminal: past its deadline and not
+    /// held (pending, or its lease ran out), or its lease ran out with no executions left. The
+    /// sweeper will fail it; meanwhile it does not hold up later rows of its key.
+    pub fn is_dead(&self, now: Timestamp) -> bool {
+        let unheld = self.state == DispatchState::Pending || self.lease_expired(now);
+        (self.past_deadline(now) && unheld)
+            || (self.lease_expired(now) && !self.has_attempts_left())
+    }
+
+    /// Whether a holder's lease is live at `now` (in progress and `lease_until > now`).
+    pub fn is_held(&self, now: Timestamp) -> bool {
+        self.state == DispatchState::InProgress && self.lease_until.is_some_and(|l| l > now)
     }
 
     /// Whether the lease of an in-progress dispatch has run out at `now`.
@@ -355,6 +390,15 @@ pub fn check_op(op: &str) -> Result<(), IdError> {
     check_name("op", op)
 }
 
+/// Checks an ordering key: non-empty, at most [`MAX_ID_LEN`] bytes, no control characters.
+///
+/// # Errors
+///
+/// [`IdError`] naming the ordering key.
+pub fn check_key(key: &str) -> Result<(), IdError> {
+    check_name("ordering key", key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +421,8 @@ mod tests {
             failure: None,
             progress: None,
             idempotency_key: None,
+            key: None,
+            released: 0,
             created_at: t,
             updated_at: t,
         }
@@ -385,7 +431,21 @@ mod tests {
     #[test]
     fn claim_guard_refuses_a_fencing_token_that_would_wrap() {
         let now = Timestamp::from_micros(20);
-        assert!(pending(Attempt::MAX - 1).is_claimable(now));
-        assert!(!pending(Attempt::MAX).is_claimable(now));
+        let mut d = pending(Attempt::MAX - 1);
+        d.released = Attempt::MAX - 1;
+        assert!(d.is_claimable(now));
+        d.attempt = Attempt::MAX;
+        d.released = Attempt::MAX;
+        assert!(!d.is_claimable(now));
+    }
+
+    #[test]
+    fn hand_backs_do_not_count_as_executions() {
+        let now = Timestamp::from_micros(20);
+        let mut d = pending(3);
+        assert!(!d.is_claimable(now), "three executions of one allowed");
+        d.released = 3;
+        assert_eq!(d.executions(), 0);
+        assert!(d.is_claimable(now));
     }
 }

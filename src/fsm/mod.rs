@@ -7,6 +7,7 @@
 
 mod affinity;
 mod dispatch;
+mod order;
 mod route;
 mod state;
 mod transition;
@@ -14,9 +15,10 @@ mod waiter;
 
 pub use affinity::{Affinity, ConnectDecision};
 pub use dispatch::{
-    check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError, NodeId, Progress, SessionId,
+    check_key, check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError, NodeId, Progress, SessionId,
     Timestamp, MAX_ID_LEN,
 };
+pub use order::{blocks, claim_order};
 pub use route::{route, Route, RouteInput};
 pub use state::{DispatchState, FailReason, ParseStateError};
 pub use transition::{apply, Event, EventKind, TransitionError};

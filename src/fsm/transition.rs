@@ -1,20 +1,31 @@
 //! Events and [`apply`]: the specification of every legal state change.
 //!
+//! `executions` is `attempt - released`: claims handed back unexecuted do not count, so
+//! `max_attempts` bounds executions begun while `attempt` stays a fencing token that is never
+//! reused.
+//!
 //! | event | from | guard | to / writes |
 //! |---|---|---|---|
-//! | `Claim` | Pending | `available_at <= now`, before the deadline | InProgress; `attempt += 1`, `claimed_by`, `lease_until = now + lease` |
-//! | `Claim` | InProgress | `lease_until <= now`, `attempt < max_attempts`, before the deadline | InProgress; same writes (the old holder is now fenced) |
-//! | `Heartbeat` | InProgress | attempt matches | `lease_until = now + lease`; progress stored if given |
+//! | `Claim` | Pending | `available_at <= now`, before the deadline, `executions < max_attempts` | InProgress; `attempt += 1`, `claimed_by`, `lease_until = now + lease` |
+//! | `Claim` | InProgress | `lease_until <= now`, `executions < max_attempts`, before the deadline | InProgress; same writes (the old holder is now fenced) |
+//! | `Heartbeat` | InProgress | attempt matches, lease still live (`lease_until > now`) | `lease_until = now + lease`; progress stored if given |
 //! | `Complete` | InProgress | attempt matches | Done; result stored |
 //! | `Fail` | InProgress | attempt matches | Failed(Error) |
-//! | `Retry` | InProgress | attempt matches, `attempt < max_attempts` | Pending; `available_at = at` |
-//! | `Release` | InProgress | attempt matches | Pending; `available_at = now` (handed back unexecuted) |
+//! | `Retry` | InProgress | attempt matches, `executions < max_attempts` | Pending; `available_at = at` |
+//! | `Release` | InProgress | attempt matches | Pending; `available_at = now`, `released += 1` (handed back unexecuted) |
+//! | `Late` | InProgress | attempt matches, a deadline is set | Failed(Expired) (the holder could not start, or re-run, it before its deadline) |
 //! | `Cancel` | Pending | — | Failed(Cancelled) |
 //! | `Expire` | Pending, or InProgress with `lease_until <= now` | `deadline <= now` | Failed(Expired) |
-//! | `Exhaust` | InProgress | `lease_until <= now`, `attempt >= max_attempts` | Failed(AttemptsExhausted) |
+//! | `Exhaust` | InProgress | `lease_until <= now`, `executions >= max_attempts` | Failed(AttemptsExhausted) |
 //!
 //! Every other pair is a [`TransitionError`]. Events that carry an attempt are checked against the
 //! row's attempt first: a mismatch is [`TransitionError::Fenced`], whatever the state.
+//!
+//! A heartbeat renews a live lease only: once a lease has run out the claim is gone (the row is
+//! re-claimable, expirable or exhaustible), so no renewal can revive an abandoned claim, keep an
+//! unstarted claim alive past its deadline, or let a lapsed holder run beside the next command of
+//! its ordering key. Which rows of a broker a claim may take, in which order, is
+//! [`claim_order`](super::claim_order).
 
 use std::fmt;
 use std::time::Duration;
@@ -75,8 +86,15 @@ pub enum Event {
         at: Timestamp,
     },
     /// The holder of `attempt` hands it back without having executed it (shutdown, or the broker
-    /// left this node).
+    /// left this node). It does not use up an execution.
     Release {
+        /// The attempt the holder claimed.
+        attempt: Attempt,
+        /// The current time.
+        now: Timestamp,
+    },
+    /// The holder of `attempt` did not start it (or cannot re-run it) before its deadline.
+    Late {
         /// The attempt the holder claimed.
         attempt: Attempt,
         /// The current time.
@@ -115,6 +133,8 @@ pub enum EventKind {
     Retry,
     /// [`Event::Release`].
     Release,
+    /// [`Event::Late`].
+    Late,
     /// [`Event::Cancel`].
     Cancel,
     /// [`Event::Expire`].
@@ -132,6 +152,7 @@ impl fmt::Display for EventKind {
             EventKind::Fail => "fail",
             EventKind::Retry => "retry",
             EventKind::Release => "release",
+            EventKind::Late => "late",
             EventKind::Cancel => "cancel",
             EventKind::Expire => "expire",
             EventKind::Exhaust => "exhaust",
@@ -150,6 +171,7 @@ impl Event {
             Event::Fail { .. } => EventKind::Fail,
             Event::Retry { .. } => EventKind::Retry,
             Event::Release { .. } => EventKind::Release,
+            Event::Late { .. } => EventKind::Late,
             Event::Cancel { .. } => EventKind::Cancel,
             Event::Expire { .. } => EventKind::Expire,
             Event::Exhaust { .. } => EventKind::Exhaust,
@@ -163,7 +185,8 @@ impl Event {
             | Event::Complete { attempt, .. }
             | Event::Fail { attempt, .. }
             | Event::Retry { attempt, .. }
-            | Event::Release { attempt, .. } => Some(*attempt),
+            | Event::Release { attempt, .. }
+            | Event::Late { attempt, .. } => Some(*attempt),
             Event::Claim { .. }
             | Event::Cancel { .. }
             | Event::Expire { .. }
@@ -180,6 +203,7 @@ impl Event {
             | Event::Fail { now, .. }
             | Event::Retry { now, .. }
             | Event::Release { now, .. }
+            | Event::Late { now, .. }
             | Event::Cancel { now }
             | Event::Expire { now }
             | Event::Exhaust { now } => *now,
@@ -253,6 +277,9 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
                 ..
             },
         ) => {
+            if !d.is_held(now) {
+                return Err(illegal);
+            }
             next.lease_until = Some(now.saturating_add(lease));
             if progress.is_some() {
                 next.progress = progress;
@@ -269,7 +296,7 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
             next.lease_until = None;
         }
         (DispatchState::InProgress, Event::Retry { at, .. }) => {
-            if d.attempt >= d.max_attempts {
+            if !d.has_attempts_left() {
                 return Err(illegal);
             }
             next.state = DispatchState::Pending;
@@ -279,6 +306,16 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
         (DispatchState::InProgress, Event::Release { now, .. }) => {
             next.state = DispatchState::Pending;
             next.available_at = now;
+            next.lease_until = None;
+            // `released <= attempt < Attempt::MAX` in every reachable state.
+            next.released = d.released.checked_add(1).ok_or(illegal)?;
+        }
+        (DispatchState::InProgress, Event::Late { .. }) => {
+            if d.deadline.is_none() {
+                return Err(illegal);
+            }
+            next.state = DispatchState::Failed;
+            next.failure = Some(FailReason::Expired);
             next.lease_until = None;
         }
         (DispatchState::Pending, Event::Cancel { .. }) => {
@@ -295,7 +332,7 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
             next.lease_until = None;
         }
         (DispatchState::InProgress, Event::Exhaust { now }) => {
-            if !(d.lease_expired(now) && d.attempt >= d.max_attempts) {
+            if !(d.lease_expired(now) && !d.has_attempts_left()) {
                 return Err(illegal);
             }
             next.state = DispatchState::Failed;

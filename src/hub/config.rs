@@ -46,8 +46,14 @@ pub struct HubConfig {
     pub sweep_interval: Duration,
     /// How long finished rows are kept before the sweeper purges them (default 24 h).
     pub retention: Duration,
-    /// Rows per claim, and per sweep step (default 32; at most 1000).
+    /// The most rows one claim takes (default 32; at most 1000). A claim never takes more rows
+    /// than the broker has free slots.
     pub claim_batch: u32,
+    /// How many executions of one broker run at once on this node (default 16; at most 1000;
+    /// per broker: [`Hub::set_max_in_flight`](super::Hub::set_max_in_flight)). A drain claims
+    /// only as many rows as there are free slots and starts each at once, so no claimed row
+    /// waits behind another's execution.
+    pub max_in_flight: u32,
     /// The longest one execution may take before it is treated as a retryable failure
     /// (default 5 min).
     pub execute_timeout: Duration,
@@ -73,6 +79,7 @@ impl Default for HubConfig {
             sweep_interval: Duration::from_secs(5),
             retention: Duration::from_secs(24 * 3600),
             claim_batch: 32,
+            max_in_flight: 16,
             execute_timeout: Duration::from_secs(300),
             store_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
@@ -81,13 +88,27 @@ impl Default for HubConfig {
     }
 }
 
+/// The shortest duration any knob accepts: anything shorter would be a zero lease (two nodes
+/// holding one row at once) or a busy loop.
+pub(crate) const MIN_DURATION: Duration = Duration::from_millis(1);
+
+/// Checks a count of rows or slots: `1..=MAX_BATCH`.
+pub(crate) fn check_slots(name: &str, n: u32) -> Result<(), Error> {
+    if n == 0 || n > MAX_BATCH {
+        return Err(Error::InvalidInput(format!(
+            "HubConfig::{name} must be in 1..={MAX_BATCH}, got {n}"
+        )));
+    }
+    Ok(())
+}
+
 impl HubConfig {
     /// Checks every knob.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] naming the first zero duration, zero `max_attempts`, or a
-    /// `claim_batch` outside `1..=1000`.
+    /// [`Error::InvalidInput`] naming the first duration under 1 ms, zero `max_attempts`, or a
+    /// `claim_batch` or `max_in_flight` outside `1..=1000`.
     pub fn validate(&self) -> Result<(), Error> {
         let durations = [
             ("lease", self.lease),
@@ -102,27 +123,24 @@ impl HubConfig {
             ("shutdown_timeout", self.shutdown_timeout),
         ];
         for (name, d) in durations {
-            if d.is_zero() {
+            if d < MIN_DURATION {
                 return Err(Error::InvalidInput(format!(
-                    "HubConfig::{name} must be positive"
+                    "HubConfig::{name} must be at least {MIN_DURATION:?}, got {d:?}"
                 )));
             }
         }
-        if self.wait_hard_cap.is_some_and(|d| d.is_zero()) {
-            return Err(Error::InvalidInput(
-                "HubConfig::wait_hard_cap must be positive".into(),
-            ));
+        if self.wait_hard_cap.is_some_and(|d| d < MIN_DURATION) {
+            return Err(Error::InvalidInput(format!(
+                "HubConfig::wait_hard_cap must be at least {MIN_DURATION:?}"
+            )));
         }
         if self.max_attempts == 0 {
             return Err(Error::InvalidInput(
                 "HubConfig::max_attempts must be at least 1".into(),
             ));
         }
-        if self.claim_batch == 0 || self.claim_batch > MAX_BATCH {
-            return Err(Error::InvalidInput(format!(
-                "HubConfig::claim_batch must be in 1..={MAX_BATCH}"
-            )));
-        }
+        check_slots("claim_batch", self.claim_batch)?;
+        check_slots("max_in_flight", self.max_in_flight)?;
         Ok(())
     }
 }

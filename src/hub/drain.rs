@@ -1,450 +1,220 @@
-//! Per-broker drains: claim a batch, execute each item on the local connection, renew leases
-//! while it runs, finish fenced by attempt.
+//! Per-broker drains: claim only what can start now, start each claimed row at once, refill
+//! slots as executions end.
 //!
-//! One drain task per broker, coalesced: a signal during a drain sets a flag that schedules one
-//! more pass, never a queue of passes. Drains run off the listener task, so a slow executor never
-//! blocks notices (fixes the reference's head-of-line blocking).
+//! One runner task per broker connected here. A broker runs up to `max_in_flight` executions
+//! at once ([`HubConfig::max_in_flight`](super::HubConfig::max_in_flight), overridable per
+//! broker). The runner claims at most the number of free slots, so no claimed row ever waits
+//! behind another row's execution: before it starts, each row is checked against its deadline
+//! (measured conservatively from before the claim request left, on the monotonic clock) and
+//! against the session it was claimed under; a late row ends `Failed(Expired)` unexecuted, a row
+//! whose broker left (or a hub shutting down) is handed back without using up an execution.
+//!
+//! Signals are coalesced: a signal during a claim marks the runner dirty, which schedules one
+//! more claim once slots are free, never a queue of claims. Outcomes are written by the broker's
+//! [`finisher`](super::finish) in group commits.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::sync::Notify;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::{instant_after, run_guarded, ExecContext, Shared};
-use crate::error::{Error, ExecError, StoreError};
-use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, Progress, SessionId};
-use crate::store::{ClaimParams, Claimed, FinishParams, HeartbeatParams, Outcome};
-use crate::transport::Notice;
+use super::finish::Finisher;
+use super::{instant_after, lease, Shared};
+use crate::fsm::{BrokerId, SessionId};
+use crate::store::{ClaimParams, Claimed, Outcome};
 
-/// A running drain: its task, and whether another pass was asked for meanwhile.
+/// One broker's runner: its slots, its pending wake-up, its finisher and its tasks.
 #[derive(Debug)]
-pub(crate) struct DrainSlot {
-    again: bool,
-    task: Option<AbortHandle>,
+pub(crate) struct Runner {
+    pub(crate) broker: BrokerId,
+    /// Another claim was asked for (a signal, a freed slot after a full claim, a retry).
+    dirty: AtomicBool,
+    /// Wakes the runner: a signal, a slot freed, the broker left, shutdown.
+    wake: Notify,
+    /// Executions running now (slots in use).
+    in_flight: AtomicU32,
+    pub(crate) finisher: Finisher,
+    /// The runner's own task and its finisher's.
+    tasks: Mutex<Vec<AbortHandle>>,
+    /// The executions it started.
+    execs: Mutex<JoinSet<()>>,
 }
 
-impl DrainSlot {
+impl Runner {
+    fn new(broker: BrokerId) -> Self {
+        Runner {
+            broker,
+            dirty: AtomicBool::new(true),
+            wake: Notify::new(),
+            in_flight: AtomicU32::new(0),
+            finisher: Finisher::new(),
+            tasks: Mutex::new(Vec::new()),
+            execs: Mutex::new(JoinSet::new()),
+        }
+    }
+
+    /// Stops everything at once: the runner, its finisher and every execution it started.
     pub(crate) fn abort(&self) {
-        if let Some(t) = &self.task {
+        for t in self.tasks.lock().drain(..) {
             t.abort();
         }
+        self.execs.lock().abort_all();
+    }
+
+    /// Asks for another look without setting the dirty flag (the broker left, shutdown).
+    pub(crate) fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// An execution ended (or a claimed row was settled without one): its slot is free.
+    pub(crate) fn slot_freed(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && self.finisher.is_idle()
     }
 }
 
-/// Makes sure a drain of `broker` runs soon: starts one, or asks the running one for one more
-/// pass.
+/// The brokers' runners, by broker.
+pub(crate) type Runners = Mutex<BTreeMap<BrokerId, Arc<Runner>>>;
+
+/// Makes sure `broker`'s runner looks for work soon: starts one, or marks the running one dirty.
 pub(crate) fn schedule(sh: &Arc<Shared>, broker: &BrokerId) {
     let mut drains = sh.drains.lock();
-    if let Some(slot) = drains.get_mut(broker) {
-        slot.again = true;
+    if let Some(r) = drains.get(broker) {
+        r.dirty.store(true, Ordering::Release);
+        r.wake.notify_one();
         return;
     }
     if sh.is_shutting_down() {
         return;
     }
-    let task = tokio::spawn(run(Arc::clone(sh), broker.clone()));
-    drains.insert(
-        broker.clone(),
-        DrainSlot {
-            again: false,
-            task: Some(task.abort_handle()),
-        },
-    );
+    let r = Arc::new(Runner::new(broker.clone()));
+    let run = tokio::spawn(run(Arc::clone(sh), Arc::clone(&r)));
+    let finish = tokio::spawn(super::finish::run(Arc::clone(sh), Arc::clone(&r)));
+    r.tasks
+        .lock()
+        .extend([run.abort_handle(), finish.abort_handle()]);
+    drains.insert(broker.clone(), r);
 }
 
-async fn run(sh: Arc<Shared>, broker: BrokerId) {
+/// Wakes `broker`'s runner, if any, so it notices a change (the broker left, shutdown).
+pub(crate) fn poke(sh: &Shared, broker: &BrokerId) {
+    if let Some(r) = sh.drains.lock().get(broker) {
+        r.poke();
+    }
+}
+
+async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
     loop {
-        let started = Instant::now();
-        pass(&sh, &broker).await;
-        metrics::histogram!("broker_dispatch_drain_seconds")
+        let session = sh.local_session(&r.broker);
+        let Some(session) = session.filter(|_| !sh.is_shutting_down()) else {
+            // No more claims: let the running executions and their outcomes finish, then leave
+            // (unless the broker came back meanwhile).
+            if r.is_idle() {
+                let mut drains = sh.drains.lock();
+                let back = sh.local_session(&r.broker).is_some() && !sh.is_shutting_down();
+                if !back {
+                    if drains.get(&r.broker).is_some_and(|x| Arc::ptr_eq(x, &r)) {
+                        drains.remove(&r.broker);
+                    }
+                    drop(drains);
+                    r.finisher.stop();
+                    return;
+                }
+                continue;
+            }
+            r.wake.notified().await;
+            continue;
+        };
+        let limit = sh.max_in_flight(&r.broker);
+        let free = limit.saturating_sub(r.in_flight.load(Ordering::Acquire));
+        if free == 0 || !r.dirty.swap(false, Ordering::AcqRel) {
+            r.wake.notified().await;
+            continue;
+        }
+        let want = free.min(sh.config.claim_batch);
+        // Leases and deadlines are measured from before the request left, on the monotonic
+        // clock: the store stamps the claim no earlier, so this node never believes in more time
+        // than the store granted.
+        let asked = Instant::now();
+        let started = std::time::Instant::now();
+        let claimed = sh
+            .bounded(sh.store.claim(ClaimParams {
+                broker: r.broker.clone(),
+                node: sh.node.clone(),
+                limit: want,
+                lease: sh.config.lease,
+                now: sh.store_now(),
+            }))
+            .await;
+        metrics::histogram!("broker_dispatch_claim_seconds")
             .record(started.elapsed().as_secs_f64());
-        let mut drains = sh.drains.lock();
-        match drains.get_mut(&broker) {
-            Some(slot) if slot.again && !sh.is_shutting_down() => slot.again = false,
-            _ => {
-                drains.remove(&broker);
-                return;
-            }
-        }
-    }
-}
-
-/// Claims and executes until the broker has no claimable work, leaves this node, or the hub
-/// shuts down. A batch's outcomes are written before the next claim: claiming first could
-/// re-claim one of this node's own rows whose lease lapsed while its outcome was pending, and
-/// run it a second time.
-async fn pass(sh: &Arc<Shared>, broker: &BrokerId) {
-    let batch = sh.config.claim_batch as usize;
-    while let Some((session, claimed, lease_until)) = claim_next(sh, broker).await {
-        let full = claimed.len() >= batch;
-        execute_batch(sh, broker, &session, claimed, lease_until)
-            .await
-            .finish(sh, broker)
-            .await;
-        if !full {
-            return;
-        }
-    }
-}
-
-/// The broker's next batch, with the session it was claimed under and the instant (monotonic)
-/// until which its leases are known to hold; `None` when there is nothing to claim, the broker
-/// is no longer connected here, the hub is shutting down, or the claim failed.
-async fn claim_next(
-    sh: &Arc<Shared>,
-    broker: &BrokerId,
-) -> Option<(SessionId, Vec<Claimed>, Instant)> {
-    if sh.is_shutting_down() {
-        return None;
-    }
-    let session = sh.local_session(broker)?;
-    // The lease is measured from before the request left, on the monotonic clock: the store
-    // stamps it no earlier, so this node never believes in a lease the store dropped.
-    let asked = Instant::now();
-    let claimed = sh
-        .bounded(sh.store.claim(ClaimParams {
-            broker: broker.clone(),
-            node: sh.node.clone(),
-            limit: sh.config.claim_batch,
-            lease: sh.config.lease,
-            now: sh.store_now(),
-        }))
-        .await;
-    match claimed {
-        Ok(c) if c.is_empty() => None,
-        Ok(c) => {
-            metrics::counter!("broker_dispatch_claimed_total").increment(c.len() as u64);
-            Some((session, c, instant_after(asked, sh.config.lease)))
-        }
-        Err(e) => {
-            tracing::warn!(node = %sh.node, %broker, error = %e, "claim failed; the next signal or catch-up retries");
-            None
-        }
-    }
-}
-
-/// A batch whose executions are over and whose outcomes remain to be written. Its leases are
-/// renewed until then.
-struct Finishing {
-    held: Held,
-    outcomes: Vec<(Claimed, Outcome)>,
-    released: bool,
-    _renewal: AbortOnDrop,
-}
-
-impl Finishing {
-    async fn finish(self, sh: &Arc<Shared>, broker: &BrokerId) {
-        finish_durably(sh, &self.held, self.outcomes).await;
-        if self.released {
-            sh.publish(Notice::Signal {
-                broker: broker.clone(),
-            })
-            .await;
-        }
-    }
-}
-
-/// Aborts a task when dropped (so an aborted drain also stops its lease renewals).
-struct AbortOnDrop(AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The claims of a batch this node still holds, each with the instant (monotonic) until which
-/// its lease is known to hold.
-type Held = Arc<Mutex<BTreeMap<DispatchId, (Claimed, Instant)>>>;
-
-/// How long a finished execution's outcome may wait to be written with later ones. Outcomes of
-/// fast executions are written together (one store call per batch instead of one per dispatch);
-/// once the oldest has waited this long, they are written while the next execution runs.
-const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
-
-async fn execute_batch(
-    sh: &Arc<Shared>,
-    broker: &BrokerId,
-    session: &SessionId,
-    claimed: Vec<Claimed>,
-    lease_until: Instant,
-) -> Finishing {
-    let held: Held = Arc::new(Mutex::new(
-        claimed
-            .iter()
-            .map(|c| (c.id(), (c.renewal_handle(), lease_until)))
-            .collect(),
-    ));
-    let renewal =
-        AbortOnDrop(tokio::spawn(renew(Arc::clone(sh), Arc::clone(&held))).abort_handle());
-    // Outcomes not yet written, and when the oldest of them was decided.
-    let mut outcomes: Vec<(Claimed, Outcome)> = Vec::with_capacity(claimed.len());
-    let mut oldest = Instant::now();
-    let mut released = false;
-    for c in claimed {
-        let still_here = sh.local_session(broker).as_ref() == Some(session);
-        if sh.is_shutting_down() || !still_here {
-            // Hand it back unexecuted instead of re-routing from inside the drain: the
-            // broker's new owner (or this node after a reconnect) claims it on the signal
-            // sent once the release is durable.
-            if outcomes.is_empty() {
-                oldest = Instant::now();
-            }
-            outcomes.push((c, Outcome::Release));
-            released = true;
-            continue;
-        }
-        if !still_held(sh, &held, &c).await {
-            tracing::warn!(node = %sh.node, id = %c.id(), "lost the claim before executing; skipping");
-            held.lock().remove(&c.id());
-            continue;
-        }
-        let outcome = if outcomes.is_empty() {
-            run_with_progress(sh, &c).await
-        } else {
-            let exec = run_with_progress(sh, &c);
-            tokio::pin!(exec);
-            let flush_at = oldest + FLUSH_AFTER;
-            tokio::select! {
-                biased;
-                outcome = &mut exec => outcome,
-                () = tokio::time::sleep_until(flush_at) => {
-                    let earlier = std::mem::take(&mut outcomes);
-                    let (outcome, ()) = tokio::join!(exec, finish_durably(sh, &held, earlier));
-                    outcome
+        match claimed {
+            Ok(claimed) => {
+                if claimed.len() as u32 >= want {
+                    // Maybe more: claim again once slots are free.
+                    r.dirty.store(true, Ordering::Release);
+                }
+                if !claimed.is_empty() {
+                    metrics::counter!("broker_dispatch_claimed_total")
+                        .increment(claimed.len() as u64);
+                }
+                for c in claimed {
+                    start(&sh, &r, c, &session, asked);
                 }
             }
-        };
-        if outcomes.is_empty() {
-            oldest = Instant::now();
-        }
-        outcomes.push((c, outcome));
-    }
-    Finishing {
-        held,
-        outcomes,
-        released,
-        _renewal: renewal,
-    }
-}
-
-/// Whether this node may start executing `c`: it still holds the claim, with at least a renewal
-/// period of lease left (else it renews first). A row waiting behind slow items of its batch
-/// while renewals failed may have been expired, cancelled after a release, or re-claimed
-/// meanwhile; running it then would be a zombie execution.
-async fn still_held(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> bool {
-    let Some(valid_until) = held.lock().get(&c.id()).map(|h| h.1) else {
-        return false;
-    };
-    if instant_after(Instant::now(), sh.config.lease / 3) < valid_until {
-        return true;
-    }
-    match renew_one(sh, held, c).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(id = %c.id(), error = %e, "could not confirm the lease before executing");
-            false
+            Err(e) => {
+                tracing::warn!(node = %sh.node, broker = %r.broker, error = %e, "claim failed; the next signal or catch-up retries");
+            }
         }
     }
 }
 
-/// Extends one held claim's lease and records until when it now holds (measured from before the
-/// request left, on the monotonic clock).
-async fn renew_one(sh: &Arc<Shared>, held: &Held, c: &Claimed) -> Result<(), Error> {
-    let asked = Instant::now();
-    sh.bounded(sh.store.heartbeat(
+/// Starts a freshly claimed row now, or settles it without executing it: `Late` past its
+/// deadline, `Release` (hand-back) if the broker is no longer here under the claim's session or
+/// the hub is shutting down.
+fn start(sh: &Arc<Shared>, r: &Arc<Runner>, c: Claimed, session: &SessionId, asked: Instant) {
+    r.in_flight.fetch_add(1, Ordering::AcqRel);
+    let start_by = start_by(&c, asked);
+    if start_by.is_some_and(|t| Instant::now() >= t) {
+        metrics::counter!("broker_dispatch_late_total").increment(1);
+        tracing::debug!(node = %sh.node, id = %c.id(), "claimed too close to its deadline; not starting it");
+        r.finisher.submit(c, Outcome::Late);
+        r.slot_freed();
+        return;
+    }
+    let still_here = sh.local_session(&r.broker).as_ref() == Some(session);
+    if !still_here || sh.is_shutting_down() {
+        r.finisher.submit(c, Outcome::Release);
+        r.slot_freed();
+        return;
+    }
+    let lease_until = instant_after(asked, sh.config.lease);
+    let task = lease::execute(
+        Arc::clone(sh),
+        Arc::clone(r),
         c,
-        HeartbeatParams {
-            lease: sh.config.lease,
-            progress: None,
-            now: sh.store_now(),
-        },
-    ))
-    .await?;
-    if let Some(h) = held.lock().get_mut(&c.id()) {
-        h.1 = instant_after(asked, sh.config.lease);
-    }
-    Ok(())
-}
-
-/// Renews the lease of every held claim every `lease / 3`; drops claims the store says are lost.
-async fn renew(sh: Arc<Shared>, held: Held) {
-    let period = sh.config.lease / 3;
-    loop {
-        tokio::time::sleep(period).await;
-        let handles: Vec<Claimed> = held.lock().values().map(|h| h.0.renewal_handle()).collect();
-        for c in handles {
-            match renew_one(&sh, &held, &c).await {
-                Ok(()) => {}
-                Err(Error::Store(StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {
-                    held.lock().remove(&c.id());
-                }
-                Err(e) => {
-                    tracing::debug!(id = %c.id(), error = %e, "lease renewal failed; retrying next period")
-                }
-            }
-        }
-    }
-}
-
-/// Runs the executor, storing each progress report (which also renews the lease) and telling
-/// the originator about it.
-async fn run_with_progress(sh: &Arc<Shared>, c: &Claimed) -> Outcome {
-    let d = c.dispatch();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let ctx = ExecContext::new(d.id, d.attempt, Some(tx));
-    let exec = tokio::time::timeout(
-        sh.config.execute_timeout,
-        run_guarded(sh.executor.execute(ctx, d)),
+        session.clone(),
+        lease_until,
+        start_by,
     );
-    tokio::pin!(exec);
-    let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
-    let result = loop {
-        // Biased: a fixed polling order keeps seeded simulations replayable.
-        tokio::select! {
-            biased;
-            r = &mut exec => break r,
-            Some(detail) = rx.recv() => {
-                seq += 1;
-                let res = sh
-                    .bounded(sh.store.heartbeat(
-                        c,
-                        HeartbeatParams {
-                            lease: sh.config.lease,
-                            progress: Some(Progress { seq, detail }),
-                            now: sh.store_now(),
-                        },
-                    ))
-                    .await;
-                match res {
-                    Ok(_) => sh.publish(Notice::Event { id: d.id }).await,
-                    Err(e) => tracing::debug!(id = %d.id, error = %e, "progress report not stored"),
-                }
-            }
-        }
-    };
-    match result {
-        Ok(Ok(v)) => Outcome::Complete(v),
-        Ok(Err(ExecError::Fatal(m))) => Outcome::Fail(m),
-        Ok(Err(ExecError::Retryable { after, message })) => retry_or_fail(c, after, message),
-        Err(_) => retry_or_fail(c, std::time::Duration::ZERO, "executor timed out".into()),
-    }
+    let mut execs = r.execs.lock();
+    // Reap the executions that ended, so the set stays as large as the slots.
+    while execs.try_join_next().is_some() {}
+    execs.spawn(task);
 }
 
-fn retry_or_fail(c: &Claimed, after: std::time::Duration, message: String) -> Outcome {
-    let d = c.dispatch();
-    if d.attempt < d.max_attempts {
-        Outcome::Retry { after }
-    } else {
-        Outcome::Fail(format!("{message} (no attempts left)"))
-    }
-}
-
-/// Finishes attempts (one store call for the lot), retrying store failures for up to one
-/// lease: a completion must be durable before anyone is told. An outcome that cannot be written
-/// is left to the lease, which runs out so that another attempt runs (at-least-once). Every
-/// attempt passed in is dropped from `held` once settled either way.
-async fn finish_durably(sh: &Arc<Shared>, held: &Held, mut pending: Vec<(Claimed, Outcome)>) {
-    // Keep trying for one lease: a short store outage (a foreign lock, a read-only moment, a
-    // restart) must not turn a finished execution into a second one.
-    let give_up_at = instant_after(Instant::now(), sh.config.lease);
-    let mut backoff = std::time::Duration::from_millis(50);
-    let mut first = true;
-    loop {
-        if pending.is_empty() {
-            return;
-        }
-        if !first {
-            let left = give_up_at.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            tokio::time::sleep(backoff.min(left)).await;
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
-        }
-        first = false;
-        let batch = pending
-            .iter()
-            .map(|(c, outcome)| {
-                (
-                    c.renewal_handle(),
-                    FinishParams {
-                        outcome: outcome.clone(),
-                        now: sh.store_now(),
-                    },
-                )
-            })
-            .collect();
-        let results = match tokio::time::timeout(
-            sh.config.store_timeout,
-            sh.store.finish_many(batch),
-        )
-        .await
-        {
-            Ok(results) if results.len() == pending.len() => results,
-            Ok(_) => {
-                tracing::warn!(node = %sh.node, "store answered a finish batch with the wrong number of results; retrying");
-                continue;
-            }
-            Err(_) => {
-                tracing::debug!(node = %sh.node, "finish timed out; retrying");
-                continue;
-            }
-        };
-        let announced = sh.store.announces_finishes();
-        let mut retry = Vec::new();
-        for ((c, outcome), res) in pending.into_iter().zip(results) {
-            let id = c.id();
-            match res {
-                Ok(d) => {
-                    held.lock().remove(&id);
-                    finished(sh, &d, announced).await;
-                }
-                Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => {
-                    tracing::debug!(%id, error = %e, "finish failed; retrying");
-                    retry.push((c, outcome));
-                }
-                Err(e) => {
-                    held.lock().remove(&id);
-                    metrics::counter!("broker_dispatch_fenced_total").increment(1);
-                    tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
-                }
-            }
-        }
-        pending = retry;
-    }
-    for (c, _) in pending {
-        held.lock().remove(&c.id());
-        tracing::warn!(node = %sh.node, id = %c.id(), "could not record the outcome; the lease will run out and the dispatch be re-claimed");
-    }
-}
-
-/// What follows a durable finish: metrics, another drain pass for a row handed back, and the
-/// event for its waiters (unless the store already announced it with the write).
-async fn finished(sh: &Arc<Shared>, d: &Dispatch, announced: bool) {
-    match d.state {
-        DispatchState::Done => {
-            metrics::counter!("broker_dispatch_done_total").increment(1);
-            let latency = sh.now().duration_since(d.created_at);
-            metrics::histogram!("broker_dispatch_intent_to_done_seconds")
-                .record(latency.as_secs_f64());
-        }
-        DispatchState::Failed => {
-            let reason = d.failure.as_ref().map_or("error", |f| f.kind());
-            metrics::counter!("broker_dispatch_failed_total", "reason" => reason).increment(1);
-        }
-        DispatchState::Pending => {
-            // Retried or released: the owner (maybe this node) must look again.
-            if sh.local_session(&d.broker).is_some() {
-                schedule(sh, &d.broker);
-            }
-        }
-        DispatchState::InProgress => {}
-    }
-    if !announced {
-        sh.publish(Notice::Event { id: d.id }).await;
-    }
+/// The last instant (monotonic) at which the claimed row may start, if it has a deadline:
+/// `asked + (deadline - claimed_at)`, never later than the deadline itself since the store
+/// stamped the claim after `asked`.
+pub(crate) fn start_by(c: &Claimed, asked: Instant) -> Option<Instant> {
+    let deadline = c.dispatch().deadline?;
+    Some(instant_after(asked, deadline.duration_since(c.claimed_at())))
 }

@@ -4,10 +4,10 @@
 use std::fmt;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 use crate::error::ExecError;
-use crate::fsm::{Attempt, BrokerId, Dispatch, DispatchId};
+use crate::fsm::{Attempt, BrokerId, Dispatch, DispatchId, SessionId};
 
 /// Runs commands on brokers connected to this node.
 ///
@@ -46,18 +46,26 @@ pub trait HttpFallback: Send + Sync + 'static {
 pub struct ExecContext {
     id: DispatchId,
     attempt: Attempt,
-    progress: Option<mpsc::UnboundedSender<serde_json::Value>>,
+    execution: u32,
+    session: Option<SessionId>,
+    /// The latest progress not yet stored: a report replaces an unsent one, so a chatty executor
+    /// costs memory for one value and never blocks.
+    progress: Option<watch::Sender<Option<serde_json::Value>>>,
 }
 
 impl ExecContext {
     pub(crate) fn new(
         id: DispatchId,
         attempt: Attempt,
-        progress: Option<mpsc::UnboundedSender<serde_json::Value>>,
+        execution: u32,
+        session: Option<SessionId>,
+        progress: Option<watch::Sender<Option<serde_json::Value>>>,
     ) -> Self {
         ExecContext {
             id,
             attempt,
+            execution,
+            session,
             progress,
         }
     }
@@ -65,7 +73,7 @@ impl ExecContext {
     /// A context outside any hub (progress reports go nowhere): for calling an executor
     /// directly, in tests or benchmarks.
     pub fn detached(id: DispatchId, attempt: Attempt) -> Self {
-        ExecContext::new(id, attempt, None)
+        ExecContext::new(id, attempt, attempt, None, None)
     }
 
     /// The dispatch id (stable across attempts): the broker's deduplication key.
@@ -73,18 +81,33 @@ impl ExecContext {
         self.id
     }
 
-    /// This attempt's number (1 for the first execution).
+    /// The fencing token of this attempt: `(id, attempt)` is unique per execution, the key to
+    /// deduplicate on. It counts claims, so after a hand-back (the broker moved before the row
+    /// started) it can exceed [`execution`](Self::execution) and even `max_attempts`.
     pub fn attempt(&self) -> Attempt {
         self.attempt
     }
 
+    /// Which execution this is, from 1: executions begun so far, this one included. Never more
+    /// than the dispatch's `max_attempts`.
+    pub fn execution(&self) -> u32 {
+        self.execution
+    }
+
+    /// The session of the broker connection this execution was started for (`None` outside a
+    /// hub).
+    pub fn session(&self) -> Option<&SessionId> {
+        self.session.as_ref()
+    }
+
     /// Reports progress: the hub renews the lease at once, stores the detail, and the
-    /// originator's rolling wait restarts. Cheap and non-blocking; a no-op on the local fast
-    /// path, where the originator is the caller itself.
+    /// originator's rolling wait restarts. Cheap and non-blocking: a report made before the
+    /// previous one was stored replaces it. A no-op on the local fast path, where the
+    /// originator is the caller itself.
     pub fn report_progress(&self, detail: serde_json::Value) {
         if let Some(tx) = &self.progress {
             // The receiver is gone only once the execution finished; nothing to report then.
-            let _ = tx.send(detail);
+            let _ = tx.send(Some(detail));
         }
     }
 }

@@ -3,23 +3,51 @@
 //! A [`Hub`] is one replica's view of the cluster. It routes each command
 //! ([`fsm::route`](crate::fsm::route())), runs it locally when the broker is connected here, and
 //! otherwise writes a durable dispatch, signals the owner, and waits for the result with a
-//! rolling deadline. For brokers connected here it drains their pending dispatches (one coalesced
-//! drain task per broker), runs the user's [`Executor`], renews leases while it runs, and
-//! finishes each attempt fenced by its attempt number. Background tasks listen to the transport,
-//! sweep (expire, exhaust, purge, re-signal), refresh affinity, and re-drain owned brokers on a
-//! jittered timer so that lost notices cost latency, never work.
+//! rolling deadline. For brokers connected here it drains their pending dispatches.
+//!
+//! ## The execution model
+//!
+//! - **Concurrency per broker**: up to [`HubConfig::max_in_flight`] executions of one broker run
+//!   at once (overridable per broker with [`Hub::set_max_in_flight`]). A drain claims only as
+//!   many rows as there are free slots and starts each at once; a finished execution frees its
+//!   slot for the next claim. A slow command never holds up a fast one of the same broker.
+//! - **Ordering keys** ([`Command::key`]): commands of one broker with the same key run one at a
+//!   time, in insertion order, whichever node holds the broker, across node moves. A retried
+//!   command keeps its place: the later commands of its key wait for it. Keyed commands always
+//!   take a row (no fast path), so every node's claim sees them.
+//! - **Deadlines bind the start**: no execution starts at or after its deadline. A claimed row
+//!   whose deadline passed before it could start ends `Failed(Expired)` unexecuted, and a retry
+//!   that could only start after the deadline ends the same way.
+//! - **Attempts count executions**: `max_attempts` bounds executions begun. A claim handed back
+//!   unexecuted (the broker moved, shutdown) does not use one up; `attempt`, the fencing token,
+//!   is never reused. `max_attempts = 1` runs a command at most once.
+//! - **The local fast path is a first attempt**: bounded by `execute_timeout`; a retryable
+//!   failure or a timeout is written as a durable row (`available_at` = now + the delay asked
+//!   for) that follows the broker wherever it connects, instead of being retried in memory on a
+//!   connection this node may no longer hold.
+//!
+//! Files: `drain.rs` (slots and claims), `lease.rs` (one execution and its lease renewal),
+//! `finish.rs` (outcomes in group commits), `local.rs` (the fast path and HTTP), `wait.rs`
+//! (the originator's rolling wait), `sweeper.rs`, `listener.rs`, `background.rs` (catch-up
+//! polling and the affinity refresh).
 
+mod background;
+mod command;
 mod config;
 mod drain;
 mod executor;
-mod tasks;
+mod finish;
+mod lease;
+mod listener;
+mod local;
+mod sweeper;
 mod wait;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +57,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
+pub use command::{Command, Receipt};
 pub use config::{HubConfig, UndeliverablePolicy};
 pub use executor::{ExecContext, Executor, FnExecutor, HttpFallback};
 
@@ -38,6 +67,7 @@ use crate::fsm::{
     SessionId, Timestamp,
 };
 use crate::store::{ConnectOutcome, ConnectParams, DisconnectParams, NewDispatch, Store};
+use local::{run_http, run_local};
 use crate::transport::{Notice, Transport};
 
 /// A source of time for the hub's own decisions (routing freshness, deadlines it writes).
@@ -61,55 +91,6 @@ impl Clock for SystemClock {
 
 /// Mints dispatch ids for a hub (see [`HubBuilder::id_source`]).
 pub type IdSource = Arc<dyn Fn() -> DispatchId + Send + Sync>;
-
-/// A command for a broker.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Command {
-    /// The target broker.
-    pub broker: BrokerId,
-    /// The operation (the executor's switch).
-    pub op: String,
-    /// Its arguments.
-    pub args: serde_json::Value,
-    /// Executions allowed (`None`: the hub's default).
-    pub max_attempts: Option<u32>,
-    /// Deduplication key: a second command with the same key is the same dispatch.
-    pub idempotency_key: Option<String>,
-}
-
-impl Command {
-    /// A command with the hub's defaults.
-    pub fn new(broker: BrokerId, op: impl Into<String>, args: serde_json::Value) -> Self {
-        Command {
-            broker,
-            op: op.into(),
-            args,
-            max_attempts: None,
-            idempotency_key: None,
-        }
-    }
-
-    /// Sets the number of executions allowed (1: at most once).
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = Some(n);
-        self
-    }
-
-    /// Sets the deduplication key.
-    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
-        self.idempotency_key = Some(key.into());
-        self
-    }
-}
-
-/// Proof that a [`Hub::send`] is durable.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Receipt {
-    /// The dispatch written.
-    pub id: DispatchId,
-    /// The row as written.
-    pub dispatch: Dispatch,
-}
 
 /// Builds a [`Hub`].
 pub struct HubBuilder {
@@ -212,13 +193,15 @@ impl HubBuilder {
             config: self.config,
             conns: Mutex::new(BTreeMap::new()),
             drains: Mutex::new(BTreeMap::new()),
+            slots: Mutex::new(HashMap::new()),
             waiters: Mutex::new(BTreeMap::new()),
+            next_waiter: AtomicU64::new(0),
             ids: self.ids,
             accepting: AtomicBool::new(true),
             shutdown: shutdown_tx,
             tasks: Mutex::new(Vec::new()),
         });
-        tasks::spawn_background(&shared, subscription);
+        background::spawn_background(&shared, subscription);
         tracing::info!(node = %shared.node, store = shared.store.name(), transport = shared.transport.name(), "hub started");
         let lifetime = Arc::new(Lifetime(Arc::clone(&shared)));
         Ok(Hub {
@@ -276,10 +259,14 @@ pub(crate) struct Shared {
     pub(crate) config: HubConfig,
     /// Brokers connected to this node, by session.
     pub(crate) conns: Mutex<BTreeMap<BrokerId, LocalConn>>,
-    /// Drains running per broker; `true` means "run one more pass".
-    pub(crate) drains: Mutex<BTreeMap<BrokerId, drain::DrainSlot>>,
-    /// Originators waiting here, by dispatch.
-    pub(crate) waiters: Mutex<BTreeMap<DispatchId, Arc<Notify>>>,
+    /// The runners of brokers connected here (or finishing work after they left).
+    pub(crate) drains: drain::Runners,
+    /// Per-broker overrides of `max_in_flight`.
+    pub(crate) slots: Mutex<HashMap<BrokerId, u32>>,
+    /// Originators waiting here, by dispatch: each registration has its own notifier, so two
+    /// waiters on one id both hear of it.
+    pub(crate) waiters: Mutex<BTreeMap<DispatchId, Vec<(u64, Arc<Notify>)>>>,
+    pub(crate) next_waiter: AtomicU64,
     /// Mints dispatch ids (`None`: [`DispatchId::new`]).
     pub(crate) ids: Option<IdSource>,
     pub(crate) accepting: AtomicBool,
@@ -298,8 +285,8 @@ impl Shared {
             t.abort();
         }
         let drains = std::mem::take(&mut *sh.drains.lock());
-        for slot in drains.values() {
-            slot.abort();
+        for r in drains.values() {
+            r.abort();
         }
         sh.conns.lock().clear();
         sh.notify_all_waiters();
@@ -325,6 +312,15 @@ impl Shared {
 
     pub(crate) fn local_session(&self, broker: &BrokerId) -> Option<SessionId> {
         self.conns.lock().get(broker).map(|c| c.session.clone())
+    }
+
+    /// How many executions of `broker` may run at once here.
+    pub(crate) fn max_in_flight(&self, broker: &BrokerId) -> u32 {
+        self.slots
+            .lock()
+            .get(broker)
+            .copied()
+            .unwrap_or(self.config.max_in_flight)
     }
 
     /// Runs a store (or transport) call with the configured timeout.
@@ -354,14 +350,18 @@ impl Shared {
     }
 
     pub(crate) fn notify_waiter(&self, id: &DispatchId) {
-        if let Some(n) = self.waiters.lock().get(id) {
-            n.notify_one();
+        if let Some(list) = self.waiters.lock().get(id) {
+            for (_, n) in list {
+                n.notify_one();
+            }
         }
     }
 
     pub(crate) fn notify_all_waiters(&self) {
-        for n in self.waiters.lock().values() {
-            n.notify_one();
+        for list in self.waiters.lock().values() {
+            for (_, n) in list {
+                n.notify_one();
+            }
         }
     }
 
@@ -499,7 +499,8 @@ impl Hub {
 
     /// A broker's control connection went away: forget it locally and release its affinity,
     /// both only if `session` is still the current one (a teardown of an old session after a
-    /// newer connect changes nothing). Returns whether it released anything.
+    /// newer connect changes nothing). Returns whether it released anything. Executions already
+    /// running for it finish and record their outcomes; nothing new starts on that session.
     ///
     /// # Errors
     ///
@@ -513,6 +514,9 @@ impl Hub {
                 _ => false,
             }
         };
+        if removed {
+            drain::poke(sh, broker);
+        }
         let released = sh
             .bounded(sh.store.disconnect(DisconnectParams {
                 broker: broker.clone(),
@@ -527,13 +531,39 @@ impl Hub {
         Ok(removed || released)
     }
 
+    /// Sets how many executions of `broker` may run at once on this node (`None`: back to
+    /// [`HubConfig::max_in_flight`]). Takes effect at the broker's next claim; running
+    /// executions are not interrupted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for 0 or more than [`MAX_BATCH`](crate::store::MAX_BATCH).
+    pub fn set_max_in_flight(&self, broker: &BrokerId, n: Option<u32>) -> Result<(), Error> {
+        let sh = &self.shared;
+        match n {
+            Some(n) => {
+                config::check_slots("max_in_flight", n)?;
+                sh.slots.lock().insert(broker.clone(), n);
+            }
+            None => {
+                sh.slots.lock().remove(broker);
+            }
+        }
+        if sh.conns.lock().contains_key(broker) {
+            drain::schedule(sh, broker);
+        }
+        Ok(())
+    }
+
     /// Routes a command and returns its result.
     ///
-    /// - Connected here: the executor runs at once, in this task; no row is written.
-    /// - Owned by another live node (or parked, or via HTTP without a fallback): a dispatch is
-    ///   written (after this hub's subscription is live), the owner is signalled, and this call
-    ///   waits with a rolling deadline that extends on real progress. If it gives up on a row
-    ///   nobody claimed, it cancels it, so it never runs later.
+    /// - Connected here (and neither keyed nor delayed): the executor runs at once, in this
+    ///   task, bounded by `execute_timeout`; no row is written. If it fails retryably or times
+    ///   out, the retry is written as a durable row and this call waits for it like a forward.
+    /// - Owned by another live node (or parked, or keyed, or delayed): a dispatch is written
+    ///   (after this hub's subscription is live), the owner is signalled, and this call waits
+    ///   with a rolling deadline that extends on real progress. If it gives up on a row nobody
+    ///   claimed, it cancels it, so it never runs later.
     /// - Over HTTP, when the broker has an endpoint and a fallback is configured.
     ///
     /// # Errors
@@ -553,12 +583,13 @@ impl Hub {
             return Err(Error::ShuttingDown);
         }
         let max_attempts = self.validate(&cmd)?;
-        if sh.conns.lock().contains_key(&cmd.broker) {
-            return run_local(sh, cmd, max_attempts).await;
+        if cmd.takes_fast_path() && sh.conns.lock().contains_key(&cmd.broker) {
+            metrics::counter!("broker_dispatch_routed_total", "route" => "local").increment(1);
+            return run_local(self, cmd, max_attempts).await;
         }
         let affinity = sh.bounded(sh.store.affinity(&cmd.broker)).await?;
         let has_http = match &sh.http {
-            Some(http) => http.has_endpoint(&cmd.broker).await,
+            Some(http) => local::has_endpoint(sh, http.as_ref(), &cmd.broker).await,
             None => false,
         };
         let now = sh.now();
@@ -574,17 +605,16 @@ impl Hub {
         metrics::counter!("broker_dispatch_routed_total", "route" => route_name(&route))
             .increment(1);
         match route {
-            Route::Local => run_local(sh, cmd, max_attempts).await,
+            Route::Local if cmd.takes_fast_path() => run_local(self, cmd, max_attempts).await,
+            Route::Local => self.write_and_wait(cmd, sh.new_id(), max_attempts, 0).await,
             Route::Http => match &sh.http {
-                Some(http) => {
-                    let d = adhoc_dispatch(sh.new_id(), cmd, max_attempts, now);
-                    run_guarded(http.call(&d))
-                        .await
-                        .map_err(|e| exec_failure(d.id, e))
-                }
+                Some(http) => run_http(sh, http.as_ref(), cmd, max_attempts, now).await,
                 None => self.park_or_fail(cmd, max_attempts).await,
             },
-            Route::Forward { .. } => self.write_and_wait(cmd, max_attempts).await,
+            Route::Forward { .. } => {
+                self.write_and_wait(cmd, sh.new_id(), max_attempts, 0)
+                    .await
+            }
             Route::Undeliverable => self.park_or_fail(cmd, max_attempts).await,
         }
     }
@@ -595,7 +625,10 @@ impl Hub {
         max_attempts: u32,
     ) -> Result<serde_json::Value, Error> {
         match self.shared.config.undeliverable {
-            UndeliverablePolicy::Park => self.write_and_wait(cmd, max_attempts).await,
+            UndeliverablePolicy::Park => {
+                self.write_and_wait(cmd, self.shared.new_id(), max_attempts, 0)
+                    .await
+            }
             UndeliverablePolicy::FailFast => Err(Error::Failed {
                 id: self.shared.new_id(),
                 reason: FailReason::Undeliverable,
@@ -603,20 +636,23 @@ impl Hub {
         }
     }
 
-    async fn write_and_wait(
+    /// Writes the command as dispatch `id` (whose first `executions` executions already began
+    /// elsewhere: the fast path's) and waits for it.
+    pub(crate) async fn write_and_wait(
         &self,
         cmd: Command,
+        id: DispatchId,
         max_attempts: u32,
+        executions: u32,
     ) -> Result<serde_json::Value, Error> {
         let sh = &self.shared;
-        let id = sh.new_id();
         let span = tracing::debug_span!("dispatch", node = %sh.node, broker = %cmd.broker, op = %cmd.op, %id);
         async move {
             // Subscribe before write: the transport subscription is live since `start`, and the
             // waiter is registered before the row exists, so no event about it can be missed.
             let waiter = wait::Registration::new(sh, id);
-            let deadline = sh.now().saturating_add(sh.config.wait_window);
-            let d = self.write(cmd, id, max_attempts, deadline).await?;
+            let new = self.new_dispatch(cmd, id, max_attempts, executions, sh.config.wait_window);
+            let d = self.write(new).await?;
             if d.id != id {
                 // The idempotency key named an existing dispatch: wait for that one instead.
                 drop(waiter);
@@ -628,41 +664,66 @@ impl Hub {
         .await
     }
 
-    async fn write(
+    /// The row for `cmd`: its deadline is the command's own (`timeout`, `deadline`) or else
+    /// `default_ttl` from the store's now.
+    fn new_dispatch(
         &self,
         cmd: Command,
         id: DispatchId,
         max_attempts: u32,
-        deadline: Timestamp,
-    ) -> Result<Dispatch, Error> {
+        executions: u32,
+        default_ttl: Duration,
+    ) -> NewDispatch {
         let sh = &self.shared;
-        let broker = cmd.broker.clone();
-        let d = sh
-            .bounded(sh.store.insert(NewDispatch {
-                id,
-                broker: cmd.broker,
-                op: cmd.op,
-                args: cmd.args,
-                max_attempts,
-                available_at: None,
-                deadline: Some(deadline),
-                idempotency_key: cmd.idempotency_key,
-                now: sh.store_now(),
-            }))
-            .await?;
-        metrics::counter!("broker_dispatch_published_total").increment(1);
-        if sh.conns.lock().contains_key(&broker) {
-            drain::schedule(sh, &broker);
-        } else if !sh.store.signals_on_insert() {
-            sh.publish(Notice::Signal { broker }).await;
+        let ttl = match (cmd.timeout, cmd.deadline) {
+            (None, None) => Some(default_ttl),
+            (t, _) => t,
+        };
+        NewDispatch {
+            id,
+            broker: cmd.broker,
+            op: cmd.op,
+            args: cmd.args,
+            max_attempts,
+            available_at: cmd.available_at,
+            deadline: cmd.deadline,
+            idempotency_key: cmd.idempotency_key,
+            key: cmd.key,
+            delay: cmd.delay,
+            ttl,
+            executions,
+            now: sh.store_now(),
         }
+    }
+
+    async fn write(&self, new: NewDispatch) -> Result<Dispatch, Error> {
+        let sh = &self.shared;
+        let broker = new.broker.clone();
+        let d = sh.bounded(sh.store.insert(new)).await?;
+        metrics::counter!("broker_dispatch_published_total").increment(1);
+        self.announce(&broker).await;
         Ok(d)
     }
 
-    /// Durable fire-and-forget: writes the dispatch (deadline `send_ttl` from now), then runs
-    /// it here if the broker is connected here, or signals its owner. Returns once the row is
-    /// durable; execution is at-least-once, like any dispatch. Never uses the HTTP fallback
-    /// and ignores [`UndeliverablePolicy`]: a message for an absent broker waits for it.
+    /// Tells `broker`'s owner there is work: a drain here, or a signal (unless the store's
+    /// insert already signalled).
+    async fn announce(&self, broker: &BrokerId) {
+        let sh = &self.shared;
+        if sh.conns.lock().contains_key(broker) {
+            drain::schedule(sh, broker);
+        } else if !sh.store.signals_on_insert() {
+            sh.publish(Notice::Signal {
+                broker: broker.clone(),
+            })
+            .await;
+        }
+    }
+
+    /// Durable fire-and-forget: writes the dispatch (deadline `send_ttl` from now unless the
+    /// command sets one), then runs it here if the broker is connected here, or signals its
+    /// owner. Returns once the row is durable; execution is at-least-once, like any dispatch.
+    /// Never uses the HTTP fallback and ignores [`UndeliverablePolicy`]: a message for an absent
+    /// broker waits for it.
     ///
     /// # Errors
     ///
@@ -678,15 +739,43 @@ impl Hub {
         let id = sh.new_id();
         let span =
             tracing::debug_span!("send", node = %sh.node, broker = %cmd.broker, op = %cmd.op, %id);
-        let deadline = sh.now().saturating_add(sh.config.send_ttl);
-        let d = self
-            .write(cmd, id, max_attempts, deadline)
-            .instrument(span)
-            .await?;
+        let new = self.new_dispatch(cmd, id, max_attempts, 0, sh.config.send_ttl);
+        let d = self.write(new).instrument(span).await?;
         Ok(Receipt {
             id: d.id,
             dispatch: d,
         })
+    }
+
+    /// [`send`](Hub::send) for many commands at once: every row is written atomically (all or
+    /// none; one transaction on SQLite, one statement on Postgres), then each broker's owner is
+    /// told once. The receipts are in input order.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Hub::send); an invalid command fails the whole batch before anything is
+    /// written, and a conflict (an id or idempotency key reused with another payload) writes
+    /// none of it.
+    pub async fn send_many(&self, cmds: Vec<Command>) -> Result<Vec<Receipt>, Error> {
+        let sh = &self.shared;
+        if !sh.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let mut batch = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let max_attempts = self.validate(&cmd)?;
+            batch.push(self.new_dispatch(cmd, sh.new_id(), max_attempts, 0, sh.config.send_ttl));
+        }
+        let rows = sh.bounded(sh.store.insert_many(batch)).await?;
+        metrics::counter!("broker_dispatch_published_total").increment(rows.len() as u64);
+        let brokers: BTreeSet<BrokerId> = rows.iter().map(|d| d.broker.clone()).collect();
+        for broker in &brokers {
+            self.announce(broker).await;
+        }
+        Ok(rows
+            .into_iter()
+            .map(|d| Receipt { id: d.id, dispatch: d })
+            .collect())
     }
 
     /// Waits for a dispatch written by [`send`](Hub::send) (or by another node) to finish, with
@@ -731,12 +820,26 @@ impl Hub {
                 ));
             }
         }
+        if let Some(k) = &cmd.key {
+            fsm::check_key(k)?;
+        }
+        for (what, d) in [("timeout", cmd.timeout), ("delay", cmd.delay)] {
+            if d.is_some_and(|d| d < config::MIN_DURATION) {
+                return Err(Error::InvalidInput(format!(
+                    "Command::{what} must be at least {:?}",
+                    config::MIN_DURATION
+                )));
+            }
+        }
         Ok(max_attempts)
     }
 
     /// Stops the hub gracefully: refuses new work, stops claiming, lets in-flight executions
-    /// finish (up to `shutdown_timeout`), hands claimed-but-unstarted dispatches back, releases
-    /// the affinity of every broker connected here, and stops the background tasks.
+    /// finish and their outcomes be written (up to `shutdown_timeout`), releases the affinity
+    /// of every broker connected here, and stops the background tasks. No claimed row waits
+    /// unstarted (drains start what they claim at once), so nothing needs handing back; an
+    /// execution still running at the timeout is stopped, and its row is re-claimed elsewhere
+    /// once its lease runs out.
     ///
     /// # Errors
     ///
@@ -745,16 +848,18 @@ impl Hub {
         let sh = &self.shared;
         sh.accepting.store(false, Ordering::Release);
         sh.shutdown.send_replace(true);
+        for r in sh.drains.lock().values() {
+            r.poke();
+        }
         let deadline = instant_after(tokio::time::Instant::now(), sh.config.shutdown_timeout);
-        // Drains observe the flag between items; wait for them to wind down.
         loop {
             if sh.drains.lock().is_empty() {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(node = %sh.node, "shutdown timeout: aborting in-flight drains");
-                for slot in sh.drains.lock().values() {
-                    slot.abort();
+                tracing::warn!(node = %sh.node, "shutdown timeout: stopping the executions still running");
+                for r in std::mem::take(&mut *sh.drains.lock()).values() {
+                    r.abort();
                 }
                 break;
             }
@@ -801,49 +906,6 @@ fn route_name(r: &Route) -> &'static str {
     }
 }
 
-/// A dispatch record for work that never touches the store (local fast path, HTTP).
-fn adhoc_dispatch(id: DispatchId, cmd: Command, max_attempts: u32, now: Timestamp) -> Dispatch {
-    Dispatch {
-        id,
-        broker: cmd.broker,
-        op: cmd.op,
-        args: cmd.args,
-        state: DispatchState::InProgress,
-        attempt: 1,
-        max_attempts,
-        claimed_by: None,
-        lease_until: None,
-        available_at: now,
-        deadline: None,
-        result: None,
-        failure: None,
-        progress: None,
-        idempotency_key: cmd.idempotency_key,
-        created_at: now,
-        updated_at: now,
-    }
-}
-
-/// The local fast path: execute in the caller's task, retrying in place on retryable errors.
-async fn run_local(
-    sh: &Shared,
-    cmd: Command,
-    max_attempts: u32,
-) -> Result<serde_json::Value, Error> {
-    let mut d = adhoc_dispatch(sh.new_id(), cmd, max_attempts, Timestamp::EPOCH);
-    loop {
-        let ctx = ExecContext::new(d.id, d.attempt, None);
-        match run_guarded(sh.executor.execute(ctx, &d)).await {
-            Ok(v) => return Ok(v),
-            Err(ExecError::Retryable { after, .. }) if d.attempt < max_attempts => {
-                d.attempt += 1;
-                tokio::time::sleep(after).await;
-            }
-            Err(e) => return Err(exec_failure(d.id, e)),
-        }
-    }
-}
-
 /// Runs an executor future, turning a panic into a fatal error.
 pub(crate) async fn run_guarded(
     fut: impl Future<Output = Result<serde_json::Value, ExecError>>,
@@ -858,17 +920,6 @@ pub(crate) async fn run_guarded(
                 .unwrap_or_else(|| "non-string panic payload".to_owned());
             Err(ExecError::Fatal(format!("executor panicked: {msg}")))
         }
-    }
-}
-
-fn exec_failure(id: DispatchId, e: ExecError) -> Error {
-    let msg = match e {
-        ExecError::Retryable { message, .. } => format!("{message} (no attempts left)"),
-        ExecError::Fatal(m) => m,
-    };
-    Error::Failed {
-        id,
-        reason: FailReason::Error(msg),
     }
 }
 

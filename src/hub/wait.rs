@@ -1,6 +1,7 @@
 //! The originator's wait: a [`RollingDeadline`] driven by real progress, with the row as the
 //! authority.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -16,6 +17,7 @@ use crate::store::CancelParams;
 pub(crate) struct Registration<'a> {
     sh: &'a Shared,
     id: DispatchId,
+    token: u64,
     notify: Arc<Notify>,
     cancel_on_give_up: bool,
 }
@@ -23,11 +25,17 @@ pub(crate) struct Registration<'a> {
 impl<'a> Registration<'a> {
     pub(crate) fn new(sh: &'a Shared, id: DispatchId) -> Self {
         let notify = Arc::new(Notify::new());
-        sh.waiters.lock().insert(id, Arc::clone(&notify));
+        let token = sh.next_waiter.fetch_add(1, Ordering::Relaxed);
+        sh.waiters
+            .lock()
+            .entry(id)
+            .or_default()
+            .push((token, Arc::clone(&notify)));
         metrics::gauge!("broker_dispatch_waiting").increment(1.0);
         Registration {
             sh,
             id,
+            token,
             notify,
             cancel_on_give_up: true,
         }
@@ -132,7 +140,13 @@ fn is_transient(e: &Error) -> bool {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.sh.waiters.lock().remove(&self.id);
+        let mut waiters = self.sh.waiters.lock();
+        if let Some(list) = waiters.get_mut(&self.id) {
+            list.retain(|(t, _)| *t != self.token);
+            if list.is_empty() {
+                waiters.remove(&self.id);
+            }
+        }
         metrics::gauge!("broker_dispatch_waiting").decrement(1.0);
     }
 }

@@ -129,6 +129,10 @@ fn new_dispatch(n: u128, b: &str, now: Timestamp) -> NewDispatch {
         available_at: None,
         deadline: None,
         idempotency_key: None,
+        key: None,
+        delay: None,
+        ttl: None,
+        executions: 0,
         now: Some(now),
     }
 }

@@ -48,6 +48,8 @@ struct Inner {
     rows: HashMap<DispatchId, Arc<Dispatch>>,
     /// Non-terminal rows per broker, in claim order.
     active: HashMap<BrokerId, BTreeSet<(Timestamp, DispatchId)>>,
+    /// Non-terminal rows per (broker, ordering key), in claim order.
+    keyed: HashMap<(BrokerId, String), BTreeSet<(Timestamp, DispatchId)>>,
     keys: HashMap<String, DispatchId>,
     affinity: HashMap<BrokerId, Affinity>,
 }
@@ -82,8 +84,70 @@ impl MemoryStore {
     /// The synchronous core of [`Store::insert`].
     pub fn insert_sync(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         new.validate()?;
-        let now = new.now.unwrap_or_else(system_now);
         let mut inner = self.inner.lock();
+        insert_locked(&mut inner, new)
+    }
+
+    /// The synchronous core of [`Store::insert_many`]: all rows or none, under one lock.
+    pub fn insert_many_sync(&self, batch: Vec<NewDispatch>) -> Result<Vec<Dispatch>, StoreError> {
+        for new in &batch {
+            new.validate()?;
+        }
+        let mut inner = self.inner.lock();
+        // Dry run on the ids and keys first, so a conflict leaves nothing written.
+        let mut seen_ids = HashMap::new();
+        let mut seen_keys = HashMap::new();
+        for new in &batch {
+            let existing = inner.rows.get(&new.id).map(|d| Dispatch::clone(d)).or_else(|| {
+                new.idempotency_key
+                    .as_ref()
+                    .and_then(|k| inner.keys.get(k))
+                    .and_then(|id| inner.rows.get(id))
+                    .map(|d| Dispatch::clone(d))
+            });
+            if let Some(d) = existing {
+                if !new.same_payload(&d) {
+                    return Err(conflict(&d));
+                }
+            }
+            for prior in [
+                seen_ids.insert(new.id, new),
+                new.idempotency_key
+                    .as_ref()
+                    .and_then(|k| seen_keys.insert(k.clone(), new)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if !(prior.broker == new.broker
+                    && prior.op == new.op
+                    && prior.args == new.args
+                    && prior.key == new.key)
+                {
+                    return Err(StoreError::Conflict(format!(
+                        "dispatch {} appears twice in the batch with different payloads",
+                        new.id
+                    )));
+                }
+            }
+        }
+        batch
+            .into_iter()
+            .map(|new| insert_locked(&mut inner, new))
+            .collect()
+    }
+}
+
+fn conflict(d: &Dispatch) -> StoreError {
+    StoreError::Conflict(format!(
+        "dispatch {} exists with a different payload",
+        d.id
+    ))
+}
+
+fn insert_locked(inner: &mut Inner, new: NewDispatch) -> Result<Dispatch, StoreError> {
+    {
+        let now = new.now.unwrap_or_else(system_now);
         let existing = inner.rows.get(&new.id).or_else(|| {
             new.idempotency_key
                 .as_ref()
@@ -94,10 +158,7 @@ impl MemoryStore {
             return if new.same_payload(d) {
                 Ok(Dispatch::clone(d))
             } else {
-                Err(StoreError::Conflict(format!(
-                    "dispatch {} exists with a different payload",
-                    d.id
-                )))
+                Err(conflict(d))
             };
         }
         let d = new.into_dispatch(now);
@@ -109,10 +170,19 @@ impl MemoryStore {
             .entry(d.broker.clone())
             .or_default()
             .insert((d.created_at, d.id));
+        if let Some(k) = &d.key {
+            inner
+                .keyed
+                .entry((d.broker.clone(), k.clone()))
+                .or_default()
+                .insert((d.created_at, d.id));
+        }
         inner.rows.insert(d.id, Arc::new(d.clone()));
         Ok(d)
     }
+}
 
+impl MemoryStore {
     /// The synchronous core of [`Store::claim`].
     pub fn claim_sync(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
         p.validate()?;
@@ -128,7 +198,7 @@ impl MemoryStore {
             if out.len() >= p.limit as usize {
                 break;
             }
-            let Some(row) = inner.rows.get_mut(id) else {
+            let Some(row) = inner.rows.get(id) else {
                 continue;
             };
             let claim = Event::Claim {
@@ -136,6 +206,19 @@ impl MemoryStore {
                 now,
                 lease: p.lease,
             };
+            if let Some(k) = &row.key {
+                let rows = &inner.rows;
+                let blocked = inner
+                    .keyed
+                    .get(&(row.broker.clone(), k.clone()))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(_, o)| rows.get(o))
+                    .any(|o| fsm::blocks(o, row, now));
+                if blocked {
+                    continue;
+                }
+            }
             let next = if skip_deadline {
                 // Test-only fault: judge and claim the row as if it had no deadline.
                 let mut probe = Dispatch::clone(row);
@@ -151,6 +234,9 @@ impl MemoryStore {
                     continue;
                 }
                 fsm::apply(row, claim)?
+            };
+            let Some(row) = inner.rows.get_mut(id) else {
+                continue;
             };
             let next = Arc::new(next);
             *row = Arc::clone(&next);
@@ -206,7 +292,8 @@ fn unfenced(mut event: Event, current: Option<fsm::Attempt>) -> Event {
             | Event::Complete { attempt, .. }
             | Event::Fail { attempt, .. }
             | Event::Retry { attempt, .. }
-            | Event::Release { attempt, .. } => *attempt = current,
+            | Event::Release { attempt, .. }
+            | Event::Late { attempt, .. } => *attempt = current,
             Event::Claim { .. }
             | Event::Cancel { .. }
             | Event::Expire { .. }
@@ -222,6 +309,22 @@ fn finish_event(c: &Claimed, p: FinishParams) -> (DispatchId, Event) {
     (c.id(), p.outcome.into_event(c.attempt(), now))
 }
 
+/// Drops a row that became terminal from the live indexes.
+fn retire(inner: &mut Inner, d: &Dispatch) {
+    if let Some(set) = inner.active.get_mut(&d.broker) {
+        set.remove(&(d.created_at, d.id));
+    }
+    if let Some(k) = &d.key {
+        let slot = (d.broker.clone(), k.clone());
+        if let Some(set) = inner.keyed.get_mut(&slot) {
+            set.remove(&(d.created_at, d.id));
+            if set.is_empty() {
+                inner.keyed.remove(&slot);
+            }
+        }
+    }
+}
+
 fn transition_locked(
     inner: &mut Inner,
     id: DispatchId,
@@ -231,9 +334,7 @@ fn transition_locked(
     let next = fsm::apply(row, event)?;
     *row = Arc::new(next.clone());
     if next.state.is_terminal() {
-        if let Some(set) = inner.active.get_mut(&next.broker) {
-            set.remove(&(next.created_at, id));
-        }
+        retire(inner, &next);
     }
     Ok(next)
 }
@@ -246,6 +347,10 @@ impl Store for MemoryStore {
 
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         self.insert_sync(new)
+    }
+
+    async fn insert_many(&self, batch: Vec<NewDispatch>) -> Result<Vec<Dispatch>, StoreError> {
+        self.insert_many_sync(batch)
     }
 
     async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
@@ -336,10 +441,9 @@ impl Store for MemoryStore {
                         Some(fsm::FailReason::Expired) => report.expired.push(id),
                         _ => report.exhausted.push(id),
                     }
-                    if let Some(set) = inner.active.get_mut(&next.broker) {
-                        set.remove(&(next.created_at, id));
-                    }
-                    *row = Arc::new(next);
+                    let next = Arc::new(next);
+                    *row = Arc::clone(&next);
+                    retire(inner, &next);
                 }
                 None => {
                     if row.state == fsm::DispatchState::Pending {

@@ -84,6 +84,26 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::InvalidInput`] for bad fields.
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError>;
 
+    /// Writes several dispatches atomically: every row, or (on any error) none. Each entry is
+    /// idempotent exactly as [`insert`](Store::insert); the answer is in input order.
+    ///
+    /// The default inserts one by one and is **not** atomic; the memory and SQL stores override
+    /// it (SQLite: one transaction; Postgres: one statement plus one signal per broker).
+    ///
+    /// # Errors
+    ///
+    /// The first entry's error, as [`insert`](Store::insert); then nothing was written.
+    async fn insert_many(&self, batch: Vec<NewDispatch>) -> Result<Vec<Dispatch>, StoreError> {
+        for new in &batch {
+            new.validate()?;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for new in batch {
+            out.push(self.insert(new).await?);
+        }
+        Ok(out)
+    }
+
     /// Claims up to `limit` claimable dispatches of one broker, oldest first (by creation time,
     /// then id). Claimable: pending and available and before the deadline, or in progress with an
     /// expired lease, attempts left, and before the deadline.
@@ -217,6 +237,12 @@ impl Claimed {
         self.dispatch.attempt
     }
 
+    /// The store's time of the claim (a claim stamps `updated_at`): with the row's deadline, how
+    /// long the holder has to start it.
+    pub fn claimed_at(&self) -> Timestamp {
+        self.dispatch.updated_at
+    }
+
     /// Unwraps the snapshot.
     pub fn into_dispatch(self) -> Dispatch {
         Arc::unwrap_or_clone(self.dispatch)
@@ -242,6 +268,18 @@ pub struct NewDispatch {
     pub deadline: Option<Timestamp>,
     /// Deduplication key, unique across the store.
     pub idempotency_key: Option<String>,
+    /// Ordering key: rows of one broker with the same key run one at a time, in insertion order
+    /// (see [`fsm::claim_order`](crate::fsm::claim_order)).
+    pub key: Option<String>,
+    /// Not claimable until this long after the store's `now` (combined with `available_at`:
+    /// the later wins). Measured on the store's clock, so a node's skew cannot shift it.
+    pub delay: Option<Duration>,
+    /// Never claimed at or after this long after the store's `now` (combined with `deadline`:
+    /// the earlier wins). Measured on the store's clock.
+    pub ttl: Option<Duration>,
+    /// Executions already begun elsewhere (the local fast path's first attempt, whose retry
+    /// this row is): the row starts at this attempt. Less than `max_attempts`.
+    pub executions: u32,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
 }
@@ -258,6 +296,10 @@ impl NewDispatch {
             available_at: None,
             deadline: None,
             idempotency_key: None,
+            key: None,
+            delay: None,
+            ttl: None,
+            executions: 0,
             now: None,
         }
     }
@@ -273,6 +315,15 @@ impl NewDispatch {
                 return Err(StoreError::invalid("idempotency key must be 1..=256 bytes"));
             }
         }
+        if let Some(k) = &self.key {
+            crate::fsm::check_key(k)?;
+        }
+        if self.executions >= self.max_attempts {
+            return Err(StoreError::invalid(format!(
+                "a row that already had {} executions of max_attempts {} could never run",
+                self.executions, self.max_attempts
+            )));
+        }
         let size = json_size(&self.args);
         if size > MAX_ARGS_BYTES {
             return Err(StoreError::invalid(format!(
@@ -284,27 +335,46 @@ impl NewDispatch {
 
     /// Whether an existing row carries the same payload (the idempotency comparison).
     pub fn same_payload(&self, d: &Dispatch) -> bool {
-        self.broker == d.broker && self.op == d.op && self.args == d.args
+        self.broker == d.broker && self.op == d.op && self.args == d.args && self.key == d.key
+    }
+
+    /// `available_at` at the store's `now`: the later of the given instant and `now + delay`.
+    pub fn available_at_from(&self, now: Timestamp) -> Timestamp {
+        let after_delay = now.saturating_add(self.delay.unwrap_or_default());
+        self.available_at.map_or(after_delay, |a| a.max(after_delay))
+    }
+
+    /// `deadline` at the store's `now`: the earlier of the given instant and `now + ttl`.
+    pub fn deadline_from(&self, now: Timestamp) -> Option<Timestamp> {
+        let by_ttl = self.ttl.map(|t| now.saturating_add(t));
+        match (self.deadline, by_ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The row this insert creates at `now` (shared by every store).
     pub fn into_dispatch(self, now: Timestamp) -> Dispatch {
+        let available_at = self.available_at_from(now);
+        let deadline = self.deadline_from(now);
         Dispatch {
             id: self.id,
             broker: self.broker,
             op: self.op,
             args: self.args,
             state: DispatchState::Pending,
-            attempt: 0,
+            attempt: self.executions,
             max_attempts: self.max_attempts,
             claimed_by: None,
             lease_until: None,
-            available_at: self.available_at.unwrap_or(now),
-            deadline: self.deadline,
+            available_at,
+            deadline,
             result: None,
             failure: None,
             progress: None,
             idempotency_key: self.idempotency_key,
+            key: self.key,
+            released: 0,
             created_at: now,
             updated_at: now,
         }
@@ -357,8 +427,10 @@ pub enum Outcome {
         /// Delay before the row is claimable again.
         after: Duration,
     },
-    /// Hand back without having executed (the attempt is spent as a fencing token only).
+    /// Hand back without having executed: the fencing token is spent, the execution is not.
     Release,
+    /// Not started (or not re-run) because its deadline passed: `Failed(Expired)`.
+    Late,
 }
 
 impl Outcome {
@@ -383,6 +455,7 @@ impl Outcome {
                 at: now.saturating_add(after),
             },
             Outcome::Release => Event::Release { attempt, now },
+            Outcome::Late => Event::Late { attempt, now },
         }
     }
 }

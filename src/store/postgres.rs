@@ -43,16 +43,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("migrations/postgres/0003_partial_idempotency_key.sql"),
     ),
+    (
+        4,
+        include_str!("migrations/postgres/0004_keys_and_hand_backs.sql"),
+    ),
 ];
 
 /// The newest schema version this build understands.
-pub const PG_SCHEMA_VERSION: i64 = 3;
+pub const PG_SCHEMA_VERSION: i64 = 4;
 
 /// The dispatch columns, in the order [`PgStore::decode`] reads them.
 const COLS: &str = "d.id, d.broker, d.op, d.args, d.state, d.attempt, d.max_attempts, \
     d.claimed_by, d.lease_until, d.available_at, d.deadline, d.result, d.failure, d.progress, \
-    d.idempotency_key, d.created_at, d.updated_at";
-const NCOLS: usize = 17;
+    d.idempotency_key, d.created_at, d.updated_at, d.key, d.released";
+const NCOLS: usize = 19;
 
 /// How [`PgStore`] connects and where it keeps its tables.
 #[derive(Debug, Clone)]
@@ -100,6 +104,8 @@ struct Sql {
     fail: String,
     retry: String,
     release: String,
+    late: String,
+    insert_many: String,
     finish_many: String,
     notify: String,
     cancel: String,
@@ -122,9 +128,26 @@ struct Sql {
 fn claimable(x: &str) -> String {
     format!(
         "((({x}.state = 'pending' AND {x}.available_at <= clock.now) \
-           OR ({x}.state = 'in_progress' AND {x}.lease_until <= clock.now \
-               AND {x}.attempt < {x}.max_attempts)) \
+           OR ({x}.state = 'in_progress' AND {x}.lease_until <= clock.now)) \
+          AND {x}.attempt < 4294967295 AND {x}.attempt - {x}.released < {x}.max_attempts \
           AND ({x}.deadline IS NULL OR clock.now < {x}.deadline))"
+    )
+}
+
+/// No other live row of `x`'s ordering key blocks it at `clock.now`: [`fsm::blocks`] in SQL
+/// (held, or older and not [`Dispatch::is_dead`]). Reads the rows as of the statement's
+/// snapshot, so one claim takes at most the first row of each key.
+fn key_free(s: &str, x: &str) -> String {
+    format!(
+        "({x}.key IS NULL OR NOT EXISTS (SELECT 1 FROM {s}.dispatch AS o \
+           WHERE o.broker = {x}.broker AND o.key = {x}.key AND o.id <> {x}.id \
+             AND o.state IN ('pending', 'in_progress') \
+             AND ((o.state = 'in_progress' AND o.lease_until > clock.now) \
+               OR ((o.created_at, o.id) < ({x}.created_at, {x}.id) \
+                 AND NOT ((o.deadline IS NOT NULL AND o.deadline <= clock.now \
+                           AND (o.state = 'pending' OR o.lease_until <= clock.now)) \
+                       OR (o.state = 'in_progress' AND o.lease_until <= clock.now \
+                           AND o.attempt - o.released >= o.max_attempts))))))"
     )
 }
 
@@ -151,15 +174,49 @@ impl Sql {
             insert: format!(
                 "{}, ins AS ( \
                    INSERT INTO {s}.dispatch AS d (id, broker, op, args, state, attempt, \
-                     max_attempts, available_at, deadline, idempotency_key, created_at, updated_at) \
-                   SELECT $1::uuid, $2::text, $3::text, $4::json, 'pending', 0, $5::bigint, \
-                     COALESCE($6::bigint, clock.now), $7::bigint, $8::text, clock.now, clock.now \
+                     max_attempts, available_at, deadline, idempotency_key, created_at, \
+                     updated_at, key, released) \
+                   SELECT $1::uuid, $2::text, $3::text, $4::json, 'pending', $11::bigint, \
+                     $5::bigint, \
+                     GREATEST(COALESCE($6::bigint, clock.now), \
+                              {s}.sat_add(clock.now, COALESCE($12::bigint, 0))), \
+                     CASE WHEN $13::bigint IS NULL THEN $7::bigint \
+                          ELSE LEAST(COALESCE($7::bigint, 9223372036854775807), \
+                                     {s}.sat_add(clock.now, $13::bigint)) END, \
+                     $8::text, clock.now, clock.now, $14::text, 0 \
                    FROM clock \
                    ON CONFLICT DO NOTHING \
                    RETURNING {COLS}), \
                  sig AS (SELECT pg_notify($9::text, ins.broker) FROM ins) \
                  SELECT ins.*, (SELECT count(*) FROM sig) FROM ins",
                 clock(10)
+            ),
+            // A batch in one statement: parallel arrays as `insert`'s parameters, one signal per
+            // broker that got a row. Rows already present are not returned (see `insert_many`).
+            insert_many: format!(
+                "WITH clock AS MATERIALIZED (SELECT {s}.clock_micros() AS now), \
+                 v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::json[], \
+                         $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $10::bigint[], \
+                         $11::bigint[], $12::bigint[], $13::text[], $14::bigint[]) \
+                       AS v(id, broker, op, args, max_attempts, available_at, deadline, ikey, \
+                            attempt, delay, ttl, key, at)), \
+                 ins AS ( \
+                   INSERT INTO {s}.dispatch AS d (id, broker, op, args, state, attempt, \
+                     max_attempts, available_at, deadline, idempotency_key, created_at, \
+                     updated_at, key, released) \
+                   SELECT v.id, v.broker, v.op, v.args, 'pending', v.attempt, v.max_attempts, \
+                     GREATEST(COALESCE(v.available_at, COALESCE(v.at, clock.now)), \
+                              {s}.sat_add(COALESCE(v.at, clock.now), COALESCE(v.delay, 0))), \
+                     CASE WHEN v.ttl IS NULL THEN v.deadline \
+                          ELSE LEAST(COALESCE(v.deadline, 9223372036854775807), \
+                                     {s}.sat_add(COALESCE(v.at, clock.now), v.ttl)) END, \
+                     v.ikey, COALESCE(v.at, clock.now), COALESCE(v.at, clock.now), v.key, 0 \
+                   FROM clock, v \
+                   ON CONFLICT DO NOTHING \
+                   RETURNING {COLS}), \
+                 sig AS (SELECT pg_notify($9::text, b.broker) \
+                         FROM (SELECT DISTINCT broker FROM ins) AS b) \
+                 SELECT ins.*, (SELECT count(*) FROM sig) FROM ins"
             ),
             find_existing: format!(
                 "SELECT {COLS} FROM {s}.dispatch AS d \
@@ -173,7 +230,7 @@ impl Sql {
                 "{}, picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c, clock \
                      WHERE c.broker = $1::text AND c.state IN ('pending', 'in_progress') \
-                       AND {} \
+                       AND {} AND {} \
                      ORDER BY c.created_at, c.id \
                      LIMIT $4::bigint \
                      FOR UPDATE OF c SKIP LOCKED) \
@@ -185,6 +242,7 @@ impl Sql {
                  RETURNING {COLS}",
                 clock(5),
                 claimable("c"),
+                key_free(s, "c"),
                 claimable("d"),
             ),
             heartbeat: holder(
@@ -192,7 +250,7 @@ impl Sql {
                  progress = COALESCE($5::json, d.progress)"
                     .replace("{s}", s)
                     .as_str(),
-                "",
+                " AND d.lease_until > clock.now",
             ),
             complete: holder("state = 'done', result = $4::json, lease_until = NULL", ""),
             fail: holder("state = 'failed', failure = $4::json, lease_until = NULL", ""),
@@ -202,11 +260,16 @@ impl Sql {
                      lease_until = NULL"
                 )
                 .as_str(),
-                " AND d.attempt < d.max_attempts",
+                " AND d.attempt - d.released < d.max_attempts",
             ),
             release: holder(
-                "state = 'pending', available_at = clock.now, lease_until = NULL",
+                "state = 'pending', available_at = clock.now, lease_until = NULL, \
+                 released = d.released + 1",
                 "",
+            ),
+            late: holder(
+                "state = 'failed', failure = $4::json, lease_until = NULL",
+                " AND d.deadline IS NOT NULL",
             ),
             // Every finish of a batch in one statement, each row still guarded by its own
             // attempt (the same guards as `complete`, `fail`, `retry` and `release` above), and
@@ -220,9 +283,12 @@ impl Sql {
                  upd AS ( \
                    UPDATE {s}.dispatch AS d SET \
                      state = CASE v.kind WHEN 'complete' THEN 'done' WHEN 'fail' THEN 'failed' \
-                             ELSE 'pending' END, \
+                             WHEN 'late' THEN 'failed' ELSE 'pending' END, \
                      result = CASE WHEN v.kind = 'complete' THEN v.result ELSE d.result END, \
-                     failure = CASE WHEN v.kind = 'fail' THEN v.failure ELSE d.failure END, \
+                     failure = CASE WHEN v.kind IN ('fail', 'late') THEN v.failure \
+                               ELSE d.failure END, \
+                     released = CASE WHEN v.kind = 'release' THEN d.released + 1 \
+                                ELSE d.released END, \
                      available_at = CASE v.kind \
                        WHEN 'retry' THEN {s}.sat_add(COALESCE(v.at, clock.now), v.delay) \
                        WHEN 'release' THEN COALESCE(v.at, clock.now) \
@@ -230,7 +296,8 @@ impl Sql {
                      lease_until = NULL, updated_at = COALESCE(v.at, clock.now) \
                    FROM clock, v \
                    WHERE d.id = v.id AND d.attempt = v.attempt AND d.state = 'in_progress' \
-                     AND (v.kind <> 'retry' OR d.attempt < d.max_attempts) \
+                     AND (v.kind <> 'retry' OR d.attempt - d.released < d.max_attempts) \
+                     AND (v.kind <> 'late' OR d.deadline IS NOT NULL) \
                    RETURNING {COLS}), \
                  ev AS (SELECT pg_notify($8::text, upd.id::text) FROM upd) \
                  SELECT upd.*, (SELECT count(*) FROM ev) FROM upd"
@@ -274,7 +341,7 @@ impl Sql {
                 "WITH picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c \
                      WHERE c.state = 'in_progress' AND c.lease_until <= $1::bigint \
-                       AND c.attempt >= c.max_attempts \
+                       AND c.attempt >= c.max_attempts AND c.attempt - c.released >= c.max_attempts \
                      ORDER BY c.id LIMIT $2::bigint FOR UPDATE OF c) \
                  UPDATE {s}.dispatch AS d \
                  SET state = 'failed', failure = $3::json, lease_until = NULL, \
@@ -727,6 +794,9 @@ impl PgStore {
         let available_at = new.available_at.map(Timestamp::as_micros);
         let deadline = new.deadline.map(Timestamp::as_micros);
         let now = new.now.map(Timestamp::as_micros);
+        let executions = i64::from(new.executions);
+        let delay = new.delay.map(micros);
+        let ttl = new.ttl.map(micros);
         let channel: &str = &self.signal_channel;
         // A conflicting row can vanish (purged) between the insert and the lookup: try again.
         for _ in 0..3 {
@@ -744,6 +814,10 @@ impl PgStore {
                         &new.idempotency_key,
                         &channel,
                         &now,
+                        &executions,
+                        &delay,
+                        &ttl,
+                        &new.key,
                     ],
                 )
                 .await
@@ -863,6 +937,8 @@ impl PgStore {
             idempotency_key: r.try_get(14).map_err(map_pg)?,
             created_at: ts(15)?,
             updated_at: ts(16)?,
+            key: r.try_get(17).map_err(map_pg)?,
+            released: u32::try_from(r.try_get::<_, i64>(18).map_err(map_pg)?).map_err(corrupt)?,
         })
     }
 }
@@ -912,6 +988,117 @@ impl Store for PgStore {
                 .map_err(map_pg)?;
             let plain: &tokio_postgres::Client = &client;
             self.insert_on(plain, &insert, &find, new).await
+        }
+        .await;
+        settle(client, r)
+    }
+
+    /// One transaction: the batch in one statement (with one signal per broker), then a lookup
+    /// of each row that was already present; any conflict rolls the whole batch back.
+    async fn insert_many(&self, batch: Vec<NewDispatch>) -> Result<Vec<Dispatch>, StoreError> {
+        for new in &batch {
+            new.validate()?;
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut brokers = Vec::with_capacity(batch.len());
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut args = Vec::with_capacity(batch.len());
+        let mut max_attempts = Vec::with_capacity(batch.len());
+        let mut available = Vec::with_capacity(batch.len());
+        let mut deadlines = Vec::with_capacity(batch.len());
+        let mut ikeys = Vec::with_capacity(batch.len());
+        let mut attempts = Vec::with_capacity(batch.len());
+        let mut delays = Vec::with_capacity(batch.len());
+        let mut ttls = Vec::with_capacity(batch.len());
+        let mut keys = Vec::with_capacity(batch.len());
+        let mut ats = Vec::with_capacity(batch.len());
+        for new in &batch {
+            ids.push(*new.id.as_uuid());
+            brokers.push(new.broker.as_str());
+            ops.push(new.op.as_str());
+            args.push(match &self.codec {
+                Some(codec) => codec.encode(&new.args)?,
+                None => new.args.clone(),
+            });
+            max_attempts.push(i64::from(new.max_attempts));
+            available.push(new.available_at.map(Timestamp::as_micros));
+            deadlines.push(new.deadline.map(Timestamp::as_micros));
+            ikeys.push(new.idempotency_key.as_deref());
+            attempts.push(i64::from(new.executions));
+            delays.push(new.delay.map(micros));
+            ttls.push(new.ttl.map(micros));
+            keys.push(new.key.as_deref());
+            ats.push(new.now.map(Timestamp::as_micros));
+        }
+        let mut client = self.client().await?;
+        let r: Result<_, StoreError> = async {
+            let tx = client.transaction().await.map_err(map_pg)?;
+            let stmt = tx
+                .prepare_cached(&self.sql.insert_many)
+                .await
+                .map_err(map_pg)?;
+            let channel: &str = &self.signal_channel;
+            let rows = tx
+                .query(
+                    &stmt,
+                    &[
+                        &ids,
+                        &brokers,
+                        &ops,
+                        &args,
+                        &max_attempts,
+                        &available,
+                        &deadlines,
+                        &ikeys,
+                        &channel,
+                        &attempts,
+                        &delays,
+                        &ttls,
+                        &keys,
+                        &ats,
+                    ],
+                )
+                .await
+                .map_err(map_pg)?;
+            let mut inserted = std::collections::HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let d = self.decode(row)?;
+                inserted.insert(d.id, d);
+            }
+            let find = tx
+                .prepare_cached(&self.sql.find_existing)
+                .await
+                .map_err(map_pg)?;
+            let mut out = Vec::with_capacity(batch.len());
+            for new in &batch {
+                let d = match inserted.get(&new.id) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let row = tx
+                            .query_opt(&find, &[new.id.as_uuid(), &new.idempotency_key])
+                            .await
+                            .map_err(map_pg)?
+                            .ok_or_else(|| {
+                                StoreError::Unavailable(
+                                    "a conflicting row was deleted concurrently".into(),
+                                )
+                            })?;
+                        self.decode(&row)?
+                    }
+                };
+                if !new.same_payload(&d) {
+                    return Err(StoreError::Conflict(format!(
+                        "dispatch {} exists with a different payload",
+                        d.id
+                    )));
+                }
+                out.push(d);
+            }
+            tx.commit().await.map_err(map_pg)?;
+            Ok(out)
         }
         .await;
         settle(client, r)
@@ -1008,6 +1195,13 @@ impl Store for PgStore {
             Outcome::Release => {
                 self.guarded(&self.sql.release, c.id(), p.now, &[&a], |now| {
                     Event::Release { attempt, now }
+                })
+                .await
+            }
+            Outcome::Late => {
+                let failure = to_json(&FailReason::Expired)?;
+                self.guarded(&self.sql.late, c.id(), p.now, &[&a, &failure], |now| {
+                    Event::Late { attempt, now }
                 })
                 .await
             }
@@ -1277,6 +1471,10 @@ impl PgStore {
                 },
                 Outcome::Retry { after } => ("retry", None, None, Some(micros(*after))),
                 Outcome::Release => ("release", None, None, None),
+                Outcome::Late => match to_json(&FailReason::Expired) {
+                    Ok(f) => ("late", None, Some(f), None),
+                    Err(e) => return super::batch_failure(&e, n),
+                },
             };
             kinds.push(kind);
             results.push(result);
@@ -1520,10 +1718,11 @@ impl PgImport {
             .prepare_cached(&format!(
                 "INSERT INTO {s}.dispatch AS d (id, broker, op, args, state, attempt, \
                    max_attempts, claimed_by, lease_until, available_at, deadline, result, \
-                   failure, progress, idempotency_key, created_at, updated_at) \
+                   failure, progress, idempotency_key, created_at, updated_at, key, released) \
                  VALUES ($1::uuid, $2::text, $3::text, $4::json, $5::text, $6::bigint, \
                    $7::bigint, $8::text, $9::bigint, $10::bigint, $11::bigint, $12::json, \
-                   $13::json, $14::json, $15::text, $16::bigint, $17::bigint) \
+                   $13::json, $14::json, $15::text, $16::bigint, $17::bigint, $18::text, \
+                   $19::bigint) \
                  ON CONFLICT DO NOTHING RETURNING d.id"
             ))
             .await
@@ -1561,6 +1760,8 @@ impl PgImport {
                         &d.idempotency_key,
                         &d.created_at.as_micros(),
                         &d.updated_at.as_micros(),
+                        &d.key,
+                        &i64::from(d.released),
                     ],
                 )
                 .await

@@ -28,6 +28,7 @@ use crate::fsm::{
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_narrow_lease_index.sql"),
+    include_str!("migrations/sqlite/0003_keys_and_hand_backs.sql"),
 ];
 
 /// The newest schema version this build knows.
@@ -38,28 +39,42 @@ macro_rules! dispatch_cols {
     () => {
         "id, broker, op, args, state, attempt, max_attempts, claimed_by, lease_until, \
          available_at, deadline, result, failure_kind, failure_message, progress, \
-         idempotency_key, created_at, updated_at"
+         idempotency_key, created_at, updated_at, key, released"
     };
 }
 
-/// The guard of [`Dispatch::is_claimable`] at `?2` = now (the fencing token must not wrap).
+/// The guard of [`Dispatch::is_claimable`] at `?2` = now (the fencing token must not wrap;
+/// `attempt - released` is the executions begun).
 macro_rules! claimable_guard {
     () => {
         "state IN ('pending', 'in_progress') \
          AND (deadline IS NULL OR deadline > ?2) \
-         AND ((state = 'pending' AND available_at <= ?2 AND attempt < 4294967295) \
-           OR (state = 'in_progress' AND lease_until <= ?2 AND attempt < max_attempts))"
+         AND attempt < 4294967295 AND attempt - released < max_attempts \
+         AND ((state = 'pending' AND available_at <= ?2) \
+           OR (state = 'in_progress' AND lease_until <= ?2))"
     };
 }
 
-/// The claim: one statement, oldest first, guarded by [`Dispatch::is_claimable`].
+/// The claim: one statement, oldest first, guarded by [`Dispatch::is_claimable`] and, for a
+/// keyed row, by [`fsm::blocks`]: no other live row of its key is held, or older and able to
+/// run (not [`Dispatch::is_dead`]). The subquery reads the rows as they were before the
+/// statement, so a claim takes at most the first row of each key.
 /// `?1` broker, `?2` now, `?3` node, `?4` lease end, `?5` limit.
 const CLAIM_SQL: &str = concat!(
     "UPDATE dispatch SET state = 'in_progress', attempt = attempt + 1, \
      claimed_by = ?3, lease_until = ?4, updated_at = ?2 \
-     WHERE id IN (SELECT id FROM dispatch WHERE broker = ?1 AND ",
+     WHERE id IN (SELECT id FROM dispatch AS c WHERE broker = ?1 AND ",
     claimable_guard!(),
-    " ORDER BY created_at, id LIMIT ?5) RETURNING ",
+    " AND (c.key IS NULL OR NOT EXISTS (SELECT 1 FROM dispatch AS o \
+       WHERE o.broker = c.broker AND o.key = c.key AND o.id <> c.id \
+         AND o.state IN ('pending', 'in_progress') \
+         AND ((o.state = 'in_progress' AND o.lease_until > ?2) \
+           OR ((o.created_at < c.created_at OR (o.created_at = c.created_at AND o.id < c.id)) \
+             AND NOT ((o.deadline IS NOT NULL AND o.deadline <= ?2 \
+                       AND (o.state = 'pending' OR o.lease_until <= ?2)) \
+                   OR (o.state = 'in_progress' AND o.lease_until <= ?2 \
+                       AND o.attempt - o.released >= o.max_attempts)))))) \
+     ORDER BY created_at, id LIMIT ?5) RETURNING ",
     dispatch_cols!()
 );
 
@@ -80,7 +95,8 @@ const EXHAUST_SQL: &str = "UPDATE dispatch SET state = 'failed', \
      updated_at = ?2 \
      WHERE id IN (SELECT id FROM dispatch \
        WHERE state = 'in_progress' AND lease_until <= ?2 \
-       AND attempt >= max_attempts ORDER BY +id LIMIT ?1) \
+       AND attempt >= max_attempts AND attempt - released >= max_attempts \
+       ORDER BY +id LIMIT ?1) \
      RETURNING id";
 
 /// Sweep, the brokers with claimable work. `?1` limit, `?2` now.
@@ -516,6 +532,8 @@ struct RawDispatch {
     idempotency_key: Option<String>,
     created_at: i64,
     updated_at: i64,
+    key: Option<String>,
+    released: i64,
 }
 
 impl RawDispatch {
@@ -539,6 +557,8 @@ impl RawDispatch {
             idempotency_key: r.get(15)?,
             created_at: r.get(16)?,
             updated_at: r.get(17)?,
+            key: r.get(18)?,
+            released: r.get(19)?,
         })
     }
 
@@ -587,6 +607,8 @@ impl RawDispatch {
                 .transpose()
                 .map_err(json_err)?,
             idempotency_key: self.idempotency_key,
+            key: self.key,
+            released: u32::try_from(self.released).map_err(|_| corrupt("released out of range"))?,
             created_at: Timestamp::from_micros(self.created_at),
             updated_at: Timestamp::from_micros(self.updated_at),
         })
@@ -722,7 +744,7 @@ fn finish_in(
                     "UPDATE dispatch SET state = 'pending', available_at = ?3, \
                      lease_until = NULL, updated_at = ?4 WHERE id = ?1 \
                      AND state = 'in_progress' AND attempt = ?2 \
-                     AND attempt < max_attempts RETURNING ",
+                     AND attempt - released < max_attempts RETURNING ",
                     dispatch_cols!()
                 ),
                 params![key, attempt_param, at.as_micros(), ts],
@@ -735,8 +757,21 @@ fn finish_in(
             Event::Release { attempt, now },
             concat!(
                 "UPDATE dispatch SET state = 'pending', available_at = ?3, \
-                 lease_until = NULL, updated_at = ?3 WHERE id = ?1 \
+                 lease_until = NULL, released = released + 1, updated_at = ?3 WHERE id = ?1 \
                  AND state = 'in_progress' AND attempt = ?2 RETURNING ",
+                dispatch_cols!()
+            ),
+            params![key, attempt_param, ts],
+        ),
+        Outcome::Late => guarded_in(
+            tx,
+            codec,
+            id,
+            Event::Late { attempt, now },
+            concat!(
+                "UPDATE dispatch SET state = 'failed', failure_kind = 'expired', \
+                 failure_message = NULL, lease_until = NULL, updated_at = ?3 WHERE id = ?1 \
+                 AND state = 'in_progress' AND attempt = ?2 AND deadline IS NOT NULL RETURNING ",
                 dispatch_cols!()
             ),
             params![key, attempt_param, ts],
@@ -752,9 +787,9 @@ const FINISH_CHUNK: usize = 128;
 const FINISH_SIZES: [usize; 3] = [8, 32, FINISH_CHUNK];
 
 /// The batched finish for `rows` rows: each row of `v` is one entry (`id`, `attempt`, `kind`
-/// 0 complete / 1 fail / 2 retry / 3 release, `result`, `message`, `available_at`, `now`), and
-/// the guard is [`finish_in`]'s for every kind: in progress, same attempt, and for a retry an
-/// attempt left.
+/// 0 complete / 1 fail / 2 retry / 3 release / 4 late, `result`, `message`, `available_at`,
+/// `now`), and the guard is [`finish_in`]'s for every kind: in progress, same attempt, for a
+/// retry an execution left, for a late row a deadline.
 fn finish_batch_sql(rows: usize) -> String {
     let mut sql = String::from(
         "WITH v(vid, vattempt, vkind, vresult, vmessage, vavailable, vnow) AS (VALUES ",
@@ -767,17 +802,21 @@ fn finish_batch_sql(rows: usize) -> String {
     }
     sql.push_str(concat!(
         ") UPDATE dispatch SET \
-         state = CASE v.vkind WHEN 0 THEN 'done' WHEN 1 THEN 'failed' ELSE 'pending' END, \
+         state = CASE v.vkind WHEN 0 THEN 'done' WHEN 1 THEN 'failed' WHEN 4 THEN 'failed' \
+           ELSE 'pending' END, \
          result = CASE WHEN v.vkind = 0 THEN v.vresult ELSE dispatch.result END, \
-         failure_kind = CASE WHEN v.vkind = 1 THEN 'error' ELSE dispatch.failure_kind END, \
+         failure_kind = CASE v.vkind WHEN 1 THEN 'error' WHEN 4 THEN 'expired' \
+           ELSE dispatch.failure_kind END, \
          failure_message = CASE WHEN v.vkind = 1 THEN v.vmessage \
            ELSE dispatch.failure_message END, \
-         available_at = CASE WHEN v.vkind >= 2 THEN v.vavailable \
+         available_at = CASE WHEN v.vkind IN (2, 3) THEN v.vavailable \
            ELSE dispatch.available_at END, \
+         released = CASE WHEN v.vkind = 3 THEN dispatch.released + 1 ELSE dispatch.released END, \
          lease_until = NULL, updated_at = v.vnow \
          FROM v WHERE dispatch.id = v.vid AND dispatch.state = 'in_progress' \
          AND dispatch.attempt = v.vattempt \
-         AND (v.vkind <> 2 OR dispatch.attempt < dispatch.max_attempts) RETURNING ",
+         AND (v.vkind <> 2 OR dispatch.attempt - dispatch.released < dispatch.max_attempts) \
+         AND (v.vkind <> 4 OR dispatch.deadline IS NOT NULL) RETURNING ",
         dispatch_cols!()
     ));
     sql
@@ -849,6 +888,7 @@ fn finish_chunk(
                 Value::Integer(now.saturating_add(*after).as_micros()),
             ),
             Outcome::Release => (3, Value::Null, Value::Null, Value::Integer(now.as_micros())),
+            Outcome::Late => (4, Value::Null, Value::Null, Value::Null),
         };
         let key = id_bytes(*id);
         index.insert(key, base + i);
@@ -880,6 +920,68 @@ fn finish_chunk(
         out[at] = Some(Ok(raw));
     }
     Ok(())
+}
+
+/// One idempotent insert inside the caller's transaction (`new` is validated).
+fn insert_in(
+    tx: &Connection,
+    codec: Option<&dyn ArgsCodec>,
+    new: NewDispatch,
+) -> Result<Dispatch, StoreError> {
+    let now = new.now.unwrap_or_else(system_now);
+    let mut existing = read_dispatch(tx, new.id)?;
+    if existing.is_none() {
+        if let Some(key) = &new.idempotency_key {
+            existing = tx
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    dispatch_cols!(),
+                    " FROM dispatch WHERE idempotency_key = ?1"
+                ))
+                .map_err(db_err)?
+                .query_row([key], RawDispatch::from_row)
+                .optional()
+                .map_err(db_err)?;
+        }
+    }
+    if let Some(raw) = existing {
+        let d = raw.into_dispatch(codec)?;
+        return if new.same_payload(&d) {
+            Ok(d)
+        } else {
+            Err(StoreError::Conflict(format!(
+                "dispatch {} exists with a different payload",
+                d.id
+            )))
+        };
+    }
+    let d = new.into_dispatch(now);
+    let stored = match codec {
+        Some(c) => c.encode(&d.args)?,
+        None => d.args.clone(),
+    };
+    tx.prepare_cached(concat!(
+        "INSERT INTO dispatch (",
+        dispatch_cols!(),
+        ") VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, NULL, NULL, ?7, ?8, NULL, NULL, \
+         NULL, NULL, ?9, ?10, ?10, ?11, 0)"
+    ))
+    .map_err(db_err)?
+    .execute(params![
+        &id_bytes(d.id)[..],
+        d.broker.as_str(),
+        d.op,
+        serde_json::to_string(&stored).map_err(json_err)?,
+        i64::from(d.attempt),
+        i64::from(d.max_attempts),
+        d.available_at.as_micros(),
+        d.deadline.map(Timestamp::as_micros),
+        d.idempotency_key,
+        d.created_at.as_micros(),
+        d.key,
+    ])
+    .map_err(db_err)?;
+    Ok(d)
 }
 
 fn read_affinity(conn: &Connection, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
@@ -921,62 +1023,30 @@ impl Store for SqliteStore {
 
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         new.validate()?;
-        let now = new.now.unwrap_or_else(system_now);
         self.call(move |w| {
             let codec = w.codec.clone();
             let tx = immediate(&mut w.conn)?;
-            let mut existing = read_dispatch(&tx, new.id)?;
-            if existing.is_none() {
-                if let Some(key) = &new.idempotency_key {
-                    existing = tx
-                        .prepare_cached(concat!(
-                            "SELECT ",
-                            dispatch_cols!(),
-                            " FROM dispatch WHERE idempotency_key = ?1"
-                        ))
-                        .map_err(db_err)?
-                        .query_row([key], RawDispatch::from_row)
-                        .optional()
-                        .map_err(db_err)?;
-                }
-            }
-            if let Some(raw) = existing {
-                let d = raw.into_dispatch(codec.as_deref())?;
-                return if new.same_payload(&d) {
-                    Ok(d)
-                } else {
-                    Err(StoreError::Conflict(format!(
-                        "dispatch {} exists with a different payload",
-                        d.id
-                    )))
-                };
-            }
-            let d = new.into_dispatch(now);
-            let stored = match codec.as_deref() {
-                Some(c) => c.encode(&d.args)?,
-                None => d.args.clone(),
-            };
-            tx.prepare_cached(concat!(
-                "INSERT INTO dispatch (",
-                dispatch_cols!(),
-                ") VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, NULL, NULL, ?6, ?7, NULL, NULL, \
-                 NULL, NULL, ?8, ?9, ?9)"
-            ))
-            .map_err(db_err)?
-            .execute(params![
-                &id_bytes(d.id)[..],
-                d.broker.as_str(),
-                d.op,
-                serde_json::to_string(&stored).map_err(json_err)?,
-                i64::from(d.max_attempts),
-                d.available_at.as_micros(),
-                d.deadline.map(Timestamp::as_micros),
-                d.idempotency_key,
-                d.created_at.as_micros(),
-            ])
-            .map_err(db_err)?;
+            let d = insert_in(&tx, codec.as_deref(), new)?;
             tx.commit().map_err(db_err)?;
             Ok(d)
+        })
+        .await
+    }
+
+    /// One immediate transaction for the batch: a conflict rolls every row back.
+    async fn insert_many(&self, batch: Vec<NewDispatch>) -> Result<Vec<Dispatch>, StoreError> {
+        for new in &batch {
+            new.validate()?;
+        }
+        self.call(move |w| {
+            let codec = w.codec.clone();
+            let tx = immediate(&mut w.conn)?;
+            let rows = batch
+                .into_iter()
+                .map(|new| insert_in(&tx, codec.as_deref(), new))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().map_err(db_err)?;
+            Ok(rows)
         })
         .await
     }
@@ -1041,7 +1111,7 @@ impl Store for SqliteStore {
                 concat!(
                     "UPDATE dispatch SET lease_until = ?3, progress = COALESCE(?4, progress), \
                      updated_at = ?5 WHERE id = ?1 AND state = 'in_progress' AND attempt = ?2 \
-                     RETURNING ",
+                     AND lease_until > ?5 RETURNING ",
                     dispatch_cols!()
                 ),
                 params![

@@ -1,0 +1,124 @@
+//! [`Command`]: what a caller asks of a broker, with its per-command knobs; [`Receipt`]: proof
+//! that a [`send`](super::Hub::send) is durable.
+
+use std::time::Duration;
+
+use crate::fsm::{BrokerId, Dispatch, DispatchId, Timestamp};
+
+/// A command for a broker.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use broker_dispatch::{fsm::BrokerId, hub::Command};
+/// let cmd = Command::new(BrokerId::new("broker-1")?, "stop", serde_json::json!({"agent": 42}))
+///     .key("agent-42")                    // after the agent's `start`, never beside it
+///     .timeout(Duration::from_secs(10))   // must start within 10 s, or it fails as expired
+///     .max_attempts(1);                   // at most once
+/// # Ok::<(), broker_dispatch::fsm::IdError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Command {
+    /// The target broker.
+    pub broker: BrokerId,
+    /// The operation (the executor's switch).
+    pub op: String,
+    /// Its arguments.
+    pub args: serde_json::Value,
+    /// Executions allowed (`None`: the hub's default).
+    pub max_attempts: Option<u32>,
+    /// Deduplication key: a second command with the same key is the same dispatch.
+    pub idempotency_key: Option<String>,
+    /// Ordering key: commands of one broker with the same key run one at a time, in the order
+    /// they were written, on whichever node holds the broker.
+    pub key: Option<String>,
+    /// How long after it is written the command may still start (`None`: the wait window for
+    /// [`dispatch`](super::Hub::dispatch), `send_ttl` for [`send`](super::Hub::send)). Measured
+    /// on the store's clock.
+    pub timeout: Option<Duration>,
+    /// The latest instant it may start, on the store's clock (combined with `timeout`: the
+    /// earlier wins).
+    pub deadline: Option<Timestamp>,
+    /// Not before this long after it is written (store clock).
+    pub delay: Option<Duration>,
+    /// Not before this instant (combined with `delay`: the later wins).
+    pub available_at: Option<Timestamp>,
+}
+
+impl Command {
+    /// A command with the hub's defaults.
+    pub fn new(broker: BrokerId, op: impl Into<String>, args: serde_json::Value) -> Self {
+        Command {
+            broker,
+            op: op.into(),
+            args,
+            max_attempts: None,
+            idempotency_key: None,
+            key: None,
+            timeout: None,
+            deadline: None,
+            delay: None,
+            available_at: None,
+        }
+    }
+
+    /// Sets the number of executions allowed (1: at most once).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Sets the deduplication key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Sets the ordering key: one at a time, in insertion order, per broker and key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets how long after it is written the command may still start.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the latest instant the command may start.
+    pub fn deadline(mut self, deadline: Timestamp) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Delays the command: not claimable before `delay` after it is written.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Not claimable before this instant.
+    pub fn available_at(mut self, at: Timestamp) -> Self {
+        self.available_at = Some(at);
+        self
+    }
+
+    /// Whether it can run on the local fast path: no row, no wait. A keyed command always takes
+    /// a row, so that the claim guard orders it against the key's other commands on every node
+    /// (an execution without a row would be invisible to a node the broker moves to); a
+    /// delayed one takes a row because it cannot start now.
+    pub(crate) fn takes_fast_path(&self) -> bool {
+        self.key.is_none() && self.delay.is_none() && self.available_at.is_none()
+    }
+}
+
+/// Proof that a [`Hub::send`](super::Hub::send) is durable.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The dispatch written.
+    pub id: DispatchId,
+    /// The row as written.
+    pub dispatch: Dispatch,
+}

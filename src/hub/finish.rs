@@ -1,0 +1,197 @@
+//! Writing outcomes: one finisher per broker runner, in group commits.
+//!
+//! Executions hand their outcome to the finisher and keep their lease until it is durable. The
+//! finisher writes everything queued in one [`Store::finish_many`](crate::store::Store::finish_many)
+//! call; outcomes that arrive while that call runs form the next batch. So a lone outcome is
+//! written at once, and under load the batches grow by themselves.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::drain::{schedule, Runner};
+use super::{instant_after, Shared};
+use crate::error::StoreError;
+use crate::fsm::{Dispatch, DispatchState};
+use crate::store::{Claimed, FinishParams, Outcome};
+use crate::transport::Notice;
+
+type Entry = (Claimed, Outcome, oneshot::Sender<()>);
+
+/// A broker's queue of outcomes waiting to be written.
+#[derive(Debug, Default)]
+pub(crate) struct Finisher {
+    queue: Mutex<Vec<Entry>>,
+    wake: Notify,
+    /// A batch is being written.
+    busy: AtomicBool,
+    stopped: AtomicBool,
+}
+
+impl Finisher {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues an outcome; the receiver resolves once it is settled (durable, refused, or given
+    /// up on after one lease of store failures).
+    pub(crate) fn submit(&self, c: Claimed, outcome: Outcome) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue.lock().push((c, outcome, tx));
+        self.wake.notify_one();
+        rx
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        !self.busy.load(Ordering::Acquire) && self.queue.lock().is_empty()
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
+/// The finisher's task: write whatever is queued, as one batch, until stopped.
+pub(crate) async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
+    let f = &r.finisher;
+    loop {
+        let batch: Vec<Entry> = {
+            let mut q = f.queue.lock();
+            if !q.is_empty() {
+                f.busy.store(true, Ordering::Release);
+            }
+            std::mem::take(&mut *q)
+        };
+        if batch.is_empty() {
+            if f.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            f.wake.notified().await;
+            continue;
+        }
+        let mut done = Vec::with_capacity(batch.len());
+        let pending = batch
+            .into_iter()
+            .map(|(c, o, tx)| {
+                done.push(tx);
+                (c, o)
+            })
+            .collect();
+        finish_durably(&sh, pending).await;
+        for tx in done {
+            let _ = tx.send(());
+        }
+        f.busy.store(false, Ordering::Release);
+        r.poke();
+    }
+}
+
+/// Finishes attempts (one store call for the lot), retrying store failures for up to one
+/// lease: a completion must be durable before anyone is told. An outcome that cannot be written
+/// is left to the lease, which runs out so that another attempt may run (at-least-once).
+async fn finish_durably(sh: &Arc<Shared>, mut pending: Vec<(Claimed, Outcome)>) {
+    // Keep trying for one lease: a short store outage (a foreign lock, a read-only moment, a
+    // restart) must not turn a finished execution into a second one.
+    let give_up_at = instant_after(Instant::now(), sh.config.lease);
+    let mut backoff = Duration::from_millis(50);
+    let mut first = true;
+    loop {
+        if pending.is_empty() {
+            return;
+        }
+        if !first {
+            let left = give_up_at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+        first = false;
+        let batch = pending
+            .iter()
+            .map(|(c, outcome)| {
+                (
+                    c.renewal_handle(),
+                    FinishParams {
+                        outcome: outcome.clone(),
+                        now: sh.store_now(),
+                    },
+                )
+            })
+            .collect();
+        let results = match tokio::time::timeout(
+            sh.config.store_timeout,
+            sh.store.finish_many(batch),
+        )
+        .await
+        {
+            Ok(results) if results.len() == pending.len() => results,
+            Ok(_) => {
+                tracing::warn!(node = %sh.node, "store answered a finish batch with the wrong number of results; retrying");
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(node = %sh.node, "finish timed out; retrying");
+                continue;
+            }
+        };
+        let announced = sh.store.announces_finishes();
+        let mut retry = Vec::new();
+        for ((c, outcome), res) in pending.into_iter().zip(results) {
+            let id = c.id();
+            match res {
+                Ok(d) => finished(sh, &d, announced).await,
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => {
+                    tracing::debug!(%id, error = %e, "finish failed; retrying");
+                    retry.push((c, outcome));
+                }
+                Err(e) => {
+                    metrics::counter!("broker_dispatch_fenced_total").increment(1);
+                    tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
+                }
+            }
+        }
+        pending = retry;
+    }
+    for (c, _) in pending {
+        tracing::warn!(node = %sh.node, id = %c.id(), "could not record the outcome; the lease will run out and the dispatch be re-claimed");
+    }
+}
+
+/// What follows a durable finish: metrics, another look for a row handed back or retried, and
+/// the event for its waiters (unless the store already announced it with the write).
+async fn finished(sh: &Arc<Shared>, d: &Dispatch, announced: bool) {
+    match d.state {
+        DispatchState::Done => {
+            metrics::counter!("broker_dispatch_done_total").increment(1);
+            let latency = sh.now().duration_since(d.created_at);
+            metrics::histogram!("broker_dispatch_intent_to_done_seconds")
+                .record(latency.as_secs_f64());
+        }
+        DispatchState::Failed => {
+            let reason = d.failure.as_ref().map_or("error", |f| f.kind());
+            metrics::counter!("broker_dispatch_failed_total", "reason" => reason).increment(1);
+        }
+        DispatchState::Pending => {
+            // Retried or handed back: its owner (maybe this node) must look again.
+            if sh.local_session(&d.broker).is_some() {
+                schedule(sh, &d.broker);
+            } else {
+                sh.publish(Notice::Signal {
+                    broker: d.broker.clone(),
+                })
+                .await;
+            }
+        }
+        DispatchState::InProgress => {}
+    }
+    if !announced {
+        sh.publish(Notice::Event { id: d.id }).await;
+    }
+}
