@@ -37,6 +37,8 @@ enum MFail {
 struct Model {
     state: MState,
     attempt: u32,
+    /// Claims handed back unexecuted; `attempt - released` executions began.
+    released: u32,
     max_attempts: u32,
     claimed_by: Option<String>,
     lease_until: Option<i64>,
@@ -86,6 +88,10 @@ enum Step {
         attempt: u32,
         now: i64,
     },
+    Late {
+        attempt: u32,
+        now: i64,
+    },
     Cancel {
         now: i64,
     },
@@ -108,7 +114,8 @@ impl Model {
             | Step::Complete { attempt, .. }
             | Step::Fail { attempt, .. }
             | Step::Retry { attempt, .. }
-            | Step::Release { attempt, .. } => Some(*attempt),
+            | Step::Release { attempt, .. }
+            | Step::Late { attempt, .. } => Some(*attempt),
             _ => None,
         }
     }
@@ -120,6 +127,7 @@ impl Model {
         let mut m = self.clone();
         let lease_lapsed = |now: i64| self.lease_until.is_some_and(|l| l <= now);
         let deadline_passed = |now: i64| self.deadline.is_some_and(|d| d <= now);
+        let executions_left = self.attempt - self.released < self.max_attempts;
         match (self.state, step) {
             (
                 MState::Pending,
@@ -128,7 +136,11 @@ impl Model {
                     now,
                     lease_us,
                 },
-            ) if self.available_at <= *now && !deadline_passed(*now) && self.attempt < u32::MAX => {
+            ) if self.available_at <= *now
+                && !deadline_passed(*now)
+                && self.attempt < u32::MAX
+                && executions_left =>
+            {
                 m.state = MState::Running;
                 m.attempt += 1;
                 m.claimed_by = Some(node.clone());
@@ -142,7 +154,8 @@ impl Model {
                     lease_us,
                 },
             ) if lease_lapsed(*now)
-                && self.attempt < self.max_attempts
+                && executions_left
+                && self.attempt < u32::MAX
                 && !deadline_passed(*now) =>
             {
                 m.attempt += 1;
@@ -154,7 +167,7 @@ impl Model {
                 Step::Heartbeat {
                     now, lease_us, seq, ..
                 },
-            ) => {
+            ) if !lease_lapsed(*now) => {
                 m.lease_until = Some(plus(*now, *lease_us));
                 if seq.is_some() {
                     m.progress = *seq;
@@ -170,7 +183,7 @@ impl Model {
                 m.failure = Some(MFail::Error(error.clone()));
                 m.lease_until = None;
             }
-            (MState::Running, Step::Retry { at, .. }) if self.attempt < self.max_attempts => {
+            (MState::Running, Step::Retry { at, .. }) if executions_left => {
                 m.state = MState::Pending;
                 m.available_at = *at;
                 m.lease_until = None;
@@ -178,6 +191,12 @@ impl Model {
             (MState::Running, Step::Release { now, .. }) => {
                 m.state = MState::Pending;
                 m.available_at = *now;
+                m.lease_until = None;
+                m.released += 1;
+            }
+            (MState::Running, Step::Late { .. }) if self.deadline.is_some() => {
+                m.state = MState::Failed;
+                m.failure = Some(MFail::Expired);
                 m.lease_until = None;
             }
             (MState::Pending, Step::Cancel { .. }) => {
@@ -195,9 +214,7 @@ impl Model {
                 m.failure = Some(MFail::Expired);
                 m.lease_until = None;
             }
-            (MState::Running, Step::Exhaust { now })
-                if lease_lapsed(*now) && self.attempt >= self.max_attempts =>
-            {
+            (MState::Running, Step::Exhaust { now }) if lease_lapsed(*now) && !executions_left => {
                 m.state = MState::Failed;
                 m.failure = Some(MFail::Exhausted);
                 m.lease_until = None;
@@ -217,6 +234,7 @@ impl Model {
                 DispatchState::Failed => MState::Failed,
             },
             attempt: d.attempt,
+            released: d.released,
             max_attempts: d.max_attempts,
             claimed_by: d.claimed_by.as_ref().map(|n| n.as_str().to_owned()),
             lease_until: d.lease_until.map(Timestamp::as_micros),
@@ -288,6 +306,10 @@ fn event_of(step: &Step) -> Event {
             attempt,
             now: ts(now),
         },
+        Step::Late { attempt, now } => Event::Late {
+            attempt,
+            now: ts(now),
+        },
         Step::Cancel { now } => Event::Cancel { now: ts(now) },
         Step::Expire { now } => Event::Expire { now: ts(now) },
         Step::Exhaust { now } => Event::Exhaust { now: ts(now) },
@@ -343,6 +365,9 @@ enum Kind {
     Release {
         pick: Pick,
     },
+    Late {
+        pick: Pick,
+    },
     Cancel,
     Expire,
     Exhaust,
@@ -377,6 +402,7 @@ fn kind() -> impl Strategy<Value = Kind> {
         1 => (pick(), ".{0,12}").prop_map(|(pick, error)| Kind::Fail { pick, error }),
         2 => (pick(), -3_000i64..10_000).prop_map(|(pick, after_ms)| Kind::Retry { pick, after_ms }),
         2 => pick().prop_map(|pick| Kind::Release { pick }),
+        1 => pick().prop_map(|pick| Kind::Late { pick }),
         1 => Just(Kind::Cancel),
         2 => Just(Kind::Expire),
         2 => Just(Kind::Exhaust),
@@ -463,6 +489,10 @@ fn resolve(op: &Op, nodes: &[String], clock: &mut i64, attempt: u32) -> Step {
             at: now + after_ms * MS,
         },
         Kind::Release { pick } => Step::Release {
+            attempt: pick.resolve(attempt),
+            now,
+        },
+        Kind::Late { pick } => Step::Late {
             attempt: pick.resolve(attempt),
             now,
         },

@@ -155,6 +155,13 @@ fn release(attempt: u32) -> Event {
     }
 }
 
+fn late(attempt: u32) -> Event {
+    Event::Late {
+        attempt,
+        now: ts(NOW),
+    }
+}
+
 fn cancel() -> Event {
     Event::Cancel { now: ts(NOW) }
 }
@@ -356,9 +363,14 @@ transitions! {
         d.lease_until = Some(ts(NOW + 30 * SEC));
         d.progress = Some(progress(2));
     });
-    heartbeat_in_progress_lease_lapsed_not_reclaimed: in_progress_lapsed(), heartbeat(1, None) => Expect::Ok(|d| {
-        d.lease_until = Some(ts(NOW + 30 * SEC));
-    });
+    // A lapsed claim is gone: no renewal revives it, even before anyone re-claims it.
+    heartbeat_in_progress_lease_lapsed_not_reclaimed: in_progress_lapsed(), heartbeat(1, None) => Illegal;
+    heartbeat_in_progress_lease_ends_exactly_now: with(in_progress(), |d| d.lease_until = Some(ts(NOW))),
+        heartbeat(1, None) => Illegal;
+    heartbeat_in_progress_past_deadline_lease_live: with(in_progress(), |d| d.deadline = Some(ts(NOW - SEC))),
+        heartbeat(1, None) => Expect::Ok(|d| {
+            d.lease_until = Some(ts(NOW + 30 * SEC));
+        });
     heartbeat_in_progress_stale_attempt: with(in_progress(), |d| d.attempt = 2), heartbeat(1, None) => Fenced;
     heartbeat_in_progress_future_attempt: in_progress(), heartbeat(2, Some(progress(9))) => Fenced;
     complete_in_progress: in_progress(), complete(1) => Expect::Ok(|d| {
@@ -395,12 +407,48 @@ transitions! {
         d.state = DispatchState::Pending;
         d.available_at = ts(NOW);
         d.lease_until = None;
+        d.released = 1;
     });
     release_in_progress_at_max_attempts: with(in_progress(), |d| d.attempt = 3), release(3) => Expect::Ok(|d| {
         d.state = DispatchState::Pending;
         d.available_at = ts(NOW);
         d.lease_until = None;
+        d.released = 1;
     });
+    // Hand-backs do not count: three claims, two handed back, is one execution of three.
+    retry_in_progress_after_hand_backs: with(in_progress(), |d| { d.attempt = 3; d.released = 2; }),
+        retry(3) => Expect::Ok(|d| {
+            d.state = DispatchState::Pending;
+            d.available_at = ts(NOW + 5 * SEC);
+            d.lease_until = None;
+        });
+    claim_pending_after_hand_backs_at_max_attempts: with(pending(), |d| { d.attempt = 5; d.released = 5; d.max_attempts = 1; }),
+        claim("n1", NOW) => Expect::Ok(|d| {
+            d.state = DispatchState::InProgress;
+            d.attempt = 6;
+            d.claimed_by = Some(node("n1"));
+            d.lease_until = Some(ts(NOW + 30 * SEC));
+        });
+    claim_pending_with_its_executions_used: with(pending(), |d| { d.attempt = 3; d.released = 0; }),
+        claim("n1", NOW) => Illegal;
+    claim_in_progress_lapsed_after_hand_backs: with(in_progress_lapsed(), |d| { d.attempt = 4; d.released = 2; }),
+        claim("n2", NOW) => Expect::Ok(|d| {
+            d.attempt = 5;
+            d.claimed_by = Some(node("n2"));
+            d.lease_until = Some(ts(NOW + 30 * SEC));
+        });
+    exhaust_in_progress_lapsed_hand_backs_leave_executions: with(in_progress_lapsed(), |d| { d.attempt = 3; d.released = 1; }),
+        exhaust() => Illegal;
+    late_in_progress_with_deadline: with(in_progress(), |d| d.deadline = Some(ts(NOW + SEC))), late(1) => Expect::Ok(|d| {
+        d.state = DispatchState::Failed;
+        d.failure = Some(FailReason::Expired);
+        d.lease_until = None;
+    });
+    late_in_progress_without_deadline: in_progress(), late(1) => Illegal;
+    late_in_progress_stale_attempt: with(in_progress(), |d| { d.attempt = 2; d.deadline = Some(ts(NOW)); }), late(1) => Fenced;
+    late_pending: with(pending(), |d| d.deadline = Some(ts(NOW))), late(0) => Illegal;
+    late_done: with(done(), |d| d.deadline = Some(ts(NOW))), late(1) => Illegal;
+    late_failed: with(failed(), |d| d.deadline = Some(ts(NOW))), late(1) => Illegal;
     release_in_progress_stale_attempt: with(in_progress(), |d| d.attempt = 2), release(1) => Fenced;
     cancel_in_progress: in_progress(), cancel() => Illegal;
     cancel_in_progress_lease_lapsed: in_progress_lapsed(), cancel() => Illegal;
@@ -498,6 +546,7 @@ fn every_state_and_event_kind_has_a_case() {
         "fail",
         "retry",
         "release",
+        "late",
         "cancel",
         "expire",
         "exhaust",

@@ -336,7 +336,10 @@ impl Dispatch {
         let token_left = self.attempt < Attempt::MAX;
         match self.state {
             DispatchState::Pending => {
-                self.available_at <= now && before_deadline && token_left && self.has_attempts_left()
+                self.available_at <= now
+                    && before_deadline
+                    && token_left
+                    && self.has_attempts_left()
             }
             DispatchState::InProgress => {
                 self.lease_until.is_some_and(|l| l <= now)

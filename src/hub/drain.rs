@@ -216,5 +216,8 @@ fn start(sh: &Arc<Shared>, r: &Arc<Runner>, c: Claimed, session: &SessionId, ask
 /// stamped the claim after `asked`.
 pub(crate) fn start_by(c: &Claimed, asked: Instant) -> Option<Instant> {
     let deadline = c.dispatch().deadline?;
-    Some(instant_after(asked, deadline.duration_since(c.claimed_at())))
+    Some(instant_after(
+        asked,
+        deadline.duration_since(c.claimed_at()),
+    ))
 }

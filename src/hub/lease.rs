@@ -27,7 +27,13 @@ pub(crate) async fn execute(
 ) {
     let d = c.dispatch();
     let (progress_tx, mut progress_rx) = watch::channel(None::<serde_json::Value>);
-    let ctx = ExecContext::new(d.id, d.attempt, d.executions(), Some(session), Some(progress_tx));
+    let ctx = ExecContext::new(
+        d.id,
+        d.attempt,
+        d.executions(),
+        Some(session),
+        Some(progress_tx),
+    );
     metrics::counter!("broker_dispatch_started_total").increment(1);
     let exec = tokio::time::timeout(
         sh.config.execute_timeout,
@@ -63,7 +69,9 @@ pub(crate) async fn execute(
     let outcome = match result {
         Ok(Ok(v)) => Outcome::Complete(v),
         Ok(Err(ExecError::Fatal(m))) => Outcome::Fail(m),
-        Ok(Err(ExecError::Retryable { after, message })) => retry_or_fail(&c, after, message, start_by),
+        Ok(Err(ExecError::Retryable { after, message })) => {
+            retry_or_fail(&c, after, message, start_by)
+        }
         Err(_) => retry_or_fail(&c, Duration::ZERO, "executor timed out".into(), start_by),
     };
     let done = r.finisher.submit(c.renewal_handle(), outcome);
@@ -152,7 +160,9 @@ impl Renewal {
                 let left = self.until.saturating_duration_since(Instant::now());
                 self.next = instant_after(
                     Instant::now(),
-                    (sh.config.lease / 10).min(left).max(Duration::from_millis(10)),
+                    (sh.config.lease / 10)
+                        .min(left)
+                        .max(Duration::from_millis(10)),
                 );
                 tracing::debug!(id = %c.id(), error = %e, "lease renewal failed; retrying");
                 false

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
-use super::{run_guarded, Command, ExecContext, Hub, HttpFallback, Shared};
+use super::{run_guarded, Command, ExecContext, HttpFallback, Hub, Shared};
 use crate::error::{Error, ExecError};
 use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, FailReason, Timestamp};
 

@@ -67,8 +67,8 @@ use crate::fsm::{
     SessionId, Timestamp,
 };
 use crate::store::{ConnectOutcome, ConnectParams, DisconnectParams, NewDispatch, Store};
-use local::{run_http, run_local};
 use crate::transport::{Notice, Transport};
+use local::{run_http, run_local};
 
 /// A source of time for the hub's own decisions (routing freshness, deadlines it writes).
 ///
@@ -611,10 +611,7 @@ impl Hub {
                 Some(http) => run_http(sh, http.as_ref(), cmd, max_attempts, now).await,
                 None => self.park_or_fail(cmd, max_attempts).await,
             },
-            Route::Forward { .. } => {
-                self.write_and_wait(cmd, sh.new_id(), max_attempts, 0)
-                    .await
-            }
+            Route::Forward { .. } => self.write_and_wait(cmd, sh.new_id(), max_attempts, 0).await,
             Route::Undeliverable => self.park_or_fail(cmd, max_attempts).await,
         }
     }
@@ -774,7 +771,10 @@ impl Hub {
         }
         Ok(rows
             .into_iter()
-            .map(|d| Receipt { id: d.id, dispatch: d })
+            .map(|d| Receipt {
+                id: d.id,
+                dispatch: d,
+            })
             .collect())
     }
 

@@ -79,6 +79,15 @@ macro_rules! store_conformance_tests {
             timestamps_round_trip_exactly,
             large_and_unicode_args_round_trip,
             bad_input_is_rejected_and_changes_nothing,
+            keys_run_one_at_a_time_in_insertion_order,
+            a_held_row_blocks_its_key_until_its_lease_runs_out,
+            a_retry_keeps_its_place_and_a_dead_row_gives_it_up,
+            hand_backs_do_not_use_up_executions,
+            late_fails_an_unstarted_row_as_expired,
+            a_lapsed_lease_cannot_be_renewed,
+            insert_many_is_all_or_nothing,
+            insert_measures_delay_and_ttl_from_its_now,
+            claims_agree_with_claim_order,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1745,4 +1754,367 @@ pub async fn finish_many_takes_a_full_claim_batch(store: Arc<dyn Store>) {
     assert!(claim(s, "b1", "n1", MAX_BATCH, at(secs(100)))
         .await
         .is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The execution model: ordering keys, hand-backs, late rows, live leases, batches.
+
+fn keyed(n: u128, b: &str, key: &str, now: Timestamp) -> NewDispatch {
+    NewDispatch {
+        key: Some(key.to_owned()),
+        ..new_dispatch(n, b, now)
+    }
+}
+
+fn ids_of(claimed: &[Claimed]) -> Vec<DispatchId> {
+    claimed.iter().map(Claimed::id).collect()
+}
+
+/// Rows of one broker with the same key are claimed one at a time, in insertion order; rows of
+/// other keys and unkeyed rows are not held up.
+pub async fn keys_run_one_at_a_time_in_insertion_order(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(s, keyed(1, "b", "agent-1", at(0))).await;
+    insert(s, keyed(2, "b", "agent-1", at(1))).await;
+    insert(s, new_dispatch(3, "b", at(2))).await;
+    insert(s, keyed(4, "b", "agent-2", at(3))).await;
+    insert(s, keyed(5, "b", "agent-1", at(4))).await;
+    let first = claim(s, "b", "n1", 10, at(secs(1))).await;
+    assert_eq!(ids_of(&first), vec![id(1), id(3), id(4)]);
+    // While 1 is held, nothing more of agent-1 is claimable, by any node.
+    assert!(claim(s, "b", "n2", 10, at(secs(1))).await.is_empty());
+    let one = first.into_iter().next().expect("row 1");
+    finish(s, one, Outcome::Complete(serde_json::json!(1)), at(secs(2)))
+        .await
+        .expect("complete 1");
+    let next = claim(s, "b", "n2", 10, at(secs(2))).await;
+    assert_eq!(
+        ids_of(&next),
+        vec![id(2)],
+        "then the next of its key, alone"
+    );
+}
+
+/// A held row blocks its key until its lease runs out; a held row that is younger than a
+/// pending one (clocks disagree about creation) still blocks it.
+pub async fn a_held_row_blocks_its_key_until_its_lease_runs_out(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(s, keyed(1, "b", "k", at(secs(5)))).await;
+    let held = claim_one(s, "b", "n1", at(secs(6))).await;
+    // An older row of the same key, written later by a node whose clock lags.
+    insert(s, keyed(2, "b", "k", at(0))).await;
+    assert!(claim(s, "b", "n2", 10, at(secs(7))).await.is_empty());
+    // Lease gone: the older row comes first again.
+    let lapsed = at(secs(6)).saturating_add(LEASE);
+    let got = claim(s, "b", "n2", 10, lapsed).await;
+    assert_eq!(ids_of(&got), vec![id(2)]);
+    drop(held);
+}
+
+/// A retried row keeps its place: the later rows of its key wait for it. A row that can never
+/// run again (past its deadline) no longer holds them up, even before the sweeper fails it.
+pub async fn a_retry_keeps_its_place_and_a_dead_row_gives_it_up(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(
+        s,
+        NewDispatch {
+            deadline: Some(at(secs(60))),
+            ..keyed(1, "b", "k", at(0))
+        },
+    )
+    .await;
+    insert(s, keyed(2, "b", "k", at(1))).await;
+    let c = claim_one(s, "b", "n1", at(secs(1))).await;
+    finish(
+        s,
+        c,
+        Outcome::Retry {
+            after: Duration::from_secs(30),
+        },
+        at(secs(2)),
+    )
+    .await
+    .expect("retry");
+    assert!(
+        claim(s, "b", "n1", 10, at(secs(3))).await.is_empty(),
+        "row 2 waits behind the retried row 1"
+    );
+    let c = claim_one(s, "b", "n1", at(secs(32))).await;
+    assert_eq!(c.id(), id(1));
+    finish(
+        s,
+        c,
+        Outcome::Retry {
+            after: Duration::from_secs(100),
+        },
+        at(secs(33)),
+    )
+    .await
+    .expect("retry again");
+    // Row 1 can only be available after its deadline: from the deadline on it is dead.
+    assert!(claim(s, "b", "n1", 10, at(secs(59))).await.is_empty());
+    let got = claim(s, "b", "n1", 10, at(secs(60))).await;
+    assert_eq!(ids_of(&got), vec![id(2)]);
+}
+
+/// Hand-backs do not use up executions: a `max_attempts = 1` row handed back twice still runs,
+/// at a fresh fencing token each time; after its one execution it is exhausted, not re-run.
+pub async fn hand_backs_do_not_use_up_executions(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(
+        s,
+        NewDispatch {
+            max_attempts: 1,
+            ..new_dispatch(1, "b", at(0))
+        },
+    )
+    .await;
+    for round in 1..=2u32 {
+        let c = claim_one(s, "b", "n1", at(secs(i64::from(round)))).await;
+        assert_eq!(c.attempt(), round);
+        let d = finish(s, c, Outcome::Release, at(secs(i64::from(round))))
+            .await
+            .expect("release");
+        assert_eq!(
+            (d.state, d.released, d.executions()),
+            (DispatchState::Pending, round, 0)
+        );
+    }
+    let c = claim_one(s, "b", "n2", at(secs(3))).await;
+    assert_eq!((c.attempt(), c.dispatch().executions()), (3, 1));
+    // Its one execution began: a retry is refused, and once its lease lapses it is exhausted.
+    let before = get(s, id(1)).await;
+    let r = finish(
+        s,
+        Claimed::new(c.dispatch().clone()),
+        Outcome::Retry {
+            after: Duration::ZERO,
+        },
+        at(secs(4)),
+    )
+    .await;
+    assert_illegal(r, DispatchState::InProgress, EventKind::Retry);
+    assert_eq!(
+        get(s, id(1)).await,
+        before,
+        "a refused retry changes nothing"
+    );
+    let lapsed = at(secs(3)).saturating_add(LEASE);
+    assert!(claim(s, "b", "n1", 10, lapsed).await.is_empty());
+    let report = s
+        .sweep(sweep_params(10, Duration::from_secs(3600), lapsed))
+        .await
+        .expect("sweep");
+    assert_eq!(report.exhausted, vec![id(1)]);
+}
+
+/// `Late`: the holder did not start the row before its deadline; it fails as expired, fenced
+/// like any holder's write, and is refused for a row without a deadline.
+pub async fn late_fails_an_unstarted_row_as_expired(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(
+        s,
+        NewDispatch {
+            deadline: Some(at(secs(10))),
+            ..new_dispatch(1, "b", at(0))
+        },
+    )
+    .await;
+    insert(s, new_dispatch(2, "b", at(1))).await;
+    let mut got = claim(s, "b", "n1", 2, at(secs(1))).await;
+    let no_deadline = got.pop().expect("row 2");
+    let with_deadline = got.pop().expect("row 1");
+    let stale = Claimed::new(with_deadline.dispatch().clone());
+    let d = finish(s, with_deadline, Outcome::Late, at(secs(2)))
+        .await
+        .expect("late");
+    assert_eq!(
+        (d.state, d.failure),
+        (DispatchState::Failed, Some(FailReason::Expired))
+    );
+    assert_illegal(
+        finish(s, stale, Outcome::Late, at(secs(2))).await,
+        DispatchState::Failed,
+        EventKind::Late,
+    );
+    let before = get(s, id(2)).await;
+    assert_illegal(
+        finish(s, no_deadline, Outcome::Late, at(secs(2))).await,
+        DispatchState::InProgress,
+        EventKind::Late,
+    );
+    assert_eq!(get(s, id(2)).await, before);
+}
+
+/// A heartbeat renews a live lease only: once the lease ran out the claim cannot be revived,
+/// even though nobody re-claimed it yet. Finishing it is still accepted.
+pub async fn a_lapsed_lease_cannot_be_renewed(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(s, new_dispatch(1, "b", at(0))).await;
+    let c = claim_one(s, "b", "n1", at(secs(1))).await;
+    let end = at(secs(1)).saturating_add(LEASE);
+    heartbeat(s, &c, end.saturating_sub(Duration::from_micros(1)))
+        .await
+        .expect("renew before the end");
+    let end = end
+        .saturating_sub(Duration::from_micros(1))
+        .saturating_add(LEASE);
+    let before = get(s, id(1)).await;
+    assert_illegal(
+        heartbeat(s, &c, end).await,
+        DispatchState::InProgress,
+        EventKind::Heartbeat,
+    );
+    assert_eq!(get(s, id(1)).await, before);
+    let d = finish(
+        s,
+        c,
+        Outcome::Complete(serde_json::json!("late but done")),
+        end,
+    )
+    .await
+    .expect("complete after the lease");
+    assert_eq!(d.state, DispatchState::Done);
+}
+
+/// `insert_many` writes every row or none: a conflict anywhere leaves the store unchanged; a
+/// batch of new rows plus an idempotent repeat is written in full.
+pub async fn insert_many_is_all_or_nothing(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(s, new_dispatch(1, "a", at(0))).await;
+    let conflicting = NewDispatch {
+        args: serde_json::json!("other"),
+        ..new_dispatch(1, "a", at(0))
+    };
+    let r = s
+        .insert_many(vec![
+            new_dispatch(2, "a", at(1)),
+            new_dispatch(3, "b", at(1)),
+            conflicting,
+        ])
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert_eq!(
+        all_rows(s).await.len(),
+        1,
+        "nothing of the batch was written"
+    );
+    let rows = s
+        .insert_many(vec![
+            new_dispatch(2, "a", at(1)),
+            new_dispatch(1, "a", at(0)),
+            keyed(3, "b", "k", at(1)),
+        ])
+        .await
+        .expect("insert_many");
+    assert_eq!(
+        rows.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![id(2), id(1), id(3)]
+    );
+    assert_eq!(rows[2].key.as_deref(), Some("k"));
+    assert_eq!(all_rows(s).await.len(), 3);
+    let bad = NewDispatch {
+        max_attempts: 0,
+        ..new_dispatch(4, "a", at(1))
+    };
+    assert_invalid(s.insert_many(vec![new_dispatch(5, "a", at(1)), bad]).await);
+    assert_eq!(all_rows(s).await.len(), 3);
+}
+
+/// `delay` and `ttl` are measured from the store's `now`; `executions` starts the row at that
+/// attempt (a fast path's first execution already happened).
+pub async fn insert_measures_delay_and_ttl_from_its_now(store: Arc<dyn Store>) {
+    let s = &*store;
+    let d = insert(
+        s,
+        NewDispatch {
+            delay: Some(Duration::from_secs(5)),
+            ttl: Some(Duration::from_secs(30)),
+            deadline: Some(at(secs(60))),
+            executions: 1,
+            ..new_dispatch(1, "b", at(secs(1)))
+        },
+    )
+    .await;
+    assert_eq!(d.available_at, at(secs(6)));
+    assert_eq!(
+        d.deadline,
+        Some(at(secs(31))),
+        "the earlier of deadline and ttl"
+    );
+    assert_eq!((d.attempt, d.released, d.executions()), (1, 0, 1));
+    assert!(claim(s, "b", "n", 1, at(secs(5))).await.is_empty());
+    let c = claim_one(s, "b", "n", at(secs(6))).await;
+    assert_eq!((c.attempt(), c.dispatch().executions()), (2, 2));
+    assert_invalid(
+        s.insert(NewDispatch {
+            executions: 3,
+            ..new_dispatch(2, "b", at(0))
+        })
+        .await,
+    );
+    assert_invalid(
+        s.insert(NewDispatch {
+            key: Some(String::new()),
+            ..new_dispatch(3, "b", at(0))
+        })
+        .await,
+    );
+}
+
+/// On many small random histories of keyed and unkeyed rows, every claim takes exactly the
+/// rows [`fsm::claim_order`] names, in that order.
+pub async fn claims_agree_with_claim_order(store: Arc<dyn Store>) {
+    let s = &*store;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let keys = [None, Some("x"), Some("y")];
+    let mut held: Vec<Claimed> = Vec::new();
+    let mut t = secs(1);
+    for n in 1..=60u128 {
+        let key = keys[next(3) as usize].map(str::to_owned);
+        let deadline = (next(4) == 0).then(|| at(t + secs(next(20) as i64)));
+        insert(
+            s,
+            NewDispatch {
+                key,
+                deadline,
+                max_attempts: 1 + next(2) as u32,
+                ..new_dispatch(n, "b", at(t))
+            },
+        )
+        .await;
+        t += secs(next(3) as i64);
+        if next(3) == 0 {
+            let now = at(t);
+            let live: Vec<Dispatch> = all_rows(s)
+                .await
+                .into_iter()
+                .filter(|d| !d.state.is_terminal())
+                .collect();
+            let refs: Vec<&Dispatch> = live.iter().collect();
+            let limit = 1 + next(4) as usize;
+            let expected = fsm::claim_order(&refs, now, limit);
+            let got = claim(s, "b", "n", limit as u32, now).await;
+            assert_eq!(ids_of(&got), expected, "claim at {now} after row {n}");
+            held.extend(got);
+        }
+        if !held.is_empty() && next(2) == 0 {
+            let c = held.remove(next(held.len() as u64) as usize);
+            let outcome = match next(3) {
+                0 => Outcome::Release,
+                1 => Outcome::Complete(serde_json::Value::Null),
+                _ => Outcome::Retry {
+                    after: Duration::from_secs(next(4)),
+                },
+            };
+            // Refusals (a retry with no execution left) are fine: the store is unchanged.
+            let _ = finish(s, c, outcome, at(t)).await;
+        }
+    }
 }

@@ -98,13 +98,17 @@ impl MemoryStore {
         let mut seen_ids = HashMap::new();
         let mut seen_keys = HashMap::new();
         for new in &batch {
-            let existing = inner.rows.get(&new.id).map(|d| Dispatch::clone(d)).or_else(|| {
-                new.idempotency_key
-                    .as_ref()
-                    .and_then(|k| inner.keys.get(k))
-                    .and_then(|id| inner.rows.get(id))
-                    .map(|d| Dispatch::clone(d))
-            });
+            let existing = inner
+                .rows
+                .get(&new.id)
+                .map(|d| Dispatch::clone(d))
+                .or_else(|| {
+                    new.idempotency_key
+                        .as_ref()
+                        .and_then(|k| inner.keys.get(k))
+                        .and_then(|id| inner.rows.get(id))
+                        .map(|d| Dispatch::clone(d))
+                });
             if let Some(d) = existing {
                 if !new.same_payload(&d) {
                     return Err(conflict(&d));
@@ -139,10 +143,7 @@ impl MemoryStore {
 }
 
 fn conflict(d: &Dispatch) -> StoreError {
-    StoreError::Conflict(format!(
-        "dispatch {} exists with a different payload",
-        d.id
-    ))
+    StoreError::Conflict(format!("dispatch {} exists with a different payload", d.id))
 }
 
 fn insert_locked(inner: &mut Inner, new: NewDispatch) -> Result<Dispatch, StoreError> {

@@ -341,7 +341,8 @@ impl NewDispatch {
     /// `available_at` at the store's `now`: the later of the given instant and `now + delay`.
     pub fn available_at_from(&self, now: Timestamp) -> Timestamp {
         let after_delay = now.saturating_add(self.delay.unwrap_or_default());
-        self.available_at.map_or(after_delay, |a| a.max(after_delay))
+        self.available_at
+            .map_or(after_delay, |a| a.max(after_delay))
     }
 
     /// `deadline` at the store's `now`: the earlier of the given instant and `now + ttl`.
