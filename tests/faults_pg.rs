@@ -51,7 +51,9 @@ async fn nodes(
             PgStoreOptions {
                 schema: schema.to_owned(),
                 channel_prefix: schema.to_owned(),
-                pool_size: 4,
+                // Room for every hub task's statements at once (claims, finishes, renewals,
+                // sweeps, inserts), so that each kind can be caught queued on the lock.
+                pool_size: 12,
                 connect_timeout: Duration::from_secs(2),
                 statement_timeout,
                 ..PgStoreOptions::default()
@@ -100,9 +102,11 @@ fn unavailable(c: &Cluster, method: &str) -> u32 {
 
 /// What kind of store statement a backend is running, from its text.
 fn kind_of(query: &str) -> &'static str {
-    if query.contains("SKIP LOCKED") {
+    // `pg_stat_activity` keeps only the first `track_activity_query_size` bytes (1 kB by
+    // default), so the claim is known by the tag at its head.
+    if query.starts_with("/* claim */") {
         "claim"
-    } else if query.contains("state = 'done'") {
+    } else if query.starts_with("/* finish */") || query.contains("state = 'done'") {
         "complete"
     } else if query.contains("INSERT INTO") {
         "insert"
@@ -162,7 +166,8 @@ async fn terminated_backends_mid_claim_and_mid_finish_lose_nothing() {
     while !(killed.contains_key("claim") && killed.contains_key("complete")) {
         assert!(
             Instant::now() < deadline,
-            "no claim and finish queued on the lock: {killed:?}"
+            "no claim and finish queued on the lock: {killed:?}; errors {:?}",
+            c.stores.iter().map(|s| s.errors()).collect::<Vec<_>>()
         );
         let waiting = admin
             .query(

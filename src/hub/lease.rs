@@ -158,6 +158,13 @@ impl Renewal {
             }
             Err(e) => {
                 let left = self.until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // The lease has run out: a renewal can only be refused from now on (see
+                    // `fsm::apply`), so stop asking; the outcome may still be recorded.
+                    tracing::debug!(id = %c.id(), error = %e, "lease ran out while renewals failed");
+                    self.lost = true;
+                    return false;
+                }
                 self.next = instant_after(
                     Instant::now(),
                     (sh.config.lease / 10)

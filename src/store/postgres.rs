@@ -226,8 +226,10 @@ impl Sql {
             // The candidates are picked in a MATERIALIZED CTE, not an `IN (subquery)`: the
             // planner may re-run such a subquery per updated row, and a re-run skips the rows
             // this very statement already locked, overshooting the limit.
+            // Tagged, so that an operator (and the fault tests) can tell a claim apart in
+            // `pg_stat_activity`, which keeps only the head of a long statement.
             claim: format!(
-                "{}, picked AS MATERIALIZED ( \
+                "/* claim */ {}, picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c, clock \
                      WHERE c.broker = $1::text AND c.state IN ('pending', 'in_progress') \
                        AND {} AND {} \
@@ -276,7 +278,7 @@ impl Sql {
             // an event per finished row on `$8` in the same transaction. `$1..$7` are parallel
             // arrays: id, attempt, kind, result, failure, retry delay, explicit now.
             finish_many: format!(
-                "WITH clock AS MATERIALIZED (SELECT {s}.clock_micros() AS now), \
+                "/* finish */ WITH clock AS MATERIALIZED (SELECT {s}.clock_micros() AS now), \
                  v AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::json[], \
                          $5::json[], $6::bigint[], $7::bigint[]) \
                        AS v(id, attempt, kind, result, failure, delay, at)), \
