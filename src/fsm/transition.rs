@@ -332,7 +332,7 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
             next.lease_until = None;
         }
         (DispatchState::InProgress, Event::Exhaust { now }) => {
-            if !(d.lease_expired(now) && !d.has_attempts_left()) {
+            if !d.lease_expired(now) || d.has_attempts_left() {
                 return Err(illegal);
             }
             next.state = DispatchState::Failed;

@@ -53,7 +53,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use parking_lot::Mutex;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -265,7 +265,7 @@ pub(crate) struct Shared {
     pub(crate) slots: Mutex<HashMap<BrokerId, u32>>,
     /// Originators waiting here, by dispatch: each registration has its own notifier, so two
     /// waiters on one id both hear of it.
-    pub(crate) waiters: Mutex<BTreeMap<DispatchId, Vec<(u64, Arc<Notify>)>>>,
+    pub(crate) waiters: Mutex<BTreeMap<DispatchId, Vec<wait::Waiter>>>,
     pub(crate) next_waiter: AtomicU64,
     /// Mints dispatch ids (`None`: [`DispatchId::new`]).
     pub(crate) ids: Option<IdSource>,

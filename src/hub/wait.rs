@@ -12,6 +12,9 @@ use crate::error::{Error, StoreError};
 use crate::fsm::{Dispatch, DispatchId, DispatchState, RollingDeadline, Timestamp};
 use crate::store::CancelParams;
 
+/// One registration's entry in the hub's waiter map: its token and its notifier.
+pub(crate) type Waiter = (u64, Arc<Notify>);
+
 /// A waiter registered in the hub before its row is written, removed on drop (also when the
 /// caller's future is dropped).
 pub(crate) struct Registration<'a> {
