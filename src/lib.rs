@@ -47,8 +47,12 @@
 //!   at-most-once. The executor gets the dispatch id and attempt so the broker can deduplicate.
 //! - **Nothing is lost**: every row reaches a terminal state, by execution or by the sweeper, even
 //!   if every notice is lost (hubs poll as a fallback).
-//! - **No zombies**: a row past its deadline is never claimed, and an originator that gives up
-//!   cancels the row if nobody claimed it yet.
+//! - **No zombies**: no execution starts at or after its row's deadline, and an originator that
+//!   gives up cancels the row if nobody claimed it yet.
+//! - **The execution model**: a broker runs up to `max_in_flight` executions at once and a drain
+//!   claims only what it can start now; commands with the same ordering key
+//!   ([`hub::Command::key`]) run one at a time in insertion order across nodes; `max_attempts`
+//!   counts executions begun, not claims handed back unexecuted. See [`hub`].
 //! - **Newest connection wins**: broker affinity is ordered by `connected_at`, so a delayed claim
 //!   from an old connection cannot steal a broker from its newer owner.
 //!
@@ -89,12 +93,11 @@
 //! - [`transport`]: [`transport::Transport`] and its wake-up media: memory, no-op, Postgres
 //!   LISTEN/NOTIFY.
 //! - [`hub`]: the async runtime.
-//! - `migrate` (`sqlite` + `postgres` features): copying a deployment from SQLite to Postgres.
+//! - `migrate` (`sqlite` + `postgres` features): copies a SQLite deployment into Postgres,
+//!   exactly and idempotently.
 //!
 //! See `docs/guarantees.md` in the repository for each guarantee, the behaviour under each fault,
 //! and the test that proves it.
-//! - `migrate` (`sqlite` + `postgres`): copies a SQLite deployment into Postgres, exactly and
-//!   idempotently.
 
 #![forbid(unsafe_code)]
 #![warn(

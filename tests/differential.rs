@@ -39,6 +39,8 @@ enum Op {
         id: u8,
         broker: u8,
         key: Option<u8>,
+        /// The ordering key (from a pool of two, so keyed rows of one broker collide often).
+        order: Option<u8>,
         op: u8,
         args: u8,
         max_attempts: u8,
@@ -104,6 +106,7 @@ enum FinishOp {
     Fail(u8),
     Retry(u8),
     Release,
+    Late,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -112,12 +115,14 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         any::<u8>().prop_map(FinishOp::Fail),
         (0u8..10).prop_map(FinishOp::Retry),
         Just(FinishOp::Release),
+        Just(FinishOp::Late),
     ];
     prop_oneof![
         6 => (
             0..IDS,
             0..BROKERS,
             proptest::option::weighted(0.3, 0..KEYS),
+            proptest::option::weighted(0.5, 0u8..2),
             0u8..2,
             0u8..2,
             0u8..4,
@@ -125,10 +130,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             proptest::option::weighted(0.3, 0u8..30),
         )
             .prop_map(
-                |(id, broker, key, op, args, max_attempts, available_in, deadline_in)| Op::Insert {
+                |(id, broker, key, order, op, args, max_attempts, available_in, deadline_in)| Op::Insert {
                     id,
                     broker,
                     key,
+                    order,
                     op,
                     args,
                     max_attempts,
@@ -261,6 +267,7 @@ async fn apply_op(store: &dyn Store, step: &Step, run: &Run) -> Answer {
             id,
             broker: b,
             key,
+            order,
             op,
             args,
             max_attempts,
@@ -278,7 +285,7 @@ async fn apply_op(store: &dyn Store, step: &Step, run: &Run) -> Answer {
                     deadline: deadline_in.map(|s| run.now.saturating_add(secs(s))),
                     idempotency_key: key.map(|k| format!("key-{k}")),
                     now,
-                    key: None,
+                    key: order.map(|k| format!("order-{k}")),
                     delay: None,
                     ttl: None,
                     executions: 0,
@@ -332,6 +339,7 @@ async fn apply_op(store: &dyn Store, step: &Step, run: &Run) -> Answer {
                     FinishOp::Fail(v) => Outcome::Fail(format!("error {v}")),
                     FinishOp::Retry(s) => Outcome::Retry { after: secs(s) },
                     FinishOp::Release => Outcome::Release,
+                    FinishOp::Late => Outcome::Late,
                 };
                 Answer::Row(view(store.finish(c, FinishParams { outcome, now }).await))
             }

@@ -393,6 +393,16 @@ pub fn check_op(op: &str) -> Result<(), IdError> {
     check_name("op", op)
 }
 
+/// Checks an idempotency key, by the rule of every other name: non-empty, at most
+/// [`MAX_ID_LEN`] bytes, no control characters (NUL included, which Postgres cannot store).
+///
+/// # Errors
+///
+/// [`IdError`] naming the idempotency key.
+pub fn check_idempotency_key(key: &str) -> Result<(), IdError> {
+    check_name("idempotency key", key)
+}
+
 /// Checks an ordering key: non-empty, at most [`MAX_ID_LEN`] bytes, no control characters.
 ///
 /// # Errors

@@ -12,7 +12,9 @@ use super::drain::Runner;
 use super::{instant_after, run_guarded, ExecContext, Shared};
 use crate::error::{Error, ExecError, StoreError};
 use crate::fsm::{Progress, SessionId};
-use crate::store::{Claimed, HeartbeatParams, Outcome};
+use crate::store::{
+    check_json, Claimed, HeartbeatParams, Outcome, MAX_DETAIL_BYTES, MAX_RESULT_BYTES,
+};
 use crate::transport::Notice;
 
 /// Runs the executor on a claimed row, renews its lease meanwhile, hands the outcome to the
@@ -54,6 +56,13 @@ pub(crate) async fn execute(
                     continue;
                 }
                 let detail = progress_rx.borrow_and_update().clone();
+                let detail = detail.filter(|detail| match check_json("progress detail", detail, MAX_DETAIL_BYTES) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(id = %d.id, error = %e, "progress report dropped");
+                        false
+                    }
+                });
                 if let Some(detail) = detail {
                     seq += 1;
                     if renewal.renew(&sh, &c, Some(Progress { seq, detail })).await {
@@ -67,7 +76,12 @@ pub(crate) async fn execute(
         }
     };
     let outcome = match result {
-        Ok(Ok(v)) => Outcome::Complete(v),
+        // A result no store could hold (or read back) fails the dispatch rather than leaving
+        // it to lapse and run again.
+        Ok(Ok(v)) => match check_json("result", &v, MAX_RESULT_BYTES) {
+            Ok(()) => Outcome::Complete(v),
+            Err(e) => Outcome::Fail(format!("executor result refused: {e}")),
+        },
         Ok(Err(ExecError::Fatal(m))) => Outcome::Fail(m),
         Ok(Err(ExecError::Retryable { after, message })) => {
             retry_or_fail(&c, after, message, start_by)

@@ -15,6 +15,7 @@ use futures::FutureExt;
 use super::{run_guarded, Command, ExecContext, HttpFallback, Hub, Shared};
 use crate::error::{Error, ExecError};
 use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, FailReason, Timestamp};
+use crate::store::{check_json, MAX_RESULT_BYTES};
 
 /// Runs `cmd` on the connection held here; see the module docs.
 pub(crate) async fn run_local(
@@ -37,7 +38,17 @@ pub(crate) async fn run_local(
     )
     .await;
     let (after, message) = match res {
-        Ok(Ok(v)) => return Ok(v),
+        Ok(Ok(v)) => {
+            // The same rule as for a result written to a row, so a command's outcome does not
+            // depend on which node took it.
+            return match check_json("result", &v, MAX_RESULT_BYTES) {
+                Ok(()) => Ok(v),
+                Err(e) => Err(Error::Failed {
+                    id,
+                    reason: FailReason::Error(format!("executor result refused: {e}")),
+                }),
+            };
+        }
         Ok(Err(ExecError::Fatal(m))) => {
             return Err(Error::Failed {
                 id,

@@ -814,15 +814,19 @@ impl Hub {
             ));
         }
         if let Some(k) = &cmd.idempotency_key {
-            if k.is_empty() || k.len() > fsm::MAX_ID_LEN {
-                return Err(Error::InvalidInput(
-                    "idempotency key must be 1..=256 bytes".into(),
-                ));
-            }
+            fsm::check_idempotency_key(k)?;
         }
         if let Some(k) = &cmd.key {
             fsm::check_key(k)?;
         }
+        // The rule every store applies to a row's args, applied at the door whatever the route,
+        // so a command is accepted or refused the same way on the fast path and forwarded.
+        crate::store::check_json("args", &cmd.args, crate::store::MAX_ARGS_BYTES).map_err(
+            |e| match e {
+                StoreError::InvalidInput(m) => Error::InvalidInput(m),
+                other => Error::Store(other),
+            },
+        )?;
         for (what, d) in [("timeout", cmd.timeout), ("delay", cmd.delay)] {
             if d.is_some_and(|d| d < config::MIN_DURATION) {
                 return Err(Error::InvalidInput(format!(

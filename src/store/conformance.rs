@@ -88,6 +88,7 @@ macro_rules! store_conformance_tests {
             insert_many_is_all_or_nothing,
             insert_measures_delay_and_ttl_from_its_now,
             claims_agree_with_claim_order,
+            values_no_store_can_read_back_are_refused_and_change_nothing,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -2117,4 +2118,120 @@ pub async fn claims_agree_with_claim_order(store: Arc<dyn Store>) {
             let _ = finish(s, c, outcome, at(t)).await;
         }
     }
+}
+
+/// JSON `depth` levels deep: `[[[…0…]]]`, built without recursion.
+fn nested(depth: usize) -> serde_json::Value {
+    let mut v = serde_json::json!(0);
+    for _ in 0..depth {
+        v = serde_json::Value::Array(vec![v]);
+    }
+    v
+}
+
+/// Drops a deeply nested value without recursing (serde_json's own drop would).
+fn dispose(mut v: serde_json::Value) {
+    while let serde_json::Value::Array(mut a) = v {
+        match a.pop() {
+            Some(inner) => v = inner,
+            None => return,
+        }
+    }
+}
+
+/// Values no store could read back are refused before anything is written, identically by
+/// every store: args, results and progress nested deeper than `MAX_JSON_DEPTH` (even thousands
+/// of levels: refused, not a stack overflow), oversized results and failure messages, and an
+/// idempotency key with a NUL. A refused entry of a batched finish leaves the others written.
+pub async fn values_no_store_can_read_back_are_refused_and_change_nothing(store: Arc<dyn Store>) {
+    let s = &*store;
+    let deepest = nested(super::MAX_JSON_DEPTH - 1);
+    for args in [nested(super::MAX_JSON_DEPTH + 1), nested(3_000)] {
+        let r = s
+            .insert(NewDispatch {
+                args,
+                ..new_dispatch(1, "b", at(0))
+            })
+            .await;
+        assert_invalid(r.map(|d| dispose(d.args)));
+    }
+    let r = s
+        .insert(NewDispatch {
+            idempotency_key: Some("a\0b".into()),
+            ..new_dispatch(1, "b", at(0))
+        })
+        .await;
+    assert_invalid(r);
+    assert!(all_rows(s).await.is_empty());
+    // The deepest value accepted round-trips.
+    let d = insert(
+        s,
+        NewDispatch {
+            args: deepest.clone(),
+            ..new_dispatch(1, "b", at(0))
+        },
+    )
+    .await;
+    assert_eq!(get(s, d.id).await.args, deepest);
+    insert(s, new_dispatch(2, "b", at(1))).await;
+    insert(s, new_dispatch(3, "b", at(2))).await;
+    let mut claimed = claim(s, "b", "n", 3, at(secs(1))).await;
+    let third = claimed.pop().expect("row 3");
+    let second = claimed.pop().expect("row 2");
+    let first = claimed.pop().expect("row 1");
+    let before = get(s, first.id()).await;
+    let r = s
+        .heartbeat(
+            &first,
+            HeartbeatParams {
+                lease: LEASE,
+                progress: Some(Progress {
+                    seq: 1,
+                    detail: nested(super::MAX_JSON_DEPTH + 1),
+                }),
+                now: Some(at(secs(2))),
+            },
+        )
+        .await;
+    assert_invalid(r);
+    for outcome in [
+        Outcome::Complete(nested(super::MAX_JSON_DEPTH + 1)),
+        Outcome::Fail("x".repeat(super::MAX_DETAIL_BYTES + 1)),
+    ] {
+        let again = Claimed::new(first.dispatch().clone());
+        assert_invalid(finish(s, again, outcome, at(secs(2))).await);
+    }
+    assert_eq!(get(s, first.id()).await, before, "refusals changed nothing");
+    let results = s
+        .finish_many(vec![
+            (
+                second,
+                FinishParams {
+                    outcome: Outcome::Complete(serde_json::json!("fine")),
+                    now: Some(at(secs(3))),
+                },
+            ),
+            (
+                first,
+                FinishParams {
+                    outcome: Outcome::Complete(nested(200)),
+                    now: Some(at(secs(3))),
+                },
+            ),
+            (
+                third,
+                FinishParams {
+                    outcome: Outcome::Fail("no".into()),
+                    now: Some(at(secs(3))),
+                },
+            ),
+        ])
+        .await;
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].as_ref().expect("row 2").state, DispatchState::Done);
+    assert!(matches!(results[1], Err(StoreError::InvalidInput(_))), "{:?}", results[1]);
+    assert_eq!(results[2].as_ref().expect("row 3").state, DispatchState::Failed);
+    assert_eq!(get(s, id(1)).await, before);
+    // Every row still reads back, one by one and in a list.
+    assert_eq!(all_rows(s).await.len(), 3);
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    check_limit, check_positive, system_now, CancelParams, ClaimParams, Claimed, ConnectOutcome,
+    check_limit, system_now, CancelParams, ClaimParams, Claimed, ConnectOutcome,
     ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch, Store,
     SweepParams, SweepReport, TouchParams,
 };
@@ -248,6 +248,7 @@ impl MemoryStore {
 
     /// The synchronous core of [`Store::finish`].
     pub fn finish_sync(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        super::check_outcome(&p.outcome)?;
         let (id, event) = finish_event(&c, p);
         self.transition(id, event)
     }
@@ -261,6 +262,7 @@ impl MemoryStore {
         batch
             .into_iter()
             .map(|(c, p)| {
+                super::check_outcome(&p.outcome)?;
                 let (id, event) = finish_event(&c, p);
                 let event = self.maybe_unfenced(&inner, id, event);
                 transition_locked(&mut inner, id, event)
@@ -359,7 +361,7 @@ impl Store for MemoryStore {
     }
 
     async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
-        check_positive("lease", p.lease)?;
+        super::check_heartbeat(&p)?;
         let now = p.now.unwrap_or_else(system_now);
         self.transition(
             c.id(),

@@ -48,6 +48,80 @@ pub const MAX_BATCH: u32 = 1000;
 /// The largest `args` accepted, in bytes of JSON.
 pub const MAX_ARGS_BYTES: usize = 16 * 1024 * 1024;
 
+/// The largest executor result accepted, in bytes of JSON.
+pub const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The largest progress detail or failure message accepted, in bytes (of JSON, for progress).
+pub const MAX_DETAIL_BYTES: usize = 64 * 1024;
+
+/// The deepest nesting of arrays and objects accepted in any JSON value a row holds (args,
+/// result, progress). Every store reads back what it wrote: serde_json refuses to parse more
+/// than 128 levels, so a deeper value, once written, could never be read again.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Checks a JSON value before it goes into a row: at most [`MAX_JSON_DEPTH`] levels of nesting
+/// and `max_bytes` bytes as compact JSON. The depth is measured without recursion, so even a
+/// value nested thousands of levels deep is refused, not a stack overflow.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidInput`] naming `what`.
+pub fn check_json(what: &str, v: &serde_json::Value, max_bytes: usize) -> Result<(), StoreError> {
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        let depth = depth + 1;
+        if depth > MAX_JSON_DEPTH {
+            return Err(StoreError::invalid(format!(
+                "{what} nests deeper than {MAX_JSON_DEPTH} levels"
+            )));
+        }
+        stack.extend(children.map(|c| (c, depth)));
+    }
+    let size = json_size(v);
+    if size > max_bytes {
+        return Err(StoreError::invalid(format!(
+            "{what} is {size} bytes of JSON; the limit is {max_bytes}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a holder's outcome before it is written (every store calls it): the result's depth
+/// and size, a failure message's size.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidInput`].
+pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
+    match outcome {
+        Outcome::Complete(v) => check_json("result", v, MAX_RESULT_BYTES),
+        Outcome::Fail(m) if m.len() > MAX_DETAIL_BYTES => Err(StoreError::invalid(format!(
+            "failure message is {} bytes; the limit is {MAX_DETAIL_BYTES}",
+            m.len()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a heartbeat before it is written (every store calls it): a lease of at least 1 ms,
+/// and the progress detail's depth and size.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidInput`].
+pub fn check_heartbeat(p: &HeartbeatParams) -> Result<(), StoreError> {
+    check_positive("lease", p.lease)?;
+    match &p.progress {
+        Some(progress) => check_json("progress detail", &progress.detail, MAX_DETAIL_BYTES),
+        None => Ok(()),
+    }
+}
+
 /// The durable home of dispatches and broker affinity.
 ///
 /// # Contract
@@ -311,9 +385,7 @@ impl NewDispatch {
             return Err(StoreError::invalid("max_attempts must be at least 1"));
         }
         if let Some(k) = &self.idempotency_key {
-            if k.is_empty() || k.len() > crate::fsm::MAX_ID_LEN {
-                return Err(StoreError::invalid("idempotency key must be 1..=256 bytes"));
-            }
+            crate::fsm::check_idempotency_key(k)?;
         }
         if let Some(k) = &self.key {
             crate::fsm::check_key(k)?;
@@ -324,13 +396,7 @@ impl NewDispatch {
                 self.executions, self.max_attempts
             )));
         }
-        let size = json_size(&self.args);
-        if size > MAX_ARGS_BYTES {
-            return Err(StoreError::invalid(format!(
-                "args are {size} bytes of JSON; the limit is {MAX_ARGS_BYTES}"
-            )));
-        }
-        Ok(())
+        check_json("args", &self.args, MAX_ARGS_BYTES)
     }
 
     /// Whether an existing row carries the same payload (the idempotency comparison).
@@ -632,6 +698,42 @@ pub(crate) fn batch_failure(e: &StoreError, n: usize) -> Vec<Result<Dispatch, St
                 StoreError::Unavailable(src) => StoreError::Unavailable(src.to_string().into()),
                 StoreError::Backend(src) => StoreError::Backend(src.to_string().into()),
             })
+        })
+        .collect()
+}
+
+/// Runs `write` on the entries of `batch` whose outcomes pass [`check_outcome`] and answers in
+/// input order: a refused entry gets its `InvalidInput` and is never written, the others get
+/// what `write` answered for them.
+pub(crate) async fn finish_checked<F, Fut>(
+    batch: Vec<(Claimed, FinishParams)>,
+    write: F,
+) -> Vec<Result<Dispatch, StoreError>>
+where
+    F: FnOnce(Vec<(Claimed, FinishParams)>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<Dispatch, StoreError>>>,
+{
+    let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(batch.len());
+    let mut valid = Vec::with_capacity(batch.len());
+    for (c, p) in batch {
+        match check_outcome(&p.outcome) {
+            Ok(()) => {
+                refused.push(None);
+                valid.push((c, p));
+            }
+            Err(e) => refused.push(Some(e)),
+        }
+    }
+    let mut written = write(valid).await.into_iter();
+    refused
+        .into_iter()
+        .map(|r| match r {
+            Some(e) => Err(e),
+            None => written.next().unwrap_or_else(|| {
+                Err(StoreError::Backend(
+                    "a batched finish answered fewer entries than it was given".into(),
+                ))
+            }),
         })
         .collect()
 }

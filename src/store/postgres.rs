@@ -21,7 +21,7 @@ use tokio_postgres::{GenericClient, NoTls, Row, ToStatement};
 use uuid::Uuid;
 
 use super::{
-    check_limit, check_positive, ArgsCodec, CancelParams, ClaimParams, Claimed, ConnectOutcome,
+    check_limit, ArgsCodec, CancelParams, ClaimParams, Claimed, ConnectOutcome,
     ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch,
     Outcome, Store, SweepParams, SweepReport, TouchParams,
 };
@@ -1139,7 +1139,7 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
-        check_positive("lease", p.lease)?;
+        super::check_heartbeat(&p)?;
         let attempt = i64::from(c.attempt());
         let progress = p.progress.as_ref().map(to_json).transpose()?;
         let lease = micros(p.lease);
@@ -1159,6 +1159,7 @@ impl Store for PgStore {
     }
 
     async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        super::check_outcome(&p.outcome)?;
         let attempt = c.attempt();
         let a = i64::from(attempt);
         match p.outcome {
@@ -1210,26 +1211,13 @@ impl Store for PgStore {
         }
     }
 
-    /// One statement per batch (see `finish_run`); entries naming an id already in
-    /// the batch start a new statement, so each entry sees the row as the entries before it
-    /// left it, exactly as a loop of `finish` would.
+    /// Outcomes are checked first (a refused one is never written); the rest go out in one
+    /// statement per run of distinct ids (`finish_runs`).
     async fn finish_many(
         &self,
         batch: Vec<(Claimed, FinishParams)>,
     ) -> Vec<Result<Dispatch, StoreError>> {
-        let mut out = Vec::with_capacity(batch.len());
-        let mut run = Vec::new();
-        let mut ids = std::collections::HashSet::new();
-        for (c, p) in batch {
-            if !ids.insert(c.id()) {
-                out.extend(self.finish_run(std::mem::take(&mut run)).await);
-                ids.clear();
-                ids.insert(c.id());
-            }
-            run.push((c, p));
-        }
-        out.extend(self.finish_run(run).await);
-        out
+        super::finish_checked(batch, |valid| self.finish_runs(valid)).await
     }
 
     fn announces_finishes(&self) -> bool {
@@ -1443,6 +1431,28 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// [`Store::finish_many`] for entries whose outcomes passed [`super::check_outcome`]: one
+    /// statement per run of distinct ids; an entry naming an id already in the run starts a new
+    /// one, so each entry sees the row as the entries before it left it.
+    async fn finish_runs(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut run = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for (c, p) in batch {
+            if !ids.insert(c.id()) {
+                out.extend(self.finish_run(std::mem::take(&mut run)).await);
+                ids.clear();
+                ids.insert(c.id());
+            }
+            run.push((c, p));
+        }
+        out.extend(self.finish_run(run).await);
+        out
+    }
+
     /// Finishes a batch of distinct dispatches in one statement. Rows the statement's guards
     /// refused go through [`Store::finish`] one by one, which re-applies the guard and, when it
     /// refuses again, names the error exactly as `finish` does.

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    batch_failure, check_limit, check_positive, system_now, ArgsCodec, CancelParams, ClaimParams,
+    batch_failure, check_limit, system_now, ArgsCodec, CancelParams, ClaimParams,
     Claimed, ConnectOutcome, ConnectParams, DisconnectParams, FinishParams, HeartbeatParams,
     ListFilter, NewDispatch, Outcome, Store, SweepParams, SweepReport, TouchParams,
 };
@@ -1015,6 +1015,37 @@ fn read_affinity(conn: &Connection, broker: &BrokerId) -> Result<Option<Affinity
     .transpose()
 }
 
+
+impl SqliteStore {
+    /// [`Store::finish_many`] for entries whose outcomes passed [`super::check_outcome`].
+    async fn finish_valid(
+        &self,
+        batch: Vec<(Claimed, FinishParams)>,
+    ) -> Vec<Result<Dispatch, StoreError>> {
+        let n = batch.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let items: Vec<(DispatchId, Attempt, FinishParams)> = batch
+            .into_iter()
+            .map(|(c, p)| (c.id(), c.attempt(), p))
+            .collect();
+        let answer = self
+            .call(move |w| {
+                let codec = w.codec.clone();
+                let tx = immediate(&mut w.conn)?;
+                let raws = finish_batch_in(&tx, codec.as_deref(), items)?;
+                tx.commit().map_err(db_err)?;
+                Ok(raws
+                    .into_iter()
+                    .map(|r| r.and_then(|raw| raw.into_dispatch(codec.as_deref())))
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        answer.unwrap_or_else(|e| batch_failure(&e, n))
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn name(&self) -> &'static str {
@@ -1087,7 +1118,7 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
-        check_positive("lease", p.lease)?;
+        super::check_heartbeat(&p)?;
         let now = p.now.unwrap_or_else(system_now);
         let (id, attempt) = (c.id(), c.attempt());
         let progress = p
@@ -1127,6 +1158,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        super::check_outcome(&p.outcome)?;
         let (id, attempt) = (c.id(), c.attempt());
         self.call(move |w| {
             let codec = w.codec.clone();
@@ -1146,27 +1178,7 @@ impl Store for SqliteStore {
         &self,
         batch: Vec<(Claimed, FinishParams)>,
     ) -> Vec<Result<Dispatch, StoreError>> {
-        let n = batch.len();
-        if n == 0 {
-            return Vec::new();
-        }
-        let items: Vec<(DispatchId, Attempt, FinishParams)> = batch
-            .into_iter()
-            .map(|(c, p)| (c.id(), c.attempt(), p))
-            .collect();
-        let answer = self
-            .call(move |w| {
-                let codec = w.codec.clone();
-                let tx = immediate(&mut w.conn)?;
-                let raws = finish_batch_in(&tx, codec.as_deref(), items)?;
-                tx.commit().map_err(db_err)?;
-                Ok(raws
-                    .into_iter()
-                    .map(|r| r.and_then(|raw| raw.into_dispatch(codec.as_deref())))
-                    .collect::<Vec<_>>())
-            })
-            .await;
-        answer.unwrap_or_else(|e| batch_failure(&e, n))
+        super::finish_checked(batch, |valid| self.finish_valid(valid)).await
     }
 
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
