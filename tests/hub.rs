@@ -834,11 +834,36 @@ async fn oversized_args_are_refused_before_anything_is_written() {
         .send(Command::new(broker("b"), "x", huge))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, Error::Store(StoreError::InvalidInput(_))),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
     assert!(c.store.is_empty());
+    // Nested deeper than any store could read back: refused whatever the route (here the
+    // fast path, which writes no row), and the broker's well-formed work is untouched.
+    let b = broker("b");
+    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    let mut deep = json!(0);
+    for _ in 0..200 {
+        deep = json!([deep]);
+    }
+    for hub in &c.hubs {
+        let err = hub
+            .dispatch(Command::new(b.clone(), "x", deep.clone()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+        let err = hub
+            .send(Command::new(b.clone(), "x", deep.clone()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    }
+    assert!(c.store.is_empty());
+    assert!(c.ledger.lock().per_id.is_empty(), "nothing ran");
+    let fine = c.hubs[1]
+        .send(Command::new(b.clone(), "x", json!(1)))
+        .await
+        .unwrap();
+    let out = c.hubs[1].wait(fine.id).await.unwrap();
+    assert_eq!(out["args"], json!(1), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
