@@ -15,8 +15,8 @@ mod waiter;
 
 pub use affinity::{Affinity, ConnectDecision};
 pub use dispatch::{
-    check_idempotency_key, check_key, check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError, NodeId, Progress,
-    SessionId, Timestamp, MAX_ID_LEN,
+    check_idempotency_key, check_key, check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError,
+    NodeId, Progress, SessionId, Timestamp, MAX_ID_LEN,
 };
 pub use order::{blocks, claim_order};
 pub use route::{route, Route, RouteInput};

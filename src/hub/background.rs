@@ -2,21 +2,76 @@
 //! drain of owned brokers (the polling fallback for lost notices) and the owner's affinity
 //! refresh. The listener and the sweeper have files of their own.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use parking_lot::Mutex;
+use tokio::task::AbortHandle;
 
 use super::{drain, listener, sweeper, Shared};
 use crate::fsm::{BrokerId, SessionId};
 use crate::store::TouchParams;
 use crate::transport::Subscription;
 
+/// Starts the background tasks, each supervised: one that panics (a user transport's stream,
+/// say) is logged and started again after a pause, so it never stops the others or the hub.
 pub(crate) fn spawn_background(sh: &Arc<Shared>, subscription: Subscription) {
+    let first = Mutex::new(Some(subscription));
     let handles = [
-        tokio::spawn(listener::listen(Arc::clone(sh), subscription)).abort_handle(),
-        tokio::spawn(sweeper::sweep(Arc::clone(sh))).abort_handle(),
-        tokio::spawn(catch_up(Arc::clone(sh))).abort_handle(),
-        tokio::spawn(refresh_affinity(Arc::clone(sh))).abort_handle(),
+        supervise(sh, "listener", move |sh| {
+            let sub = first.lock().take();
+            async move {
+                let sub = match sub {
+                    Some(sub) => sub,
+                    // A restart: the old subscription went down with the panic.
+                    None => match sh.transport.subscribe().await {
+                        Ok(sub) => {
+                            listener::resync(&sh);
+                            sub
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %sh.node, error = %e, "resubscribe failed");
+                            return;
+                        }
+                    },
+                };
+                listener::listen(sh, sub).await;
+            }
+        }),
+        supervise(sh, "sweeper", sweeper::sweep),
+        supervise(sh, "catch-up", catch_up),
+        supervise(sh, "affinity refresh", refresh_affinity),
     ];
     sh.tasks.lock().extend(handles);
+}
+
+/// Runs `task` until it returns; if it panics, logs it and runs it again after a second.
+fn supervise<F, Fut>(sh: &Arc<Shared>, name: &'static str, task: F) -> AbortHandle
+where
+    F: Fn(Arc<Shared>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let sh = Arc::clone(sh);
+    tokio::spawn(async move {
+        loop {
+            match AssertUnwindSafe(task(Arc::clone(&sh))).catch_unwind().await {
+                Ok(()) => return,
+                Err(panic) => {
+                    metrics::counter!("broker_dispatch_task_panics_total", "task" => name)
+                        .increment(1);
+                    tracing::error!(node = %sh.node, task = name, panic = %super::panic_message(&*panic), "background task panicked; restarting it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if sh.is_shutting_down() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .abort_handle()
 }
 
 pub(crate) fn local_brokers(sh: &Shared) -> Vec<(BrokerId, SessionId)> {

@@ -76,6 +76,11 @@ impl Runner {
         self.wake.notify_one();
     }
 
+    /// Executions running now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.finisher.is_idle()
     }
@@ -111,7 +116,37 @@ pub(crate) fn poke(sh: &Shared, broker: &BrokerId) {
     }
 }
 
+/// Forgets a runner that ended without leaving on its own (a panic, or an abort), so the next
+/// signal starts a fresh one instead of marking a dead one dirty forever.
+struct Forget {
+    sh: Arc<Shared>,
+    r: Arc<Runner>,
+    left: bool,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let mut drains = self.sh.drains.lock();
+        if drains
+            .get(&self.r.broker)
+            .is_some_and(|x| Arc::ptr_eq(x, &self.r))
+        {
+            drains.remove(&self.r.broker);
+        }
+        drop(drains);
+        self.r.finisher.stop();
+    }
+}
+
 async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
+    let mut exit = Forget {
+        sh: Arc::clone(&sh),
+        r: Arc::clone(&r),
+        left: false,
+    };
     loop {
         let session = sh.local_session(&r.broker);
         let Some(session) = session.filter(|_| !sh.is_shutting_down()) else {
@@ -126,6 +161,7 @@ async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
                     }
                     drop(drains);
                     r.finisher.stop();
+                    exit.left = true;
                     return;
                 }
                 continue;

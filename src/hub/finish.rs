@@ -5,10 +5,12 @@
 //! call; outcomes that arrive while that call runs form the next batch. So a lone outcome is
 //! written at once, and under load the batches grow by themselves.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -68,7 +70,8 @@ pub(crate) async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
             std::mem::take(&mut *q)
         };
         if batch.is_empty() {
-            if f.stopped.load(Ordering::Acquire) {
+            // Stopped, and no execution left that could still hand in an outcome.
+            if f.stopped.load(Ordering::Acquire) && r.in_flight() == 0 {
                 return;
             }
             f.wake.notified().await;
@@ -125,14 +128,14 @@ async fn finish_durably(sh: &Arc<Shared>, mut pending: Vec<(Claimed, Outcome)>) 
                 )
             })
             .collect();
-        let results = match tokio::time::timeout(
-            sh.config.store_timeout,
-            sh.store.finish_many(batch),
-        )
-        .await
-        {
-            Ok(results) if results.len() == pending.len() => results,
-            Ok(_) => {
+        let call = AssertUnwindSafe(sh.store.finish_many(batch)).catch_unwind();
+        let results = match tokio::time::timeout(sh.config.store_timeout, call).await {
+            Ok(Ok(results)) if results.len() == pending.len() => results,
+            Ok(Err(panic)) => {
+                tracing::error!(node = %sh.node, panic = %super::panic_message(&*panic), "the store panicked finishing a batch; retrying");
+                continue;
+            }
+            Ok(Ok(_)) => {
                 tracing::warn!(node = %sh.node, "store answered a finish batch with the wrong number of results; retrying");
                 continue;
             }

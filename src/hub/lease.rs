@@ -37,11 +37,17 @@ pub(crate) async fn execute(
         Some(progress_tx),
     );
     metrics::counter!("broker_dispatch_started_total").increment(1);
-    let exec = tokio::time::timeout(
-        sh.config.execute_timeout,
-        run_guarded(sh.executor.execute(ctx, d)),
-    );
-    tokio::pin!(exec);
+    // The executor runs in a task of its own, so that a slow store answering a renewal or a
+    // progress report never stalls it; dropping this execution (an aborted hub) stops it too.
+    let exec = {
+        let executor = Arc::clone(&sh.executor);
+        let dispatch = d.clone();
+        let limit = sh.config.execute_timeout;
+        AbortOnDrop(tokio::spawn(async move {
+            tokio::time::timeout(limit, run_guarded(executor.execute(ctx, &dispatch))).await
+        }))
+    };
+    let mut exec = exec;
     let mut renewal = Renewal::new(&sh, lease_until);
     let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
     let mut progress_open = true;
@@ -49,7 +55,10 @@ pub(crate) async fn execute(
         // Biased: a fixed polling order keeps seeded simulations replayable.
         tokio::select! {
             biased;
-            r = &mut exec => break r,
+            r = &mut exec.0 => break r.unwrap_or_else(|e| {
+                // Only an abort ends the task otherwise (panics are caught inside it).
+                Ok(Err(ExecError::Fatal(format!("execution task ended: {e}"))))
+            }),
             changed = progress_rx.changed(), if progress_open => {
                 if changed.is_err() {
                     progress_open = false;
@@ -101,6 +110,15 @@ pub(crate) async fn execute(
                 renewal.renew(&sh, &c, None).await;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -331,8 +331,13 @@ impl Shared {
     where
         Error: From<E>,
     {
-        match tokio::time::timeout(self.config.store_timeout, fut).await {
-            Ok(r) => r.map_err(Error::from),
+        // A panicking store (a codec, a driver bug) fails this call, never the task making it.
+        let call = AssertUnwindSafe(fut).catch_unwind();
+        match tokio::time::timeout(self.config.store_timeout, call).await {
+            Ok(Ok(r)) => r.map_err(Error::from),
+            Ok(Err(panic)) => Err(Error::Store(StoreError::Backend(
+                format!("store call panicked: {}", panic_message(&*panic)).into(),
+            ))),
             Err(_) => Err(Error::Store(StoreError::Unavailable(
                 "store call timed out".into(),
             ))),
@@ -821,12 +826,12 @@ impl Hub {
         }
         // The rule every store applies to a row's args, applied at the door whatever the route,
         // so a command is accepted or refused the same way on the fast path and forwarded.
-        crate::store::check_json("args", &cmd.args, crate::store::MAX_ARGS_BYTES).map_err(
-            |e| match e {
+        crate::store::check_json("args", &cmd.args, crate::store::MAX_ARGS_BYTES).map_err(|e| {
+            match e {
                 StoreError::InvalidInput(m) => Error::InvalidInput(m),
                 other => Error::Store(other),
-            },
-        )?;
+            }
+        })?;
         for (what, d) in [("timeout", cmd.timeout), ("delay", cmd.delay)] {
             if d.is_some_and(|d| d < config::MIN_DURATION) {
                 return Err(Error::InvalidInput(format!(
@@ -916,15 +921,20 @@ pub(crate) async fn run_guarded(
 ) -> Result<serde_json::Value, ExecError> {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(r) => r,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
-            Err(ExecError::Fatal(format!("executor panicked: {msg}")))
-        }
+        Err(panic) => Err(ExecError::Fatal(format!(
+            "executor panicked: {}",
+            panic_message(&*panic)
+        ))),
     }
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 /// The outcome a finished row reports to its originator.

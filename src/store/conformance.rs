@@ -2228,9 +2228,19 @@ pub async fn values_no_store_can_read_back_are_refused_and_change_nothing(store:
         ])
         .await;
     assert_eq!(results.len(), 3);
-    assert_eq!(results[0].as_ref().expect("row 2").state, DispatchState::Done);
-    assert!(matches!(results[1], Err(StoreError::InvalidInput(_))), "{:?}", results[1]);
-    assert_eq!(results[2].as_ref().expect("row 3").state, DispatchState::Failed);
+    assert_eq!(
+        results[0].as_ref().expect("row 2").state,
+        DispatchState::Done
+    );
+    assert!(
+        matches!(results[1], Err(StoreError::InvalidInput(_))),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(
+        results[2].as_ref().expect("row 3").state,
+        DispatchState::Failed
+    );
     assert_eq!(get(s, id(1)).await, before);
     // Every row still reads back, one by one and in a list.
     assert_eq!(all_rows(s).await.len(), 3);

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    check_limit, system_now, CancelParams, ClaimParams, Claimed, ConnectOutcome,
-    ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch, Store,
-    SweepParams, SweepReport, TouchParams,
+    check_limit, system_now, CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams,
+    DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch, Store, SweepParams,
+    SweepReport, TouchParams,
 };
 use crate::error::StoreError;
 use crate::fsm::{

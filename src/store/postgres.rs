@@ -21,9 +21,9 @@ use tokio_postgres::{GenericClient, NoTls, Row, ToStatement};
 use uuid::Uuid;
 
 use super::{
-    check_limit, ArgsCodec, CancelParams, ClaimParams, Claimed, ConnectOutcome,
-    ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch,
-    Outcome, Store, SweepParams, SweepReport, TouchParams,
+    check_limit, ArgsCodec, CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams,
+    DisconnectParams, FinishParams, HeartbeatParams, ListFilter, NewDispatch, Outcome, Store,
+    SweepParams, SweepReport, TouchParams,
 };
 use crate::error::StoreError;
 use crate::fsm::{

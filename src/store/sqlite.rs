@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    batch_failure, check_limit, system_now, ArgsCodec, CancelParams, ClaimParams,
-    Claimed, ConnectOutcome, ConnectParams, DisconnectParams, FinishParams, HeartbeatParams,
-    ListFilter, NewDispatch, Outcome, Store, SweepParams, SweepReport, TouchParams,
+    batch_failure, check_limit, system_now, ArgsCodec, CancelParams, ClaimParams, Claimed,
+    ConnectOutcome, ConnectParams, DisconnectParams, FinishParams, HeartbeatParams, ListFilter,
+    NewDispatch, Outcome, Store, SweepParams, SweepReport, TouchParams,
 };
 use crate::error::{BoxError, StoreError};
 use crate::fsm::{
@@ -1014,7 +1014,6 @@ fn read_affinity(conn: &Connection, broker: &BrokerId) -> Result<Option<Affinity
     })
     .transpose()
 }
-
 
 impl SqliteStore {
     /// [`Store::finish_many`] for entries whose outcomes passed [`super::check_outcome`].

@@ -1,0 +1,211 @@
+//! One fault stops nothing but itself: a panicking store call, a panicking transport stream, a
+//! burst of resyncs. Run on paused time.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_dispatch::fsm::{Affinity, BrokerId, Dispatch, DispatchId, NodeId, SessionId};
+use broker_dispatch::hub::{Command, FnExecutor, Hub, HubConfig};
+use broker_dispatch::store::{
+    CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
+    FinishParams, HeartbeatParams, ListFilter, MemoryStore, NewDispatch, Store, SweepParams,
+    SweepReport, TouchParams,
+};
+use broker_dispatch::transport::{MemoryTransport, Notice, Subscription, Transport};
+use broker_dispatch::{StoreError, TransportError};
+use futures::StreamExt;
+use serde_json::json;
+
+/// A memory store that counts claims and panics in the first `panics` of them.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: MemoryStore,
+    claims: AtomicU32,
+    panics: AtomicU32,
+}
+
+#[async_trait]
+impl Store for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
+        self.inner.insert(new).await
+    }
+    async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        let left = self.panics.load(Ordering::Relaxed);
+        if left > 0 {
+            self.panics.store(left - 1, Ordering::Relaxed);
+            panic!("a codec bug");
+        }
+        self.inner.claim(p).await
+    }
+    async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
+        self.inner.heartbeat(c, p).await
+    }
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        self.inner.finish(c, p).await
+    }
+    async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.cancel(p).await
+    }
+    async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
+        self.inner.list(f).await
+    }
+    async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
+        self.inner.sweep(p).await
+    }
+    async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
+        self.inner.connect(p).await
+    }
+    async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError> {
+        self.inner.disconnect(p).await
+    }
+    async fn touch(&self, p: TouchParams) -> Result<bool, StoreError> {
+        self.inner.touch(p).await
+    }
+    async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
+        self.inner.affinity(broker).await
+    }
+}
+
+fn config() -> HubConfig {
+    HubConfig {
+        poll_interval: Duration::from_secs(1),
+        sweep_interval: Duration::from_secs(30),
+        ..HubConfig::default()
+    }
+}
+
+async fn hub(name: &str, store: Arc<dyn Store>, transport: Arc<dyn Transport>) -> Hub {
+    Hub::builder(NodeId::new(name).unwrap())
+        .store(store)
+        .transport(transport)
+        .executor(Arc::new(FnExecutor(|_ctx, d: Dispatch| async move {
+            Ok(json!(d.op))
+        })))
+        .config(config())
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_store_call_fails_that_call_and_the_broker_keeps_draining() {
+    let store = Arc::new(Flaky {
+        panics: AtomicU32::new(3),
+        ..Flaky::default()
+    });
+    let bus = MemoryTransport::new();
+    let owner = hub("owner", store.clone(), Arc::new(bus.clone())).await;
+    let other = hub("other", store.clone(), Arc::new(bus.clone())).await;
+    let b = BrokerId::new("b").unwrap();
+    owner
+        .connect(b.clone(), SessionId::new("s").unwrap())
+        .await
+        .unwrap();
+    // The first claims panic; the next signal or catch-up claims again and the work runs.
+    let out = other
+        .dispatch(Command::new(b.clone(), "op", json!(1)))
+        .await;
+    assert_eq!(out.unwrap(), json!("op"));
+    assert_eq!(
+        store.panics.load(Ordering::Relaxed),
+        0,
+        "the panics happened"
+    );
+    let out = other.dispatch(Command::new(b, "again", json!(2))).await;
+    assert_eq!(out.unwrap(), json!("again"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_resyncs_costs_one_claim_per_broker_per_poll_interval() {
+    let store = Arc::new(Flaky::default());
+    let bus = MemoryTransport::with_capacity(4096);
+    let owner = hub("owner", store.clone(), Arc::new(bus.clone())).await;
+    for i in 0..20 {
+        owner
+            .connect(
+                BrokerId::new(format!("b{i}")).unwrap(),
+                SessionId::new("s").unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // Let the connects' own drains settle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = store.claims.load(Ordering::Relaxed);
+    for _ in 0..500 {
+        bus.inject_resync();
+        tokio::task::yield_now().await;
+    }
+    // Well inside one poll interval (catch-up polling adds its own 20 claims once per second).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claims = store.claims.load(Ordering::Relaxed) - before;
+    assert!(
+        claims <= 2 * 20,
+        "500 resyncs for 20 brokers cost {claims} claims"
+    );
+    assert!(claims >= 20, "the first resync re-drained every broker");
+}
+
+/// A transport whose subscription's stream panics when it meets its first event.
+#[derive(Debug)]
+struct PanickyStream {
+    inner: MemoryTransport,
+    subscribes: AtomicU32,
+}
+
+#[async_trait]
+impl Transport for PanickyStream {
+    fn name(&self) -> &'static str {
+        "panicky"
+    }
+    async fn subscribe(&self) -> Result<Subscription, TransportError> {
+        let first = self.subscribes.fetch_add(1, Ordering::Relaxed) == 0;
+        let sub = self.inner.subscribe().await?;
+        Ok(Subscription::new(sub.map(move |n| {
+            if first && matches!(n, Notice::Event { .. }) {
+                panic!("a transport bug");
+            }
+            n
+        })))
+    }
+    async fn publish(&self, notice: Notice) -> Result<(), TransportError> {
+        self.inner.publish(notice).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_listener_is_restarted_and_the_hub_keeps_hearing_notices() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let bus = MemoryTransport::new();
+    let panicky = Arc::new(PanickyStream {
+        inner: bus.clone(),
+        subscribes: AtomicU32::new(0),
+    });
+    let owner = hub("owner", store.clone(), Arc::new(bus.clone())).await;
+    let originator = hub("originator", store.clone(), panicky.clone()).await;
+    let b = BrokerId::new("b").unwrap();
+    owner
+        .connect(b.clone(), SessionId::new("s").unwrap())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let out = originator
+            .dispatch(Command::new(b.clone(), "op", json!(i)))
+            .await
+            .unwrap();
+        assert_eq!(out, json!("op"));
+    }
+    assert!(
+        panicky.subscribes.load(Ordering::Relaxed) >= 2,
+        "the listener subscribed again after its panic"
+    );
+}
