@@ -31,6 +31,12 @@ pub(crate) mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PgTransport, PgTransportOptions};
 
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use nats::{NatsTransport, NatsTransportOptions};
+
 /// A wake-up.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
