@@ -120,7 +120,11 @@ async fn a_server_that_never_answers_is_a_bounded_typed_error() {
     .await
     .unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     drop(silent);
 }
 
@@ -130,7 +134,10 @@ async fn bad_prefixes_are_typed_errors() {
         let err = NatsTransport::connect("nats://127.0.0.1:1", options(bad))
             .await
             .unwrap_err();
-        assert!(matches!(err, TransportError::Payload(_)), "{bad:?}: {err:?}");
+        assert!(
+            matches!(err, TransportError::Payload(_)),
+            "{bad:?}: {err:?}"
+        );
     }
 }
 
@@ -140,7 +147,9 @@ async fn payloads_that_do_not_parse_are_ignored() {
         return;
     };
     let prefix = servers::unique_name("bdt");
-    let t = NatsTransport::connect(&url, options(&prefix)).await.unwrap();
+    let t = NatsTransport::connect(&url, options(&prefix))
+        .await
+        .unwrap();
     let mut sub = t.subscribe().await.unwrap();
     let raw = async_nats::connect(url.as_str()).await.unwrap();
     for (subject, payload) in [
@@ -176,9 +185,15 @@ async fn a_thousand_dispatches_cross_two_hubs() {
     };
     let prefix = servers::unique_name("bdt");
     let store = Arc::new(MemoryStore::new());
-    let a = NatsTransport::connect(&url, options(&prefix)).await.unwrap();
-    let b = NatsTransport::connect(&url, options(&prefix)).await.unwrap();
+    let a = NatsTransport::connect(&url, options(&prefix))
+        .await
+        .unwrap();
+    let b = NatsTransport::connect(&url, options(&prefix))
+        .await
+        .unwrap();
     let r = round_trip::run((store.clone(), Arc::new(a)), (store, Arc::new(b)), 1_000).await;
-    eprintln!("nats: 1,000 cross-hub dispatches in {:?} (p50 {:?}, p99 {:?})", r.total, r.p50, r.p99);
+    eprintln!(
+        "nats: 1,000 cross-hub dispatches in {:?} (p50 {:?}, p99 {:?})",
+        r.total, r.p50, r.p99
+    );
 }
-

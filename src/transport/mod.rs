@@ -37,6 +37,12 @@ mod nats;
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use nats::{NatsTransport, NatsTransportOptions};
 
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisTransport, RedisTransportOptions};
+
 /// A wake-up.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]

@@ -486,7 +486,17 @@ mod tests {
         for good in ["broker_dispatch", "hub.prod-1", "A.b.C"] {
             assert!(check_subject_prefix(good).is_ok(), "{good:?}");
         }
-        for bad in ["", "a.", ".a", "a..b", "a.*", "a.>", "a b", "ä", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "a.",
+            ".a",
+            "a..b",
+            "a.*",
+            "a.>",
+            "a b",
+            "ä",
+            &"x".repeat(129),
+        ] {
             assert!(
                 matches!(check_subject_prefix(bad), Err(TransportError::Payload(_))),
                 "{bad:?}"

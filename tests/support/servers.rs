@@ -67,7 +67,12 @@ impl Kind {
 
     fn args(self, port: u16) -> Vec<String> {
         match self {
-            Kind::Nats => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
+            Kind::Nats => vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ],
             Kind::Redis => [
                 "--port",
                 &port.to_string(),
@@ -308,4 +313,59 @@ fn free_port() -> Result<u16, String> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port: {e}"))
+}
+
+/// A TCP forwarder on loopback whose connections can be cut, as a network failure would: each
+/// node of a test reaches the server through its own, so one node can lose its connections
+/// while the others keep theirs. Connections made after a cut are forwarded as before.
+#[derive(Debug)]
+pub struct Proxy {
+    port: u16,
+    live: std::sync::Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Forwards a fresh loopback port to `target` (`host:port`).
+    pub async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let live = std::sync::Arc::new(Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let conns = live.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                let mut conns = conns.lock().unwrap();
+                conns.retain(|c| !c.is_finished());
+                conns.push(task.abort_handle());
+            }
+        });
+        Proxy { port, live, accept }
+    }
+
+    /// The forwarded port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes every connection forwarded so far (both ends see it drop).
+    pub fn cut(&self) {
+        for c in self.live.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
 }
