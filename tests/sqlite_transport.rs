@@ -1,0 +1,289 @@
+//! `SqliteTransport`: the transport conformance suite, plus what only a shared file shows (a
+//! hole left by trimming, a database error, a publisher in another process, the cross-hub round
+//! trip with a `SqliteStore` per hub on the same file).
+
+#![cfg(all(feature = "sqlite", feature = "conformance"))]
+
+#[path = "support/round_trip.rs"]
+mod round_trip;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use broker_dispatch::fsm::BrokerId;
+use broker_dispatch::store::SqliteStore;
+use broker_dispatch::transport::conformance::{expect_all, Capabilities, TransportHarness};
+use broker_dispatch::transport::{Notice, SqliteTransport, SqliteTransportOptions, Transport};
+use broker_dispatch::TransportError;
+use futures::StreamExt;
+
+fn options() -> SqliteTransportOptions {
+    SqliteTransportOptions::default()
+}
+
+struct SqliteHarness {
+    dir: tempfile::TempDir,
+}
+
+impl SqliteHarness {
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.db"))
+    }
+}
+
+#[async_trait]
+impl TransportHarness for SqliteHarness {
+    type Transport = SqliteTransport;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            delivers: true,
+            // Nothing to disconnect: holes and errors are tested below instead.
+            can_drop_connection: false,
+            // A namespace is a file.
+            namespaces: true,
+        }
+    }
+
+    async fn node(&self) -> SqliteTransport {
+        SqliteTransport::open(self.file("shared"), options())
+            .await
+            .expect("open the transport")
+    }
+
+    async fn drop_connection(&self, _node: &SqliteTransport) {}
+
+    async fn node_in_namespace(&self, namespace: &str) -> SqliteTransport {
+        SqliteTransport::open(self.file(namespace), options())
+            .await
+            .expect("open the transport")
+    }
+}
+
+async fn harness() -> Option<SqliteHarness> {
+    Some(SqliteHarness {
+        dir: tempfile::tempdir().expect("a temp dir"),
+    })
+}
+
+broker_dispatch::transport_conformance!(sqlite, harness());
+
+fn raw(path: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+#[tokio::test]
+async fn a_hole_left_by_trimming_is_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hole.db");
+    let t = SqliteTransport::open(&path, options()).await.unwrap();
+    let mut sub = t.subscribe().await.unwrap();
+    // Five notices, four of them trimmed before the poller could see them (one transaction, so
+    // it cannot see them in between).
+    let mut conn = raw(&path);
+    let tx = conn.transaction().unwrap();
+    for i in 0..5 {
+        tx.execute(
+            "INSERT INTO broker_dispatch_notice (kind, payload, at) VALUES ('signal', ?1, 0)",
+            [format!("hole-{i}")],
+        )
+        .unwrap();
+    }
+    let last: i64 = tx.last_insert_rowid();
+    tx.execute("DELETE FROM broker_dispatch_notice WHERE id < ?1", [last])
+        .unwrap();
+    tx.commit().unwrap();
+    // The resync stands for the survivor too (a subscriber re-reads everything on it).
+    expect_all(&mut sub, [Notice::Resync]).await;
+    let after = Notice::Signal {
+        broker: BrokerId::new("after-hole").unwrap(),
+    };
+    t.publish(after.clone()).await.unwrap();
+    expect_all(&mut sub, [after]).await;
+}
+
+#[tokio::test]
+async fn a_database_error_is_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("error.db");
+    let t = SqliteTransport::open(&path, options()).await.unwrap();
+    let mut sub = t.subscribe().await.unwrap();
+    raw(&path)
+        .execute_batch("DROP TABLE broker_dispatch_notice")
+        .unwrap();
+    expect_all(&mut sub, [Notice::Resync]).await;
+}
+
+#[tokio::test]
+async fn the_outbox_is_trimmed_to_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trim.db");
+    let t = SqliteTransport::open(
+        &path,
+        SqliteTransportOptions {
+            keep: 50,
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    for i in 0..1_000 {
+        let broker = BrokerId::new(format!("trim-{i}")).unwrap();
+        t.publish(Notice::Signal { broker }).await.unwrap();
+    }
+    let conn = raw(&path);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seq: i64 = conn
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'broker_dispatch_notice'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if seq == 1_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {seq} notices written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM broker_dispatch_notice", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    // Trimmed after every 256 notices or so (batches of up to 256): never more than
+    // keep + 2 × 256 rows, far fewer than the 1,000 written.
+    assert!(rows <= 50 + 2 * 256, "{rows} rows kept");
+}
+
+#[tokio::test]
+async fn bad_options_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.db");
+    for bad in [
+        SqliteTransportOptions {
+            poll_interval: Duration::from_micros(999),
+            ..options()
+        },
+        SqliteTransportOptions {
+            keep: 0,
+            ..options()
+        },
+        SqliteTransportOptions {
+            queue: 0,
+            ..options()
+        },
+    ] {
+        let err = SqliteTransport::open(&path, bad).await.unwrap_err();
+        assert!(matches!(err, TransportError::Payload(_)), "{err:?}");
+    }
+    std::fs::write(dir.path().join("junk.db"), b"not a database, not at all").unwrap();
+    let err = SqliteTransport::open(dir.path().join("junk.db"), options())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Backend(_)), "{err:?}");
+}
+
+/// Set in the child process of `pickup_across_processes`: the file to publish on.
+const CHILD_ENV: &str = "BROKER_DISPATCH_SQLITE_TRANSPORT_CHILD";
+
+fn now_micros() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
+/// The publishing side of `pickup_across_processes` (does nothing unless run as its child).
+#[tokio::test]
+async fn child_publisher() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let _store = SqliteStore::open(&path).unwrap();
+    let t = SqliteTransport::open(&path, options()).await.unwrap();
+    for _ in 0..100 {
+        let broker = BrokerId::new(format!("t-{}", now_micros())).unwrap();
+        t.publish(Notice::Signal { broker }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(7)).await;
+    }
+    t.publish(Notice::Signal {
+        broker: BrokerId::new("done").unwrap(),
+    })
+    .await
+    .unwrap();
+    // Give the writer thread time to insert the last one before the process exits.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn pickup_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cross.db");
+    // The store and the transport share the file, as in a deployment.
+    let _store = SqliteStore::open(&path).unwrap();
+    let t = SqliteTransport::open(&path, options()).await.unwrap();
+    let mut sub = t.subscribe().await.unwrap();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_publisher",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut latencies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = tokio::time::timeout_at(deadline.into(), sub.next())
+            .await
+            .expect("the child's notices within 30 s")
+            .expect("an open subscription");
+        let Notice::Signal { broker } = n else {
+            continue;
+        };
+        if broker.as_str() == "done" {
+            break;
+        }
+        let sent: u128 = broker.as_str()["t-".len()..].parse().unwrap();
+        latencies.push(Duration::from_micros(
+            u64::try_from(now_micros().saturating_sub(sent)).unwrap(),
+        ));
+    }
+    let status = child.wait_with_output().unwrap().status;
+    assert!(status.success(), "the child failed: {status}");
+    assert_eq!(latencies.len(), 100, "every notice arrived");
+    latencies.sort();
+    let (p50, max) = (latencies[50], latencies[99]);
+    eprintln!("sqlite: cross-process pickup p50 {p50:?}, max {max:?} (poll interval 10 ms)");
+    assert!(p50 <= Duration::from_millis(50), "p50 {p50:?}");
+}
+
+#[tokio::test]
+async fn a_thousand_dispatches_cross_two_hubs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hubs.db");
+    let store_a = Arc::new(SqliteStore::open(&path).unwrap());
+    let store_b = Arc::new(SqliteStore::open(&path).unwrap());
+    // Each round trip waits for two pickups (the signal, then the event); a 2 ms interval keeps
+    // the 1,000 of them short. `pickup_across_processes` measures the default interval.
+    let fast = || SqliteTransportOptions {
+        poll_interval: Duration::from_millis(2),
+        ..options()
+    };
+    let a = SqliteTransport::open(&path, fast()).await.unwrap();
+    let b = SqliteTransport::open(&path, fast()).await.unwrap();
+    let r = round_trip::run((store_a, Arc::new(a)), (store_b, Arc::new(b)), 1_000).await;
+    eprintln!(
+        "sqlite: 1,000 cross-hub dispatches in {:?} (p50 {:?}, p99 {:?}; poll interval 2 ms)",
+        r.total, r.p50, r.p99
+    );
+}
