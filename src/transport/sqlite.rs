@@ -233,7 +233,7 @@ impl SqliteTransport {
             max_age: i64::try_from(options.max_age.as_millis()).unwrap_or(i64::MAX),
         };
         std::thread::Builder::new()
-            .name("broker-dispatch-notice-writer".to_owned())
+            .name("bd-notice-write".to_owned())
             .spawn(move || w.run())
             .map_err(|e| TransportError::Backend(Box::new(e)))?;
         let p = Poller {
@@ -244,7 +244,7 @@ impl SqliteTransport {
             interval: options.poll_interval,
         };
         std::thread::Builder::new()
-            .name("broker-dispatch-notice-poller".to_owned())
+            .name("bd-notice-poll".to_owned())
             .spawn(move || p.run())
             .map_err(|e| TransportError::Backend(Box::new(e)))?;
         Ok(SqliteTransport {
