@@ -9,9 +9,10 @@
 //! [`Notice::Resync`]) and `{prefix}:event` (payload: a dispatch id), and fans what it hears out
 //! to every [`Subscription`] of the instance through a bounded mailbox per subscription (as
 //! [`MemoryTransport`]'s): a subscriber that falls behind gets one [`Notice::Resync`] instead of
-//! an ever longer queue. The listener task drains the connection as fast as messages arrive and
-//! never waits on a subscriber, so nothing piles up in between. Publishing goes through a
-//! separate, multiplexed connection.
+//! an ever longer queue. The driver hands pub/sub messages over through an unbounded channel
+//! of its own; the listener task empties it as fast as messages arrive and never waits on a
+//! subscriber (a full mailbox overflows into a resync instead), so nothing piles up there
+//! either. Publishing goes through a separate, multiplexed connection.
 //!
 //! `SUBSCRIBE` returns once the server has confirmed it, so the transport is live when its
 //! constructor returns. The listener pings the server every `ping_interval`; when the
