@@ -197,3 +197,27 @@ async fn a_thousand_dispatches_cross_two_hubs() {
         r.total, r.p50, r.p99
     );
 }
+
+#[tokio::test]
+async fn a_client_that_gives_up_ends_every_subscription() {
+    let Some(server) = servers::private(Kind::Nats) else {
+        return;
+    };
+    let node = NatsTransport::connect_with(
+        &server.url(),
+        async_nats::ConnectOptions::new().max_reconnects(2),
+        options("gives-up"),
+    )
+    .await
+    .unwrap();
+    let mut sub = node.subscribe().await.unwrap();
+    server.kill();
+    // Resyncs may come first; then the stream ends instead of hanging silently.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while sub.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the subscription did not end");
+    let again = node.subscribe().await.unwrap_err();
+    assert!(matches!(again, TransportError::Closed), "{again:?}");
+}

@@ -384,7 +384,13 @@ async fn listen(mut l: Listener) {
         let probe_deadline = pending.as_ref().map(|(_, at)| *at);
         tokio::select! {
             message = l.sub.next() => {
-                let Some(message) = message else { return };
+                let Some(message) = message else {
+                    // The client gave up for good (closed, or out of reconnect attempts): end
+                    // every subscription, so the hub notices instead of waiting in silence.
+                    tracing::error!("the NATS subscription ended; closing the transport");
+                    l.bus.close();
+                    return;
+                };
                 if message.subject.as_str() == l.probe {
                     let ours = pending
                         .as_ref()
