@@ -319,6 +319,7 @@ impl Writer {
     fn run(mut self) {
         let mut since_trim = 0usize;
         let mut last_trim = Instant::now();
+        let mut failing = false;
         while let Ok(first) = self.jobs.recv() {
             let mut batch = vec![first];
             while batch.len() < WRITE_BATCH {
@@ -329,6 +330,7 @@ impl Writer {
             }
             match self.insert(&batch) {
                 Ok(last) => {
+                    failing = false;
                     since_trim += batch.len();
                     if since_trim >= 256 || last_trim.elapsed() >= Duration::from_secs(1) {
                         if let Err(e) = self.trim(last) {
@@ -343,7 +345,11 @@ impl Writer {
                     metrics::counter!("broker_dispatch_transport_errors_total", "transport" => "sqlite")
                         .increment(1);
                     tracing::warn!(error = %e, dropped = batch.len(), "SQLite notices not written");
-                    self.bus.inject_resync();
+                    // Once per outage: a resync per failed batch would only repeat itself.
+                    if !failing {
+                        self.bus.inject_resync();
+                    }
+                    failing = true;
                 }
             }
         }
