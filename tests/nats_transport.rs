@@ -142,6 +142,32 @@ async fn bad_prefixes_are_typed_errors() {
 }
 
 #[tokio::test]
+async fn several_urls_are_accepted_and_a_malformed_one_is_a_typed_error() {
+    let Some(url) = servers::shared_url(Kind::Nats) else {
+        return;
+    };
+    // The first address refuses connections; the client moves on to the second.
+    let both = format!("nats://127.0.0.1:1, {url}");
+    let prefix = servers::unique_name("bdt");
+    let a = NatsTransport::connect(&both, options(&prefix))
+        .await
+        .unwrap();
+    let b = NatsTransport::connect(&url, options(&prefix))
+        .await
+        .unwrap();
+    let mut sub = a.subscribe().await.unwrap();
+    let n = Notice::Event {
+        id: DispatchId::new(),
+    };
+    b.publish(n.clone()).await.unwrap();
+    expect_all(&mut sub, [n]).await;
+    let err = NatsTransport::connect("nats://a:b:c:d", options("ok"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Backend(_)), "{err:?}");
+}
+
+#[tokio::test]
 async fn payloads_that_do_not_parse_are_ignored() {
     let Some(url) = servers::shared_url(Kind::Nats) else {
         return;

@@ -137,8 +137,8 @@ enum Change {
 }
 
 impl NatsTransport {
-    /// Connects to the server(s) at `url` (comma-separated URLs are accepted) with default
-    /// client settings. Returns once the subscription is live.
+    /// Connects to the server(s) at `url` (`nats://host:4222`; several, comma-separated, for
+    /// a NATS cluster) with default client settings. Returns once the subscription is live.
     ///
     /// # Errors
     ///
@@ -167,6 +167,11 @@ impl NatsTransport {
         options: NatsTransportOptions,
     ) -> Result<Self, TransportError> {
         check_subject_prefix(&options.subject_prefix)?;
+        let addrs = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TransportError::Backend(Box::new(e)))?;
         let min = options.min_backoff.max(Duration::from_millis(1));
         let max = options.max_backoff.max(min);
         let (changes_tx, changes) = mpsc::channel::<Change>(16);
@@ -194,7 +199,7 @@ impl NatsTransport {
                 }
             });
         let timeout = options.connect_timeout;
-        let client = match tokio::time::timeout(timeout, client.connect(url)).await {
+        let client = match tokio::time::timeout(timeout, client.connect(addrs)).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => return Err(connect_error(e)),
             Err(_) => {
