@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
 # Runs every check and test of the crate: formatting, lints, unit/integration/property tests
-# (Postgres tests start a throwaway server themselves unless DATABASE_URL is set), the loom
+# (Postgres, NATS and Redis tests start throwaway servers themselves unless DATABASE_URL,
+# NATS_URL or REDIS_URL is set), the loom
 # model checks, the demo, a quick run of the benchmark harness, and short fuzz runs. This is the
 # command CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 step() { printf '\n==> %s (%ss)\n' "$*" "$((SECONDS - started))"; }
+
+# The NATS and Redis transport tests start throwaway servers from the system binaries (unless
+# NATS_URL / REDIS_URL point at servers): install the binaries when they are missing.
+missing=()
+if [ -z "${NATS_URL:-}" ] && ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  missing+=(nats-server)
+fi
+if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+  missing+=(redis-server)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing ${missing[*]} for the transport tests"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" \
+    || echo "could not install ${missing[*]}: their tests skip (or fail under CI=true)"
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -91,7 +91,7 @@
 //! - [`store`]: [`store::Store`] and its backends: memory (always), SQLite (`sqlite`, default),
 //!   Postgres (`postgres`).
 //! - [`transport`]: [`transport::Transport`] and its wake-up media: memory, no-op, Postgres
-//!   LISTEN/NOTIFY.
+//!   LISTEN/NOTIFY, NATS, Redis pub/sub, and a SQLite outbox shared by several processes.
 //! - [`hub`]: the async runtime.
 //! - `migrate` (`sqlite` + `postgres` features): copies a SQLite deployment into Postgres,
 //!   exactly and idempotently.

@@ -23,6 +23,7 @@ impl TransportHarness for TcpHarness {
         Capabilities {
             delivers: true,
             can_drop_connection: true,
+            namespaces: false,
         }
     }
 

@@ -54,6 +54,7 @@ impl TransportHarness for PgHarness {
         Capabilities {
             delivers: true,
             can_drop_connection: true,
+            namespaces: true,
         }
     }
 
@@ -65,6 +66,13 @@ impl TransportHarness for PgHarness {
 
     async fn drop_connection(&self, node: &PgTransport) {
         kill_listener(&self.db.dsn, node).await;
+    }
+
+    async fn node_in_namespace(&self, namespace: &str) -> PgTransport {
+        let prefix = format!("{}_{namespace}", self.db.schema);
+        PgTransport::connect(&self.db.dsn, options(&prefix))
+            .await
+            .expect("connect the transport")
     }
 }
 

@@ -87,7 +87,7 @@ impl MemoryTransport {
         }
     }
 
-    fn deliver(&self, notice: &Notice) -> Result<(), TransportError> {
+    pub(crate) fn deliver(&self, notice: &Notice) -> Result<(), TransportError> {
         let mut bus = self.bus.lock();
         if bus.closed {
             return Err(TransportError::Closed);

@@ -5,9 +5,21 @@
 //! [`Notice::Resync`] tells a subscriber that notices may have been missed, so it re-reads
 //! everything it cares about.
 //!
-//! Built in: [`MemoryTransport`] (several hubs in one process), [`NoopTransport`] (nothing;
-//! polling carries the load), and `PgTransport` (`postgres` feature, LISTEN/NOTIFY). Write your
-//! own against the [`Transport`] contract; `examples/custom_transport.rs` shows one.
+//! Built in:
+//!
+//! | transport | feature | medium |
+//! |---|---|---|
+//! | [`MemoryTransport`] | | several hubs in one process |
+//! | [`NoopTransport`] | | nothing; polling carries the load |
+//! | `PgTransport` | `postgres` | Postgres LISTEN/NOTIFY |
+//! | `NatsTransport` | `nats` | core NATS subjects `{prefix}.signal` / `{prefix}.event` |
+//! | `RedisTransport` | `redis` | Redis pub/sub channels `{prefix}:signal` / `{prefix}:event` |
+//! | `SqliteTransport` | `sqlite` | a notice outbox table in a SQLite file shared by several processes |
+//!
+//! All of them carry ids only, fan out through bounded per-subscription mailboxes (a subscriber
+//! that falls behind gets one [`Notice::Resync`]), bound their connects, and send `Resync` after
+//! every reconnect. Write your own against the [`Transport`] contract and prove it with the
+//! conformance suite (`conformance` feature); `examples/custom_transport.rs` shows one.
 
 use std::fmt;
 use std::pin::Pin;
@@ -30,6 +42,24 @@ pub(crate) mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PgTransport, PgTransportOptions};
+
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use nats::{NatsTransport, NatsTransportOptions};
+
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisTransport, RedisTransportOptions};
+
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use sqlite::{SqliteTransport, SqliteTransportOptions};
 
 /// A wake-up.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
