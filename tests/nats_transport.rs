@@ -247,3 +247,49 @@ async fn a_client_that_gives_up_ends_every_subscription() {
     let again = node.subscribe().await.unwrap_err();
     assert!(matches!(again, TransportError::Closed), "{again:?}");
 }
+
+#[path = "support/pg.rs"]
+mod pg;
+
+/// Postgres holds the rows, NATS carries every wake-up: with `notify: false` the store sends no
+/// NOTIFY and the hubs publish signals and events themselves. Polling is effectively off, so the
+/// 300 round trips finish in time only if the wake-ups arrive over NATS.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_with_nats_wake_ups_and_no_notify() {
+    use broker_dispatch::store::{PgStore, PgStoreOptions, Store};
+    let Some(url) = servers::shared_url(Kind::Nats) else {
+        return;
+    };
+    let Some(db) = pg::fresh() else { return };
+    let prefix = servers::unique_name("bdt");
+    let mut pairs = Vec::new();
+    for _ in 0..2 {
+        let store = PgStore::connect(
+            &db.dsn,
+            PgStoreOptions {
+                schema: db.schema.clone(),
+                notify: false,
+                pool_size: 4,
+                ..PgStoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        assert!(!store.signals_on_insert() && !store.announces_finishes());
+        let transport = NatsTransport::connect(&url, options(&prefix))
+            .await
+            .unwrap();
+        pairs.push((
+            Arc::new(store) as Arc<dyn Store>,
+            Arc::new(transport) as Arc<dyn Transport>,
+        ));
+    }
+    let b = pairs.pop().unwrap();
+    let a = pairs.pop().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(60), round_trip::run(a, b, 300))
+        .await
+        .expect("300 round trips over NATS with rows in Postgres");
+    eprintln!("postgres + nats: {r:?}");
+}

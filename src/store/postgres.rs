@@ -72,6 +72,13 @@ pub struct PgStoreOptions {
     pub channel_prefix: String,
     /// Encodes args at rest (encryption, redaction); `None` stores them as given.
     pub args_codec: Option<Arc<dyn ArgsCodec>>,
+    /// Whether the store sends its own wake-ups with `pg_notify`, in the same transaction as the
+    /// rows: a signal per insert on `{prefix}_signal`, an event per finished row on
+    /// `{prefix}_event` (default `true`, for [`PgTransport`](crate::transport::PgTransport)).
+    /// Set it to `false` when the hubs' transport is not LISTEN/NOTIFY (NATS, Redis, or Postgres
+    /// behind PgBouncer in transaction pooling mode): the hub then publishes every signal and
+    /// event on its transport itself, and no NOTIFY is sent that nobody would hear.
+    pub notify: bool,
     /// How long to wait for a connection, new or pooled ([`PgStore::connect`] only).
     pub connect_timeout: Duration,
     /// The server-side `statement_timeout` of every pooled connection, if any
@@ -87,6 +94,7 @@ impl Default for PgStoreOptions {
             pool_size: 16,
             channel_prefix: "broker_dispatch".to_owned(),
             args_codec: None,
+            notify: true,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: None,
         }
@@ -187,7 +195,8 @@ impl Sql {
                    FROM clock \
                    ON CONFLICT DO NOTHING \
                    RETURNING {COLS}), \
-                 sig AS (SELECT pg_notify($9::text, ins.broker) FROM ins) \
+                 sig AS (SELECT pg_notify($9::text, ins.broker) FROM ins \
+                         WHERE $9::text IS NOT NULL) \
                  SELECT ins.*, (SELECT count(*) FROM sig) FROM ins",
                 clock(10)
             ),
@@ -215,7 +224,8 @@ impl Sql {
                    ON CONFLICT DO NOTHING \
                    RETURNING {COLS}), \
                  sig AS (SELECT pg_notify($9::text, b.broker) \
-                         FROM (SELECT DISTINCT broker FROM ins) AS b) \
+                         FROM (SELECT DISTINCT broker FROM ins) AS b \
+                         WHERE $9::text IS NOT NULL) \
                  SELECT ins.*, (SELECT count(*) FROM sig) FROM ins"
             ),
             find_existing: format!(
@@ -301,7 +311,8 @@ impl Sql {
                      AND (v.kind <> 'retry' OR d.attempt - d.released < d.max_attempts) \
                      AND (v.kind <> 'late' OR d.deadline IS NOT NULL) \
                    RETURNING {COLS}), \
-                 ev AS (SELECT pg_notify($8::text, upd.id::text) FROM upd) \
+                 ev AS (SELECT pg_notify($8::text, upd.id::text) FROM upd \
+                         WHERE $8::text IS NOT NULL) \
                  SELECT upd.*, (SELECT count(*) FROM ev) FROM upd"
             ),
             notify: "SELECT pg_notify($1::text, $2::text)".to_owned(),
@@ -419,6 +430,7 @@ pub struct PgStore {
     event_channel: Arc<str>,
     codec: Option<Arc<dyn ArgsCodec>>,
     sweep_key: i64,
+    notify: bool,
 }
 
 impl fmt::Debug for PgStore {
@@ -649,6 +661,7 @@ impl PgStore {
             signal_channel: signal_channel(&options.channel_prefix).into(),
             event_channel: event_channel(&options.channel_prefix).into(),
             codec: options.args_codec,
+            notify: options.notify,
         })
     }
 
@@ -799,7 +812,7 @@ impl PgStore {
         let executions = i64::from(new.executions);
         let delay = new.delay.map(micros);
         let ttl = new.ttl.map(micros);
-        let channel: &str = &self.signal_channel;
+        let channel: Option<&str> = self.notify.then_some(&*self.signal_channel);
         // A conflicting row can vanish (purged) between the insert and the lookup: try again.
         for _ in 0..3 {
             let inserted = client
@@ -1042,7 +1055,7 @@ impl Store for PgStore {
                 .prepare_cached(&self.sql.insert_many)
                 .await
                 .map_err(map_pg)?;
-            let channel: &str = &self.signal_channel;
+            let channel: Option<&str> = self.notify.then_some(&*self.signal_channel);
             let rows = tx
                 .query(
                     &stmt,
@@ -1221,7 +1234,11 @@ impl Store for PgStore {
     }
 
     fn announces_finishes(&self) -> bool {
-        true
+        self.notify
+    }
+
+    fn signals_on_insert(&self) -> bool {
+        self.notify
     }
 
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
@@ -1502,7 +1519,7 @@ impl PgStore {
                 .prepare_cached(&self.sql.finish_many)
                 .await
                 .map_err(map_pg)?;
-            let channel: &str = &self.event_channel;
+            let channel: Option<&str> = self.notify.then_some(&*self.event_channel);
             client
                 .query(
                     &stmt,
@@ -1546,6 +1563,9 @@ impl PgStore {
 
     /// Publishes an event for `id` on the event channel. Best effort: events are hints.
     async fn announce(&self, id: DispatchId) {
+        if !self.notify {
+            return;
+        }
         let Ok(client) = self.client().await else {
             return;
         };
