@@ -18,15 +18,20 @@ for t in $targets; do
   # A scratch copy of the committed seeds, so inputs found in this run stay out of the tree.
   work=$(mktemp -d)
   cp "corpus/$t"/seed-* "$work"/ 2>/dev/null || true
-  log="target/fuzz-$t.log"
+  # The log lives in a scratch directory too: with CARGO_TARGET_DIR set, fuzz/target/ need
+  # not exist.
+  log="$work.log"
   status=0
   cargo fuzz run "$t" "$work" -- -max_total_time="$SECONDS_PER_TARGET" -print_final_stats=1 \
     >"$log" 2>&1 || status=$?
   rm -rf "$work"
   grep -E "^(Done [0-9]+ runs|stat::number_of_executed_units|stat::average_exec_per_sec)" "$log" || true
+  if [ "$status" -eq 0 ]; then
+    rm -f "$log"
+  fi
   if [ "$status" -ne 0 ]; then
     tail -n 40 "$log" >&2
-    echo "fuzz target $t failed (exit $status); full log: fuzz/$log, inputs: fuzz/artifacts/$t" >&2
+    echo "fuzz target $t failed (exit $status); full log: $log, inputs: fuzz/artifacts/$t" >&2
     exit "$status"
   fi
 done

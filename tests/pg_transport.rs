@@ -236,3 +236,31 @@ async fn unreachable_server_and_bad_prefix_are_typed_errors() {
         .unwrap_err();
     assert!(down.is_retryable(), "{down:?}");
 }
+
+/// A server that accepts the TCP connection and then never says a word: `connect` gives up
+/// within its connect timeout with a retryable error, instead of hanging.
+#[tokio::test]
+async fn connect_to_a_server_that_never_answers_is_bounded() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let started = std::time::Instant::now();
+    let err = PgTransport::connect(
+        &format!("postgres://u@127.0.0.1:{port}/db"),
+        PgTransportOptions {
+            connect_timeout: Duration::from_millis(300),
+            ..PgTransportOptions::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    hold.abort();
+}

@@ -203,6 +203,7 @@ impl PgTransport {
         let (state_tx, mut state) = watch::channel(Listen::Connecting);
         let task = tokio::spawn(listen_loop(Listener {
             config,
+            connect_timeout: options.connect_timeout,
             signal: signal.clone(),
             event: event.clone(),
             bus: bus.clone(),
@@ -321,6 +322,9 @@ impl Transport for PgTransport {
 /// The listener task's configuration and outputs.
 struct Listener {
     config: tokio_postgres::Config,
+    /// Bounds one whole connection attempt (TCP, startup, LISTEN): a server that accepts the
+    /// connection and never answers must not hang the listener.
+    connect_timeout: Duration,
     signal: String,
     event: String,
     bus: MemoryTransport,
@@ -348,19 +352,25 @@ async fn listen_loop(l: Listener) {
                 backoff = l.min_backoff;
                 tracing::warn!(channel = %l.signal, "LISTEN connection lost; reconnecting");
             }
-            Err((established, e)) => {
+            Err((established, failure)) => {
                 if established {
                     connected_before = true;
                     backoff = l.min_backoff;
                 }
+                let (retryable, message) = match &failure {
+                    ListenFailure::Pg(e) => {
+                        (is_retryable_pg(e), format!("{e}: {}", source_text(e)))
+                    }
+                    ListenFailure::TimedOut => (
+                        true,
+                        format!("no answer from the server within {:?}", l.connect_timeout),
+                    ),
+                };
                 if !connected_before {
-                    l.state.send_replace(Listen::Failed {
-                        retryable: is_retryable_pg(&e),
-                        message: format!("{e}: {}", source_text(&e)),
-                    });
+                    l.state.send_replace(Listen::Failed { retryable, message });
                     return;
                 }
-                tracing::warn!(channel = %l.signal, error = %e, "LISTEN connection failed; reconnecting");
+                tracing::warn!(channel = %l.signal, error = %message, "LISTEN connection failed; reconnecting");
             }
         }
         l.state.send_replace(Listen::Connecting);
@@ -375,10 +385,21 @@ fn source_text(e: &tokio_postgres::Error) -> String {
         .unwrap_or_default()
 }
 
+/// Why a connection attempt of the listener ended.
+enum ListenFailure {
+    Pg(tokio_postgres::Error),
+    /// Connecting (or LISTENing) took longer than the connect timeout.
+    TimedOut,
+}
+
 /// One connection's life: connect, LISTEN, forward notifications until it ends. `Ok` when an
-/// established connection ended; `Err((established, error))` otherwise.
-async fn listen_once(l: &Listener, resync: bool) -> Result<(), (bool, tokio_postgres::Error)> {
-    let (client, mut connection) = l.config.connect(NoTls).await.map_err(|e| (false, e))?;
+/// established connection ended; `Err((established, failure))` otherwise.
+async fn listen_once(l: &Listener, resync: bool) -> Result<(), (bool, ListenFailure)> {
+    let connect = tokio::time::timeout(l.connect_timeout, l.config.connect(NoTls));
+    let (client, mut connection) = match connect.await {
+        Ok(r) => r.map_err(|e| (false, ListenFailure::Pg(e)))?,
+        Err(_) => return Err((false, ListenFailure::TimedOut)),
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<Notification>();
     // The connection must be polled for queries to progress; it also yields the notifications.
     // It ends when the server goes away or when `client` is dropped.
@@ -404,7 +425,13 @@ async fn listen_once(l: &Listener, resync: bool) -> Result<(), (bool, tokio_post
         let row = client.query_one("SELECT pg_backend_pid()", &[]).await?;
         Ok::<i32, tokio_postgres::Error>(row.get(0))
     };
-    let pid = setup.await.map_err(|e| (false, e))?;
+    let pid = match tokio::time::timeout(l.connect_timeout, setup).await {
+        Ok(r) => r.map_err(|e| (false, ListenFailure::Pg(e)))?,
+        Err(_) => {
+            driver.abort();
+            return Err((false, ListenFailure::TimedOut));
+        }
+    };
     l.state.send_replace(Listen::Listening { pid });
     if resync {
         metrics::counter!("broker_dispatch_transport_reconnects_total", "transport" => "postgres")
@@ -421,7 +448,7 @@ async fn listen_once(l: &Listener, resync: bool) -> Result<(), (bool, tokio_post
     }
     drop(client);
     match driver.await {
-        Ok(Err(e)) => Err((true, e)),
+        Ok(Err(e)) => Err((true, ListenFailure::Pg(e))),
         _ => Ok(()),
     }
 }
