@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::finish::Finisher;
 use super::{instant_after, lease, Shared};
 use crate::fsm::{BrokerId, SessionId};
-use crate::store::{ClaimParams, Claimed, Outcome};
+use crate::store::{ClaimParams, Claimed};
 
 /// One broker's runner: its slots, its pending wake-up, its finisher and its tasks.
 #[derive(Debug)]
@@ -213,25 +213,11 @@ async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
     }
 }
 
-/// Starts a freshly claimed row now, or settles it without executing it: `Late` past its
-/// deadline, `Release` (hand-back) if the broker is no longer here under the claim's session or
-/// the hub is shutting down.
+/// Starts a freshly claimed row at once (its execution decides, at the instant the executor
+/// would start, whether it may: see [`lease::execute`]).
 fn start(sh: &Arc<Shared>, r: &Arc<Runner>, c: Claimed, session: &SessionId, asked: Instant) {
     r.in_flight.fetch_add(1, Ordering::AcqRel);
     let start_by = start_by(&c, asked);
-    if start_by.is_some_and(|t| Instant::now() >= t) {
-        metrics::counter!("broker_dispatch_late_total").increment(1);
-        tracing::debug!(node = %sh.node, id = %c.id(), "claimed too close to its deadline; not starting it");
-        r.finisher.submit(c, Outcome::Late);
-        r.slot_freed();
-        return;
-    }
-    let still_here = sh.local_session(&r.broker).as_ref() == Some(session);
-    if !still_here || sh.is_shutting_down() {
-        r.finisher.submit(c, Outcome::Release);
-        r.slot_freed();
-        return;
-    }
     let lease_until = instant_after(asked, sh.config.lease);
     let task = lease::execute(
         Arc::clone(sh),

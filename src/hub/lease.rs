@@ -17,8 +17,38 @@ use crate::store::{
 };
 use crate::transport::Notice;
 
-/// Runs the executor on a claimed row, renews its lease meanwhile, hands the outcome to the
-/// broker's finisher and keeps renewing until the finisher has written it.
+/// Why a claimed row was not started.
+enum NotStarted {
+    /// Its deadline would have passed first.
+    Late,
+    /// The broker is no longer here under the session it was claimed for, or the hub is
+    /// shutting down: hand it back, unexecuted.
+    Gone,
+}
+
+/// Whether the claimed row may start now: before its deadline (`start_by`, conservative), on
+/// the session it was claimed under, while the hub accepts work. Checked at the very instant
+/// the executor would be called, in the executor's own task: a check made earlier (when the row
+/// was claimed, say) can be outrun by a busy runtime that polls the task late.
+fn may_start(
+    sh: &Shared,
+    broker: &crate::fsm::BrokerId,
+    session: &SessionId,
+    start_by: Option<Instant>,
+) -> Result<(), NotStarted> {
+    if start_by.is_some_and(|t| Instant::now() >= t) {
+        return Err(NotStarted::Late);
+    }
+    if sh.is_shutting_down() || sh.local_session(broker).as_ref() != Some(session) {
+        return Err(NotStarted::Gone);
+    }
+    Ok(())
+}
+
+/// Runs the executor on a claimed row (if it may still start: [`may_start`]), renews its lease
+/// meanwhile, hands the outcome to the broker's finisher and keeps renewing until the finisher
+/// has written it. A row that may not start is settled unexecuted: `Late` (it ends
+/// `Failed(Expired)`) or `Release` (handed back without using an execution).
 pub(crate) async fn execute(
     sh: Arc<Shared>,
     r: Arc<Runner>,
@@ -33,21 +63,23 @@ pub(crate) async fn execute(
         d.id,
         d.attempt,
         d.executions(),
-        Some(session),
+        Some(session.clone()),
         Some(progress_tx),
     );
-    metrics::counter!("broker_dispatch_started_total").increment(1);
     // The executor runs in a task of its own, so that a slow store answering a renewal or a
     // progress report never stalls it; dropping this execution (an aborted hub) stops it too.
-    let exec = {
-        let executor = Arc::clone(&sh.executor);
+    let mut exec = {
+        let sh = Arc::clone(&sh);
         let dispatch = d.clone();
-        let limit = sh.config.execute_timeout;
+        let session = session.clone();
         AbortOnDrop(tokio::spawn(async move {
-            tokio::time::timeout(limit, run_guarded(executor.execute(ctx, &dispatch))).await
+            may_start(&sh, &dispatch.broker, &session, start_by)?;
+            metrics::counter!("broker_dispatch_started_total").increment(1);
+            // Called in the same poll as the check above: nothing runs in between.
+            let run = run_guarded(sh.executor.execute(ctx, &dispatch));
+            Ok(tokio::time::timeout(sh.config.execute_timeout, run).await)
         }))
     };
-    let mut exec = exec;
     let mut renewal = Renewal::new(&sh, lease_until);
     let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
     let mut progress_open = true;
@@ -57,7 +89,7 @@ pub(crate) async fn execute(
             biased;
             r = &mut exec.0 => break r.unwrap_or_else(|e| {
                 // Only an abort ends the task otherwise (panics are caught inside it).
-                Ok(Err(ExecError::Fatal(format!("execution task ended: {e}"))))
+                Ok(Ok(Err(ExecError::Fatal(format!("execution task ended: {e}")))))
             }),
             changed = progress_rx.changed(), if progress_open => {
                 if changed.is_err() {
@@ -82,6 +114,34 @@ pub(crate) async fn execute(
             () = tokio::time::sleep_until(renewal.next) => {
                 renewal.renew(&sh, &c, None).await;
             }
+            () = tokio::time::sleep_until(renewal.hold_ends(&sh)) => {
+                // The claim could not be kept (the store is out of reach, or it says the row
+                // moved on): stop the execution before the lease runs out, so it never runs
+                // beside the next holder of the row or of its ordering key. The row is
+                // re-claimed once the lease has lapsed.
+                drop(exec);
+                metrics::counter!("broker_dispatch_abandoned_total").increment(1);
+                tracing::warn!(node = %sh.node, id = %d.id, "lease about to run out without a renewal; execution stopped");
+                r.slot_freed();
+                return;
+            }
+        }
+    };
+    let result = match result {
+        Ok(started) => started,
+        Err(not_started) => {
+            let outcome = match not_started {
+                NotStarted::Late => {
+                    metrics::counter!("broker_dispatch_late_total").increment(1);
+                    tracing::debug!(node = %sh.node, id = %d.id, "its deadline passed before it could start; not starting it");
+                    Outcome::Late
+                }
+                NotStarted::Gone => Outcome::Release,
+            };
+            let done = r.finisher.submit(c.renewal_handle(), outcome);
+            r.slot_freed();
+            let _ = done.await;
+            return;
         }
     };
     let outcome = match result {
@@ -152,6 +212,18 @@ struct Renewal {
 }
 
 impl Renewal {
+    /// When an execution holding this claim must stop: a margin (a tenth of the lease, for the
+    /// skew between this node's monotonic view and the store's clock) before the lease is known
+    /// to end, or at once once the store refused a renewal.
+    fn hold_ends(&self, sh: &Shared) -> Instant {
+        if self.lost {
+            return Instant::now();
+        }
+        self.until
+            .checked_sub(sh.config.lease / 10)
+            .unwrap_or(self.until)
+    }
+
     fn new(sh: &Shared, until: Instant) -> Self {
         Renewal {
             next: instant_after(Instant::now(), sh.config.lease / 3),
@@ -168,16 +240,23 @@ impl Renewal {
         if self.lost {
             return false;
         }
-        let res = sh
-            .bounded(sh.store.heartbeat(
-                c,
-                HeartbeatParams {
-                    lease: sh.config.lease,
-                    progress,
-                    now: sh.store_now(),
-                },
-            ))
-            .await;
+        // Never wait past the moment the execution must stop: a renewal stuck on a slow store
+        // must not keep the execution running beyond its lease.
+        let limit = self.hold_ends(sh).saturating_duration_since(asked);
+        let call = sh.bounded(sh.store.heartbeat(
+            c,
+            HeartbeatParams {
+                lease: sh.config.lease,
+                progress,
+                now: sh.store_now(),
+            },
+        ));
+        let res = match tokio::time::timeout(limit, call).await {
+            Ok(res) => res,
+            Err(_) => Err(Error::Store(StoreError::Unavailable(
+                "lease renewal did not answer before the lease ran out".into(),
+            ))),
+        };
         match res {
             Ok(_) => {
                 self.until = instant_after(asked, sh.config.lease);
