@@ -1,9 +1,11 @@
 //! Deterministic cluster simulation: from one seed, 3–5 hubs and 5–20 brokers share one audited
 //! `MemoryStore` and a fault-injecting transport, under a simulated clock, while hubs crash and
-//! restart, brokers flap (with late teardowns and delayed connect claims), executors fail, retry,
-//! hang past their lease or panic, nodes lose the store for a while, and clocks jump within
-//! [`SKEW_BOUND`]. After each run the history is checked against the invariants I1–I11 (see
-//! [`check`], [`World::executed`] and `docs/guarantees.md`).
+//! restart, brokers flap (with late teardowns, half-open sockets and delayed connect claims),
+//! commands carry ordering keys and start deadlines, executors run fast or slow, fail, retry,
+//! hang past their lease or panic, claim replies arrive late, nodes lose the store for a while,
+//! and clocks jump within [`SKEW_BOUND`]. After each run the history is checked against the
+//! invariants I1–I11 (see [`check`], `World::executed` and `docs/guarantees.md`); `--fault`
+//! injects one of the bugs ([`SimFault`]) that prove each check can fire.
 //!
 //! ```text
 //! cargo run --release --example simulate -- [--seeds N | --seeds A..B | --seed S] [--soak]
@@ -80,15 +82,18 @@ pub fn sim_config() -> HubConfig {
 /// - `4 × SKEW_BOUND`: the deadline is written with the originator's clock, and a claim (or the
 ///   sweeper's expiry) is decided by another node's clock; each may be off by `SKEW_BOUND`, both
 ///   at the claim and at the sweep.
-/// - `claim_batch × (execute_timeout + FINISH_SLACK)`: a row claimed just before its deadline may
-///   wait behind the other rows of its batch, each running up to `execute_timeout`, and each
-///   finish may be retried for up to `FINISH_SLACK` while the store is unavailable.
+/// - `claim reply + execute_timeout + FINISH_SLACK`: a row claimed just before its deadline
+///   starts as soon as the claim's reply arrives (up to `CLAIM_SLOW_MAX_MS` late), runs up to
+///   `execute_timeout`, and its finish may be retried for up to `FINISH_SLACK` while the store is
+///   unavailable. (Drains claim only free slots, so no claimed row waits behind another.)
 /// - `lease`: if that holder crashed (or lost the store), the row is only re-claimable or
 ///   expirable once its lease ran out.
 /// - `1.25 × sweep_interval + poll_interval`: the sweeper (jittered ±25 %) then expires it.
 pub fn terminal_bound(cfg: &HubConfig) -> Duration {
     SKEW_BOUND * 4
-        + (cfg.execute_timeout + FINISH_SLACK) * cfg.claim_batch
+        + Duration::from_millis(CLAIM_SLOW_MAX_MS)
+        + cfg.execute_timeout
+        + FINISH_SLACK
         + cfg.lease
         + cfg.sweep_interval * 5 / 4
         + cfg.poll_interval
