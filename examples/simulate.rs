@@ -307,8 +307,8 @@ struct Hold {
     superseded: Option<(Duration, u64)>,
     /// The node's first affinity refresh of this session made after `superseded`, answered or not.
     asked: Option<Duration>,
-    /// The first such refresh the store answered, or the node's own newer connection of the
-    /// broker: the node has been told (true time, history position).
+    /// The first refresh of this session the store answered "not held", or the node's own newer
+    /// connection of the broker: the node has been told (true time, history position).
     told: Option<(Duration, u64)>,
 }
 
@@ -429,6 +429,11 @@ impl World {
         }
         let at = self.elapsed();
         self.terminal.insert(d.id, TerminalRec { at });
+        // A terminal row is held by no claim any more, whichever call ended it (I11).
+        let seq = self.next_seq();
+        for (_, h) in self.holding.range_mut((d.id, 0)..=(d.id, u32::MAX)) {
+            h.finished.get_or_insert(seq);
+        }
         if let Some(r @ (FailReason::Cancelled | FailReason::Expired)) = &d.failure {
             self.dead.insert(d.id, r.clone());
         }
@@ -496,14 +501,23 @@ impl World {
         }
     }
 
-    /// `node` refreshed its affinity of `(broker, session)`; `answered`: the store replied.
-    fn touched(&mut self, broker: &BrokerId, session: &SessionId, node: &NodeId, answered: bool) {
+    /// `node` refreshed its affinity of `(broker, session)`; `held`: the store's true answer
+    /// (`None`: the call failed).
+    fn touched(
+        &mut self,
+        broker: &BrokerId,
+        session: &SessionId,
+        node: &NodeId,
+        held: Option<bool>,
+    ) {
         let seq = self.next_seq();
         let at = self.elapsed();
         for h in self.holds.entry(broker.clone()).or_default() {
-            if h.session == *session && h.node == *node && h.superseded.is_some() {
-                h.asked.get_or_insert(at);
-                if answered {
+            if h.session == *session && h.node == *node {
+                if h.superseded.is_some() {
+                    h.asked.get_or_insert(at);
+                }
+                if held == Some(false) {
                     h.told.get_or_insert((at, seq));
                 }
             }
@@ -637,9 +651,10 @@ impl World {
     /// **I9, no execution on a connection this node no longer holds**: an execution (fast path
     /// or claimed row) for session `S` of broker `B` on node `N` starts only while `N` holds `S`:
     /// after the store accepted `N`'s connect claim for `S`, before `N` saw the socket go (its
-    /// teardown, or its crash), and before `N` was told that a newer connection holds `B`
-    /// elsewhere — by its first affinity refresh of `S` the store answered after that newer
-    /// connect was accepted (or at once, when the newer connection arrived at `N` itself). The
+    /// teardown, or its crash), and before `N` was told that it no longer holds `B` — by the
+    /// first affinity refresh of `S` the store answered "not held" (after a newer connect was
+    /// accepted elsewhere, the first answered one), or at once when a newer connection arrived at
+    /// `N` itself. The
     /// refresh cadence bounds that window: `N` asks within `1.25 × freshness / 3` of the newer
     /// connect (checked in [`check`]); a refresh that fails (outage, blip) defers it to the next.
     ///
@@ -734,9 +749,11 @@ fn brief(d: &Dispatch) -> String {
 // The auditing store
 
 /// A [`Store`] around [`MemoryStore`] that records every call (its `now` and what it returned) in
-/// the world's trace, checks I1, I2, I5 and I7 as the history unfolds, and injects
-/// unavailability: whole-node outages, random blips before a call, and lost replies after a
-/// heartbeat or finish was applied.
+/// the world's trace, checks I1, I2, I5 and I7 as the history unfolds (and records the claims,
+/// leases, hand-backs, connects and affinity refreshes that I8–I11 are checked against), and
+/// injects unavailability: whole-node outages, random blips before a call, lost replies after a
+/// heartbeat or finish was applied, and slow claim replies. With a [`SimFault`] set it also
+/// breaks the store's side of the contract in that one way.
 #[derive(Debug)]
 pub struct AuditStore {
     inner: MemoryStore,
@@ -1107,12 +1124,12 @@ impl Store for AuditStore {
     async fn touch(&self, p: TouchParams) -> Result<bool, StoreError> {
         let (broker, node, session) = (p.broker.clone(), p.node.clone(), p.session.clone());
         if let Err(e) = self.gate("touch", Some(&p.node)) {
-            self.world.lock().touched(&broker, &session, &node, false);
+            self.world.lock().touched(&broker, &session, &node, None);
             return Err(e);
         }
         let res = self.inner.touch(p).await;
         let mut w = self.world.lock();
-        w.touched(&broker, &session, &node, res.is_ok());
+        w.touched(&broker, &session, &node, res.as_ref().ok().copied());
         if matches!(res, Ok(false)) {
             w.log(format!(
                 "store touch {broker} on {node} session={session} -> not held"
@@ -1784,7 +1801,8 @@ async fn all_rows(store: &MemoryStore) -> Vec<Dispatch> {
     .expect("list")
 }
 
-/// The end-of-run checks (I1, I2, I4, I5 and I7 are checked as the history unfolds):
+/// The end-of-run checks (I1, I2, I4, I5, I7, I8, I10 and most of I9 are checked as the history
+/// unfolds; see `World::executed`):
 ///
 /// - **I3**: every row is terminal, and became so within its deadline (converted to true time
 ///   from the insert's own clock) plus [`terminal_bound`].
@@ -1792,7 +1810,11 @@ async fn all_rows(store: &MemoryStore) -> Vec<Dispatch> {
 ///   result `v`; `Failed { reason }` ⇔ `Failed` with that reason; `TimedOut { Failed }` ⇔
 ///   `Failed(Cancelled)`; `TimedOut { InProgress }` ⇒ the row was claimed (attempt ≥ 1);
 ///   `TimedOut` in any other state is a violation. Local fast-path results (no row) must match
-///   an execution of that id and attempt.
+///   an execution of that id and attempt; a fast-path failure with no row (`Failed(Error)`, or
+///   `Failed(Expired)` when its retry could not have started before the command's deadline)
+///   must match an execution of that id.
+/// - **I9** (the refresh cadence): [`check_refresh_cadence`].
+/// - **I11**: [`check_key_order`].
 fn check(w: &mut World, rows: &[Dispatch], bound: Duration, cfg: &HubConfig) {
     let by_id: BTreeMap<DispatchId, &Dispatch> = rows.iter().map(|d| (d.id, d)).collect();
     let inserts: Vec<(DispatchId, InsertRec)> =
