@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo run --release --example simulate -- [--seeds N | --seeds A..B | --seed S] [--soak]
-//!                                           [--fault NAME]  (see [`SimFault::ALL`])
+//!                                           [--strict] [--fault NAME]  (see [`SimFault::ALL`])
 //! ```
 //!
 //! `--seed S` replays one seed and prints its trace. The last stdout line is
@@ -157,6 +157,10 @@ pub struct SimOptions {
     pub verbose: bool,
     /// A fault to inject (tests that prove each check catches the bug it is for).
     pub fault: Option<SimFault>,
+    /// Check the strict forms of I9 (no start on a connection once a newer one was accepted
+    /// anywhere) and I11 (no overlap of a key's executions at all), which the hub does not meet
+    /// (see `docs/guarantees.md`).
+    pub strict: bool,
 }
 
 /// A deliberate bug, injected to prove that an invariant's check fires (one per invariant; see
@@ -360,6 +364,8 @@ struct World {
     /// Executions that started on a connection after a newer one was accepted elsewhere, before
     /// the node was told (allowed by I9's bound; what its strict form would forbid).
     stale_starts: usize,
+    /// Report what only the strict forms of I9 and I11 forbid.
+    strict: bool,
     outcomes: Vec<Outcome>,
 }
 
@@ -388,6 +394,7 @@ impl World {
             newest_connect: BTreeMap::new(),
             holds: BTreeMap::new(),
             stale_starts: 0,
+            strict: false,
             outcomes: Vec::new(),
         }
     }
@@ -697,8 +704,19 @@ impl World {
             .find(|h| h.ended.is_none_or(|(_, e)| seq < e) && h.told.is_none_or(|(_, t)| seq < t));
         match live {
             Some(h) => {
-                if h.superseded.is_some_and(|(_, s)| s < seq) {
+                if let Some((at, _)) = h.superseded.filter(|(_, s)| *s < seq) {
                     self.stale_starts += 1;
+                    if self.strict {
+                        self.violate(
+                            "I9",
+                            format!(
+                                "(strict) {} executed on {node} for session {session} of {}, superseded at {}ms by a newer connection",
+                                d.id,
+                                d.broker,
+                                at.as_millis()
+                            ),
+                        );
+                    }
                 }
             }
             None => {
@@ -1659,6 +1677,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
 
 async fn simulate(seed: u64, opts: &SimOptions) -> SeedReport {
     let world: Shared = Arc::new(Mutex::new(World::new(seed, opts.verbose)));
+    world.lock().strict = opts.strict;
     let origin = world.lock().origin;
     let mut rng = SplitMix::new(seed);
     let hubs = rng.range(3, 5) as usize;
@@ -1944,6 +1963,12 @@ fn check_key_order(w: &mut World) {
                     ));
                 } else {
                     lapsed += 1;
+                    if w.strict {
+                        found.push(format!(
+                            "(strict) {broker}/{key}: {} (attempt {} on {}) started at {}ms while {} (attempt {} on {}) still ran, after its claim lapsed",
+                            e.id, e.attempt, e.node, e.start.as_millis(), r.id, r.attempt, r.node
+                        ));
+                    }
                 }
             }
             let mine = &w.inserts[&e.id];
@@ -2089,6 +2114,7 @@ fn parse_args() -> Result<Args, String> {
                 opts.verbose = true;
             }
             "--soak" => opts.soak = true,
+            "--strict" => opts.strict = true,
             "--fault" => {
                 let name = value()?;
                 opts.fault = Some(
@@ -2112,7 +2138,7 @@ fn main() {
             eprintln!("simulate: {e}");
             let faults: Vec<&str> = SimFault::ALL.iter().map(|(n, _)| *n).collect();
             eprintln!(
-                "usage: simulate [--seeds N | --seeds A..B | --seed S] [--soak] [--fault {}]",
+                "usage: simulate [--seeds N | --seeds A..B | --seed S] [--soak] [--strict] [--fault {}]",
                 faults.join("|")
             );
             std::process::exit(2);

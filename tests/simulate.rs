@@ -167,6 +167,53 @@ fn seeds_that_found_bugs_stay_clean() {
     }
 }
 
+/// Known gap, not a regression (ignored until the hub closes it): the strict form of I11. On seed
+/// 2 node hub-3 starts row `…000d` (key `k0`, a 750 ms command), then loses the store at 606 ms;
+/// its lease renewals fail, the lease runs out, and at 1179 ms hub-1 (which holds the broker
+/// now) re-claims the row and runs attempt 2 while attempt 1 still runs on hub-3 until 1331 ms.
+/// The hub does not stop an execution whose lease it can no longer renew, so two executions of
+/// one key overlap. `cargo run --example simulate -- --strict --seed 2` shows the trace.
+#[test]
+#[ignore = "known gap: a holder that loses the store runs on past its lease"]
+fn strict_key_order_holds_when_a_holder_loses_the_store() {
+    let r = run_seed(
+        2,
+        &SimOptions {
+            strict: true,
+            ..SimOptions::default()
+        },
+    );
+    let i11: Vec<_> = r
+        .violations
+        .iter()
+        .filter(|v| v.invariant == "I11")
+        .collect();
+    assert!(i11.is_empty(), "{i11:?}");
+}
+
+/// Known gap, not a regression (ignored until the hub closes it): the strict form of I9. On seed
+/// 8 broker b1 moves from hub-0 (session b1-s2) to hub-1 (b1-s3, accepted at 664 ms); hub-0 sees
+/// the old socket's teardown only at 823 ms, and at 785 ms it runs a fast-path command on b1-s2.
+/// A node learns of a newer connection elsewhere only from its affinity refresh or the teardown,
+/// so it may start work on the old one meanwhile.
+#[test]
+#[ignore = "known gap: a node learns of a newer connection elsewhere only at its next refresh"]
+fn strict_no_start_on_a_superseded_connection() {
+    let r = run_seed(
+        8,
+        &SimOptions {
+            strict: true,
+            ..SimOptions::default()
+        },
+    );
+    let i9: Vec<_> = r
+        .violations
+        .iter()
+        .filter(|v| v.invariant == "I9")
+        .collect();
+    assert!(i9.is_empty(), "{i9:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Focused test: a claimed row whose deadline passes before it can start is never executed.
 
