@@ -1917,8 +1917,8 @@ fn check_refresh_cadence(w: &mut World, cfg: &HubConfig) {
 /// Bound: two executions of a key may overlap only if the first one's claim no longer held its
 /// row when the second was claimed — its lease had run out by the second claimer's clock (its
 /// holder lost the store and could not renew, yet its executor ran on, up to
-/// `execute_timeout`), or its outcome was already recorded (a timed-out execution is dropped
-/// only once its outcome is durable). Those are counted in `lapsed_overlaps`; the strict form
+/// `execute_timeout`), or its outcome was already recorded or the row was already terminal (a
+/// timed-out execution is dropped only once its outcome is durable). Those are counted in `lapsed_overlaps`; the strict form
 /// (no overlap at all) would need the hub to stop an execution whose lease it can no longer
 /// renew before the lease runs out.
 fn check_key_order(w: &mut World) {
