@@ -24,7 +24,7 @@ use broker_dispatch::store::{
 use broker_dispatch::{ExecError, StoreError};
 use parking_lot::Mutex;
 use serde_json::json;
-use simulate::{run_seed, SimOptions};
+use simulate::{run_seed, SimFault, SimOptions};
 
 #[test]
 fn the_same_seed_replays_the_same_run() {
@@ -75,8 +75,8 @@ fn every_invariant_holds_across_seeds() {
     );
 }
 
-/// The first seed in `0..limit` whose run breaks one of `invariants` with `fault` set.
-fn first_caught(fault: StoreFault, invariants: &[&str], limit: u64) -> Option<(u64, String)> {
+/// The first seed in `0..limit` whose run breaks `invariant` with `fault` injected.
+fn first_caught(fault: SimFault, invariant: &str, limit: u64) -> Option<(u64, String)> {
     let opts = SimOptions {
         fault: Some(fault),
         ..SimOptions::default()
@@ -85,31 +85,80 @@ fn first_caught(fault: StoreFault, invariants: &[&str], limit: u64) -> Option<(u
         run_seed(seed, &opts)
             .violations
             .into_iter()
-            .find(|v| invariants.contains(&v.invariant))
+            .find(|v| v.invariant == invariant)
             .map(|v| (seed, format!("{}: {}", v.invariant, v.detail)))
     })
 }
 
-#[test]
-fn a_store_without_fencing_is_caught() {
-    let caught = first_caught(StoreFault::SkipFencing, &["I1", "I2", "I4"], 300);
+/// Asserts that `fault` makes the check of `invariant` fire within `limit` seeds.
+fn assert_caught(fault: SimFault, invariant: &str, limit: u64) {
+    let caught = first_caught(fault, invariant, limit);
     assert!(
         caught.is_some(),
-        "300 seeds without fencing and no violation"
+        "{limit} seeds with {fault:?} and no {invariant} violation"
     );
 }
 
+// One mutation test per invariant: each injects a bug the invariant is for and asserts that its
+// check fires (the fault is in the audited store; the hubs are the real ones).
+
 #[test]
-fn a_claim_past_the_deadline_is_caught() {
-    let caught = first_caught(StoreFault::SkipClaimDeadline, &["I5"], 100);
-    assert!(
-        caught.is_some(),
-        "100 seeds claiming past deadlines and no violation"
-    );
+fn i1_a_claim_handed_out_twice_is_caught() {
+    assert_caught(SimFault::DoubleClaim, "I1", 50);
+}
+
+#[test]
+fn i2_a_store_without_fencing_is_caught() {
+    assert_caught(SimFault::Store(StoreFault::SkipFencing), "I2", 300);
+}
+
+#[test]
+fn i3_a_store_that_never_sweeps_is_caught() {
+    assert_caught(SimFault::NoSweep, "I3", 50);
+}
+
+#[test]
+fn i4_retries_recorded_as_hand_backs_are_caught() {
+    assert_caught(SimFault::RetryAsRelease, "I4", 100);
+}
+
+#[test]
+fn i5_a_claim_past_the_deadline_is_caught() {
+    assert_caught(SimFault::Store(StoreFault::SkipClaimDeadline), "I5", 100);
+}
+
+#[test]
+fn i6_a_forged_read_is_caught() {
+    assert_caught(SimFault::ForgedRead, "I6", 50);
+}
+
+#[test]
+fn i7_an_older_connection_winning_is_caught() {
+    assert_caught(SimFault::ConnectStampedNow, "I7", 100);
+}
+
+#[test]
+fn i8_a_start_after_the_deadline_is_caught() {
+    assert_caught(SimFault::SlowClaimClock, "I8", 100);
+}
+
+#[test]
+fn i9_an_execution_on_a_connection_the_node_was_told_it_lost_is_caught() {
+    assert_caught(SimFault::StaleTouch, "I9", 200);
+}
+
+#[test]
+fn i10_hand_backs_counted_as_executions_are_caught() {
+    assert_caught(SimFault::ReleaseAsRetry, "I10", 300);
+}
+
+#[test]
+fn i11_claims_that_ignore_ordering_keys_are_caught() {
+    assert_caught(SimFault::IgnoreKeys, "I11", 50);
 }
 
 /// Seeds on which the simulation found zombie executions (a claim that lapsed while it waited
-/// behind its batch ran after the sweeper expired it); see the next test.
+/// behind its batch ran after the sweeper expired it, under the batch-sequential drain).
 #[test]
 fn seeds_that_found_bugs_stay_clean() {
     for seed in [21, 134, 644, 796, 1609, 1835] {
@@ -118,8 +167,55 @@ fn seeds_that_found_bugs_stay_clean() {
     }
 }
 
+/// Known gap, not a regression (ignored until the hub closes it): the strict form of I11. On seed
+/// 2 node hub-3 starts row `…000d` (key `k0`, a 750 ms command), then loses the store at 606 ms;
+/// its lease renewals fail, the lease runs out, and at 1179 ms hub-1 (which holds the broker
+/// now) re-claims the row and runs attempt 2 while attempt 1 still runs on hub-3 until 1331 ms.
+/// The hub does not stop an execution whose lease it can no longer renew, so two executions of
+/// one key overlap. `cargo run --example simulate -- --strict --seed 2` shows the trace.
+#[test]
+#[ignore = "known gap: a holder that loses the store runs on past its lease"]
+fn strict_key_order_holds_when_a_holder_loses_the_store() {
+    let r = run_seed(
+        2,
+        &SimOptions {
+            strict: true,
+            ..SimOptions::default()
+        },
+    );
+    let i11: Vec<_> = r
+        .violations
+        .iter()
+        .filter(|v| v.invariant == "I11")
+        .collect();
+    assert!(i11.is_empty(), "{i11:?}");
+}
+
+/// Known gap, not a regression (ignored until the hub closes it): the strict form of I9. On seed
+/// 8 broker b1 moves from hub-0 (session b1-s2) to hub-1 (b1-s3, accepted at 664 ms); hub-0 sees
+/// the old socket's teardown only at 823 ms, and at 785 ms it runs a fast-path command on b1-s2.
+/// A node learns of a newer connection elsewhere only from its affinity refresh or the teardown,
+/// so it may start work on the old one meanwhile.
+#[test]
+#[ignore = "known gap: a node learns of a newer connection elsewhere only at its next refresh"]
+fn strict_no_start_on_a_superseded_connection() {
+    let r = run_seed(
+        8,
+        &SimOptions {
+            strict: true,
+            ..SimOptions::default()
+        },
+    );
+    let i9: Vec<_> = r
+        .violations
+        .iter()
+        .filter(|v| v.invariant == "I9")
+        .collect();
+    assert!(i9.is_empty(), "{i9:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
-// Focused regression test for the zombie execution found by seed 21.
+// Focused test: a claimed row whose deadline passes before it can start is never executed.
 
 #[derive(Debug)]
 struct PausedClock(tokio::time::Instant);
@@ -130,28 +226,32 @@ impl Clock for PausedClock {
     }
 }
 
-/// A memory store whose heartbeats fail while `down` is set (the node lost the store).
-#[derive(Debug, Default)]
-struct HeartbeatOutage {
+/// A memory store whose claim replies take `reply_delay` to arrive: the claim is applied at once
+/// (the rows are held, their `claimed_at` is the request's time), the holder hears of it later.
+#[derive(Debug)]
+struct SlowClaimReplies {
     inner: MemoryStore,
-    down: AtomicBool,
+    reply_delay: Duration,
+    claims: AtomicBool,
 }
 
 #[async_trait]
-impl Store for HeartbeatOutage {
+impl Store for SlowClaimReplies {
     fn name(&self) -> &'static str {
-        "heartbeat-outage"
+        "slow-claim-replies"
     }
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         self.inner.insert(new).await
     }
     async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
-        self.inner.claim(p).await
+        let claimed = self.inner.claim(p).await?;
+        if !claimed.is_empty() {
+            self.claims.store(true, Ordering::SeqCst);
+            tokio::time::sleep(self.reply_delay).await;
+        }
+        Ok(claimed)
     }
     async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("outage".into()));
-        }
         self.inner.heartbeat(c, p).await
     }
     async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
@@ -184,51 +284,49 @@ impl Store for HeartbeatOutage {
 }
 
 #[derive(Debug, Default, Clone)]
-struct SlowThenRecord {
+struct Record {
     ran: Arc<Mutex<Vec<String>>>,
 }
 
 #[async_trait]
-impl Executor for SlowThenRecord {
+impl Executor for Record {
     async fn execute(
         &self,
         _ctx: ExecContext,
         d: &Dispatch,
     ) -> Result<serde_json::Value, ExecError> {
         self.ran.lock().push(d.op.clone());
-        if d.op == "slow" {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
         Ok(json!(d.op))
     }
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_claim_that_lapsed_behind_its_batch_is_not_executed() {
+async fn a_claimed_row_whose_deadline_passes_before_it_can_start_is_expired_unexecuted() {
     let clock = Arc::new(PausedClock(tokio::time::Instant::now()));
-    let store = Arc::new(HeartbeatOutage::default());
+    let store = Arc::new(SlowClaimReplies {
+        inner: MemoryStore::new(),
+        reply_delay: Duration::from_millis(400),
+        claims: AtomicBool::new(false),
+    });
     let broker = BrokerId::new("b").unwrap();
     let now = clock.now();
-    // Two rows claimed in one batch: the first runs for a second; the second's deadline passes
-    // meanwhile, while every lease renewal fails.
+    // Both rows are claimed at once, before either deadline; the reply arrives 400 ms later, past
+    // the first row's deadline and well before the second's.
     for (op, deadline) in [
-        ("slow", Duration::from_secs(60)),
-        ("late", Duration::from_millis(500)),
+        ("late", Duration::from_millis(300)),
+        ("in-time", Duration::from_secs(60)),
     ] {
         let mut new = NewDispatch::new(broker.clone(), op, json!(null));
         new.deadline = Some(now.saturating_add(deadline));
         new.now = Some(now);
         store.insert(new).await.unwrap();
     }
-    store.down.store(true, Ordering::SeqCst);
-    let exec = SlowThenRecord::default();
+    let exec = Record::default();
     let hub = Hub::builder(NodeId::new("owner").unwrap())
         .store(store.clone())
         .executor(Arc::new(exec.clone()))
         .clock(clock.clone())
         .config(HubConfig {
-            lease: Duration::from_millis(300),
-            claim_batch: 2,
             sweep_interval: Duration::from_millis(100),
             ..HubConfig::default()
         })
@@ -238,15 +336,19 @@ async fn a_claim_that_lapsed_behind_its_batch_is_not_executed() {
     hub.connect(broker.clone(), SessionId::new("s").unwrap())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(store.claims.load(Ordering::SeqCst), "nothing was claimed");
     let rows = store.list(ListFilter::default()).await.unwrap();
     let late = rows.iter().find(|d| d.op == "late").unwrap();
     assert_eq!(late.state, DispatchState::Failed);
     assert_eq!(late.failure, Some(FailReason::Expired));
+    assert_eq!(late.attempt, 1, "it was claimed, once");
+    let in_time = rows.iter().find(|d| d.op == "in-time").unwrap();
+    assert_eq!(in_time.state, DispatchState::Done);
     assert_eq!(
         *exec.ran.lock(),
-        vec!["slow".to_owned()],
-        "the expired row must not run"
+        vec!["in-time".to_owned()],
+        "the row whose deadline passed before it could start must not run"
     );
     hub.abort();
 }
