@@ -15,6 +15,10 @@
 //! - `originated-all`: every command it was asked to originate has an outcome.
 //!
 //! The parent checks the logs against the rows.
+//!
+//! The execution-model scenario has a child of its own (`model_node_entry`, active when
+//! `BD_MODEL_DB` is set): its broker connections are driven by the parent through stdin, and its
+//! executor logs each execution's start and end with what it was handed (see `ModelExecutor`).
 
 mod support;
 
