@@ -969,7 +969,9 @@ async fn an_execution_never_starts_after_its_deadline_even_on_a_busy_runtime() {
         inner: MemoryStore::new(),
         stall: Duration::from_millis(300),
     });
-    let starts: Arc<Mutex<Vec<(Timestamp, Option<Timestamp>)>>> = Arc::default();
+    // (when the executor started, the deadline it was handed)
+    type Starts = Vec<(Timestamp, Option<Timestamp>)>;
+    let starts: Arc<Mutex<Starts>> = Arc::default();
     let seen = Arc::clone(&starts);
     let exec = FnExecutor(move |_ctx, d: Dispatch| {
         let seen = Arc::clone(&seen);
