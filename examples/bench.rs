@@ -403,9 +403,14 @@ fn now_micros() -> i64 {
         .as_micros() as i64
 }
 
+/// The drain workloads' config: claims of `RAW_BATCH` rows, like the raw loops. A claim takes
+/// no more rows than the broker has free slots, so `max_in_flight` is raised to the batch too
+/// (with the default 16 slots these workloads would claim 16 rows at a time and measure
+/// something else than the figures before the execution model).
 fn drain_config() -> HubConfig {
     HubConfig {
         claim_batch: RAW_BATCH,
+        max_in_flight: RAW_BATCH,
         ..HubConfig::default()
     }
 }
@@ -575,6 +580,241 @@ async fn sqlite_drain(o: &Options) -> Vec<Row> {
             true,
         ),
     ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The execution model: slots per broker, no head-of-line blocking
+
+/// What the execution-model workloads need from one executor: it sleeps `args.ms` milliseconds
+/// (remote work), counting starts and finishes per op.
+#[derive(Debug, Default)]
+struct Sleeper {
+    finished: AtomicU64,
+    slow_running: AtomicU64,
+    slow_started: AtomicU64,
+}
+
+#[async_trait]
+impl Executor for Sleeper {
+    async fn execute(
+        &self,
+        _ctx: ExecContext,
+        d: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError> {
+        let ms = d
+            .args
+            .get("ms")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let slow = d.op == "slow";
+        if slow {
+            self.slow_running.fetch_add(1, Ordering::AcqRel);
+            self.slow_started.fetch_add(1, Ordering::AcqRel);
+        }
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if slow {
+            self.slow_running.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.finished.fetch_add(1, Ordering::AcqRel);
+        Ok(serde_json::Value::Null)
+    }
+}
+
+/// The work of one execution in the execution-model workloads.
+const EXEC_MS: u64 = 10;
+
+/// Whether `store` still has a pending or in-progress row.
+async fn any_live(store: &dyn broker_dispatch::store::Store) -> bool {
+    for state in [
+        broker_dispatch::fsm::DispatchState::Pending,
+        broker_dispatch::fsm::DispatchState::InProgress,
+    ] {
+        let page = store
+            .list(broker_dispatch::store::ListFilter {
+                state: Some(state),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if !page.is_empty() {
+            return true;
+        }
+    }
+    false
+}
+
+/// One broker, `n` pending 10 ms commands written with `send_many` before it connects, default
+/// `max_in_flight` (16): rows per second from the connect until every row is terminal.
+async fn exec_throughput_run(store: Arc<dyn broker_dispatch::store::Store>, n: u64) -> f64 {
+    let sleeper = Arc::new(Sleeper::default());
+    let hub = Hub::builder(node_id("bench"))
+        .store(Arc::clone(&store))
+        .executor(Arc::clone(&sleeper) as Arc<dyn Executor>)
+        .start()
+        .await
+        .unwrap();
+    let b = broker_id("b");
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(1_000);
+        let cmds = (0..chunk)
+            .map(|_| Command::new(b.clone(), "op", json!({ "ms": EXEC_MS })))
+            .collect();
+        hub.send_many(cmds).await.unwrap();
+        left -= chunk;
+    }
+    let started = Instant::now();
+    hub.connect(b, SessionId::new(format!("s{}", now_micros())).unwrap())
+        .await
+        .unwrap();
+    let deadline = started + Duration::from_secs(600);
+    while sleeper.finished.load(Ordering::Acquire) < n {
+        assert!(
+            Instant::now() < deadline,
+            "execution throughput run stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    while any_live(store.as_ref()).await {
+        assert!(
+            Instant::now() < deadline,
+            "execution throughput run stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    hub.shutdown().await.unwrap();
+    rate
+}
+
+/// The mean wall time of a 10 ms tokio sleep here, in seconds: what one execution of the
+/// throughput workloads really costs, the executor alone.
+async fn measured_sleep() -> f64 {
+    let reps = 50;
+    let t = Instant::now();
+    for _ in 0..reps {
+        tokio::time::sleep(Duration::from_millis(EXEC_MS)).await;
+    }
+    t.elapsed().as_secs_f64() / f64::from(reps)
+}
+
+/// (a) Throughput of one broker's slots with 10 ms executions, memory and SQLite stores, against
+/// `max_in_flight / 10 ms` (the most the slots allow) and against `max_in_flight /` the measured
+/// 10 ms sleep. (b) The p99 latency of a 10 ms dispatch while the same broker executes a slow
+/// command, against the same dispatch's p99 on an idle broker and against the 50 ms target.
+async fn exec_model(o: &Options) -> Vec<Row> {
+    let n: u64 = if o.quick { 1_000 } else { 10_000 };
+    let slots = f64::from(HubConfig::default().max_in_flight);
+    let ideal = slots / (EXEC_MS as f64 / 1e3);
+    let sleep = measured_sleep().await;
+    let mut rows = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["memory", "sqlite"] {
+        let mut rates = Vec::new();
+        for rep in 0..3 {
+            let store: Arc<dyn broker_dispatch::store::Store> = match kind {
+                "memory" => Arc::new(MemoryStore::new()),
+                _ => {
+                    Arc::new(SqliteStore::open(sqlite_fresh(&dir, &format!("exec{rep}"))).unwrap())
+                }
+            };
+            rates.push(exec_throughput_run(store, n).await);
+        }
+        let rate = median(rates);
+        rows.push(Row::new(
+            &format!("exec_10ms_{kind}"),
+            rate,
+            "ops/s",
+            "slots_per_10ms",
+            ideal,
+            true,
+        ));
+        rows.push(Row::new(
+            &format!("exec_10ms_{kind}_vs_sleep"),
+            rate,
+            "ops/s",
+            "slots_per_measured_sleep",
+            slots / sleep,
+            true,
+        ));
+    }
+    let (samples, slow_ms) = if o.quick { (50, 1_000) } else { (300, 3_000) };
+    let idle = behind_slow_p99(samples, None).await;
+    let behind = behind_slow_p99(samples, Some(slow_ms)).await;
+    rows.push(Row::new(
+        "exec_behind_slow_p99",
+        behind,
+        "ms",
+        "exec_idle_broker_p99",
+        idle,
+        false,
+    ));
+    rows.push(Row::new(
+        "exec_behind_slow_p99_target",
+        behind,
+        "ms",
+        "target_50ms",
+        50.0,
+        false,
+    ));
+    rows
+}
+
+/// The p99 (ms) of `samples` sequential 10 ms dispatches from one hub to a broker held by
+/// another (memory store and transport: every dispatch is a row, claimed by the owner's drain),
+/// while — with `slow_ms` — the broker is always executing a slow command sent before each
+/// sample (a new one is sent, and seen to start, whenever the previous one ended).
+async fn behind_slow_p99(samples: usize, slow_ms: Option<u64>) -> f64 {
+    let store = Arc::new(MemoryStore::new());
+    let bus = broker_dispatch::transport::MemoryTransport::new();
+    let sleeper = Arc::new(Sleeper::default());
+    let owner = Hub::builder(node_id("owner"))
+        .store(store.clone())
+        .transport(Arc::new(bus.clone()))
+        .executor(Arc::clone(&sleeper) as Arc<dyn Executor>)
+        .start()
+        .await
+        .unwrap();
+    let origin = Hub::builder(node_id("origin"))
+        .store(store)
+        .transport(Arc::new(bus))
+        .executor(Arc::new(Noop))
+        .start()
+        .await
+        .unwrap();
+    let b = broker_id("b");
+    owner
+        .connect(b.clone(), SessionId::new("s").unwrap())
+        .await
+        .unwrap();
+    let fast = || Command::new(b.clone(), "op", json!({ "ms": EXEC_MS }));
+    for _ in 0..5 {
+        origin.dispatch(fast()).await.unwrap();
+    }
+    let mut lat = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        if let Some(ms) = slow_ms {
+            if sleeper.slow_running.load(Ordering::Acquire) == 0 {
+                let seen = sleeper.slow_started.load(Ordering::Acquire);
+                origin
+                    .send(Command::new(b.clone(), "slow", json!({ "ms": ms })))
+                    .await
+                    .unwrap();
+                let give_up = Instant::now() + Duration::from_secs(60);
+                while sleeper.slow_started.load(Ordering::Acquire) == seen {
+                    assert!(Instant::now() < give_up, "the slow command never started");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+        let t = Instant::now();
+        origin.dispatch(fast()).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    origin.shutdown().await.unwrap();
+    owner.shutdown().await.unwrap();
+    percentiles(lat).1
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1152,6 +1392,9 @@ fn main() {
     }
     if wants("sqlite_drain") {
         rows.extend(rt.block_on(sqlite_drain(&o)));
+    }
+    if wants("exec") {
+        rows.extend(rt.block_on(exec_model(&o)));
     }
     let pg_wanted = ["pg_drain", "pg_pickup", "pg_cross_node", "scale"]
         .iter()

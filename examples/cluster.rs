@@ -1,6 +1,10 @@
 //! The demo: three hubs in one process share one store and one transport; twenty brokers
 //! connect and flap between them while random originators send commands through `dispatch` and
-//! `send`. At the end every command is checked: none lost, no (id, attempt) executed twice.
+//! `send`. A fifth of the commands carry an ordering key per (broker, agent), and one in 250 is
+//! slow (200-500 ms, reporting progress). At the end every command is checked: none lost; and
+//! from the executors' own records: no (id, attempt) executed twice, no execution started at or
+//! after its row's deadline, no dispatch executed more than `max_attempts` times, no two
+//! executions of one key overlapping or out of insertion order.
 //!
 //! ```text
 //! cargo run --release --example cluster -- [--commands N] [--seed S] [--store sqlite|memory] [--db PATH]
@@ -16,7 +20,9 @@
 //! `round_trip: store=… n=… p50_ms=… p99_ms=…`.
 //!
 //! The last stdout line of a normal run is machine-readable:
-//! `summary: store=… dispatched=… done=… failed=… lost=… duplicate_executions=… p50_ms=… p99_ms=…`
+//! `summary: store=… dispatched=… done=… failed=… lost=… duplicate_executions=… late_starts=…
+//! key_overlaps=… key_out_of_order=… over_attempts=… p50_ms=… p99_ms=…`; the run exits non-zero
+//! if any of `lost` to `over_attempts` is not 0.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use broker_dispatch::fsm::{
-    Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, SessionId,
+    Attempt, BrokerId, Dispatch, DispatchId, DispatchState, NodeId, SessionId, Timestamp,
 };
 use broker_dispatch::hub::{Command, ExecContext, Executor, Hub, HubConfig};
 use broker_dispatch::store::{list_all, ListFilter, MemoryStore, SqliteStore, Store};
@@ -38,6 +44,8 @@ use serde_json::json;
 const HUBS: usize = 3;
 const BROKERS: usize = 20;
 const ORIGINATORS: usize = 32;
+/// Ordering keys per broker.
+const AGENTS: usize = 4;
 
 #[derive(Debug)]
 struct Options {
@@ -214,6 +222,84 @@ async fn open_postgres(_url: &str, _cleanup: Cleanup) -> Result<(Vec<Backend>, C
 #[derive(Debug, Default)]
 struct Ledger {
     runs: HashMap<(DispatchId, Attempt), u32>,
+    /// Every execution, as its executor saw it.
+    execs: Vec<Execution>,
+}
+
+/// One execution, as the executor saw it: the row it was handed and when it ran (wall clock,
+/// the clock the memory and SQLite stores stamp rows with).
+#[derive(Debug)]
+struct Execution {
+    id: DispatchId,
+    execution: u32,
+    max_attempts: u32,
+    broker: BrokerId,
+    key: Option<String>,
+    /// The row's place in its key's order.
+    inserted: (Timestamp, DispatchId),
+    deadline: Option<Timestamp>,
+    start: Timestamp,
+    /// `None` until it returns.
+    end: Option<Timestamp>,
+}
+
+fn wall_now() -> Timestamp {
+    Timestamp::from_system_time(std::time::SystemTime::now())
+}
+
+/// What the executors' records say about the model's promises.
+#[derive(Debug, Default)]
+struct Audit {
+    /// Executions that started at or after their row's deadline.
+    late_starts: usize,
+    /// Pairs of executions of one (broker, key) that ran at the same time.
+    key_overlaps: usize,
+    /// Executions of one (broker, key) that started before an execution of an older row.
+    key_out_of_order: usize,
+    /// Dispatches executed more often than their `max_attempts` (or an execution numbered
+    /// beyond it).
+    over_attempts: usize,
+    keyed_executions: usize,
+    slow_executions: usize,
+}
+
+fn audit(execs: &[Execution]) -> Audit {
+    let mut a = Audit::default();
+    let mut per_id: HashMap<DispatchId, (u32, u32)> = HashMap::new();
+    let mut per_key: HashMap<(&BrokerId, &str), Vec<&Execution>> = HashMap::new();
+    for e in execs {
+        if e.deadline.is_some_and(|d| e.start >= d) {
+            a.late_starts += 1;
+        }
+        if e.execution > e.max_attempts {
+            a.over_attempts += 1;
+        }
+        let n = per_id.entry(e.id).or_insert((0, e.max_attempts));
+        n.0 += 1;
+        if let Some(k) = &e.key {
+            per_key.entry((&e.broker, k.as_str())).or_default().push(e);
+        }
+    }
+    a.over_attempts += per_id.values().filter(|(n, max)| n > max).count();
+    for list in per_key.values_mut() {
+        a.keyed_executions += list.len();
+        list.sort_by_key(|e| e.start);
+        let mut busy_until: Option<Timestamp> = None;
+        let mut latest: Option<(Timestamp, DispatchId)> = None;
+        for e in list.iter() {
+            // An execution that never returned holds its key forever.
+            let end = e.end.unwrap_or(Timestamp::from_micros(i64::MAX));
+            if busy_until.is_some_and(|b| e.start < b) {
+                a.key_overlaps += 1;
+            }
+            busy_until = Some(busy_until.map_or(end, |b| b.max(end)));
+            if latest.is_some_and(|l| e.inserted < l) {
+                a.key_out_of_order += 1;
+            }
+            latest = Some(latest.map_or(e.inserted, |l| l.max(e.inserted)));
+        }
+    }
+    a
 }
 
 #[derive(Debug)]
@@ -232,19 +318,48 @@ impl Executor for BrokerConnection {
         ctx: ExecContext,
         d: &Dispatch,
     ) -> Result<serde_json::Value, ExecError> {
-        *self
-            .ledger
-            .lock()
-            .runs
-            .entry((ctx.id(), ctx.attempt()))
-            .or_default() += 1;
+        let record = {
+            let start = wall_now();
+            let mut ledger = self.ledger.lock();
+            *ledger.runs.entry((ctx.id(), ctx.attempt())).or_default() += 1;
+            ledger.execs.push(Execution {
+                id: ctx.id(),
+                execution: ctx.execution(),
+                max_attempts: d.max_attempts,
+                broker: d.broker.clone(),
+                key: d.key.clone(),
+                inserted: (d.created_at, d.id),
+                deadline: d.deadline,
+                start,
+                end: None,
+            });
+            ledger.execs.len() - 1
+        };
+        let result = self.work(&ctx, d).await;
+        self.ledger.lock().execs[record].end = Some(wall_now());
+        result
+    }
+}
+
+impl BrokerConnection {
+    async fn work(&self, ctx: &ExecContext, d: &Dispatch) -> Result<serde_json::Value, ExecError> {
         if self.instant {
             return Ok(json!({ "op": d.op, "node": self.node.as_str() }));
+        }
+        if d.op == "slow" {
+            // A long remote operation that tells its originator how far it got.
+            let ms = d.args["ms"].as_u64().unwrap_or(300);
+            let steps = ms.div_ceil(100);
+            for step in 0..steps {
+                tokio::time::sleep(Duration::from_millis(ms / steps)).await;
+                ctx.report_progress(json!({ "step": step + 1, "of": steps }));
+            }
+            return Ok(json!({ "op": d.op, "node": self.node.as_str(), "ms": ms }));
         }
         // A remote call: a little latency, and now and then a transient failure.
         let h = ctx.id().as_uuid().as_u128() as u64 ^ self.seed;
         tokio::time::sleep(Duration::from_micros(200 + h % 800)).await;
-        if h % 50 == 0 && ctx.attempt() == 1 {
+        if h % 50 == 0 && ctx.execution() == 1 {
             return Err(ExecError::retry_after(
                 Duration::from_millis(5),
                 "broker busy",
@@ -375,11 +490,21 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     return;
                 }
                 let hub = &hubs[rng.below(HUBS)];
-                let cmd = Command::new(
-                    brokers[rng.below(BROKERS)].clone(),
-                    "message",
-                    json!({ "n": n }),
-                );
+                let broker = brokers[rng.below(BROKERS)].clone();
+                let cmd = if n % 250 == 3 {
+                    let ms = 200 + rng.below(301) as u64;
+                    Command::new(broker, "slow", json!({ "n": n, "ms": ms }))
+                } else {
+                    Command::new(broker, "message", json!({ "n": n }))
+                };
+                // A fifth of the commands belong to one of a broker's agents: those of one
+                // (broker, agent) must run one at a time, in the order they were written.
+                let cmd = if n % 5 == 1 {
+                    let agent = rng.below(AGENTS);
+                    cmd.key(format!("agent-{agent}"))
+                } else {
+                    cmd
+                };
                 let t = Instant::now();
                 let outcome = if n % 4 == 0 {
                     match hub.send(cmd).await {
@@ -456,6 +581,22 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let duplicates = ledger.lock().runs.values().filter(|n| **n > 1).count();
+    for h in &hubs {
+        h.shutdown().await?;
+    }
+    let checks = {
+        let ledger = ledger.lock();
+        let mut a = audit(&ledger.execs);
+        a.slow_executions = ledger
+            .execs
+            .iter()
+            .filter(|e| {
+                e.end
+                    .is_some_and(|end| end.duration_since(e.start) >= Duration::from_millis(200))
+            })
+            .count();
+        a
+    };
     let executions: u32 = ledger.lock().runs.values().sum();
     let rows = count_rows(store.as_ref()).await?;
     let mut lat = std::mem::take(&mut *latencies.lock());
@@ -465,9 +606,6 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     let (p50, p99) = (pct(0.50), pct(0.99));
-    for h in &hubs {
-        h.shutdown().await?;
-    }
     cleanup.run().await;
 
     println!(
@@ -484,6 +622,18 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     println!("  {:<24} {:>10}", "duplicate executions", duplicates);
     println!(
         "  {:<24} {:>10}",
+        "keyed executions", checks.keyed_executions
+    );
+    println!("  {:<24} {:>10}", "slow executions", checks.slow_executions);
+    println!("  {:<24} {:>10}", "late starts", checks.late_starts);
+    println!("  {:<24} {:>10}", "key overlaps", checks.key_overlaps);
+    println!(
+        "  {:<24} {:>10}",
+        "key out of order", checks.key_out_of_order
+    );
+    println!("  {:<24} {:>10}", "over max_attempts", checks.over_attempts);
+    println!(
+        "  {:<24} {:>10}",
         "broker moves",
         flaps.load(Ordering::Relaxed)
     );
@@ -491,11 +641,18 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     println!("  {:<24} {:>10.2}", "dispatch p99 (ms)", p99);
     println!("  {:<24} {:>10.2}", "wall time (s)", elapsed.as_secs_f64());
     println!(
-        "summary: store={} dispatched={} done={done} failed={failed} lost={lost} duplicate_executions={duplicates} p50_ms={p50:.3} p99_ms={p99:.3}",
+        "summary: store={} dispatched={} done={done} failed={failed} lost={lost} duplicate_executions={duplicates} \
+         late_starts={} key_overlaps={} key_out_of_order={} over_attempts={} p50_ms={p50:.3} p99_ms={p99:.3}",
         store.name(),
-        outcomes.len()
+        outcomes.len(),
+        checks.late_starts,
+        checks.key_overlaps,
+        checks.key_out_of_order,
+        checks.over_attempts,
     );
-    if lost > 0 || duplicates > 0 {
+    let broken =
+        checks.late_starts + checks.key_overlaps + checks.key_out_of_order + checks.over_attempts;
+    if lost > 0 || duplicates > 0 || broken > 0 {
         std::process::exit(1);
     }
     Ok(())

@@ -904,3 +904,152 @@ async fn dropping_the_last_handle_stops_the_hub() {
     let row = c.store.get(receipt.id).await.unwrap().unwrap();
     assert_eq!(row.state, DispatchState::Pending);
 }
+
+/// A memory store that, whenever a claim hands out rows, makes the runtime busy for `stall`
+/// (a task that holds its thread), as a loaded runtime would be right after a claim.
+#[derive(Debug)]
+struct StallAfterClaim {
+    inner: MemoryStore,
+    stall: Duration,
+}
+
+#[async_trait]
+impl Store for StallAfterClaim {
+    fn name(&self) -> &'static str {
+        "stall-after-claim"
+    }
+    async fn insert(
+        &self,
+        new: broker_dispatch::store::NewDispatch,
+    ) -> Result<Dispatch, StoreError> {
+        self.inner.insert(new).await
+    }
+    async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        let claimed = self.inner.claim(p).await?;
+        if !claimed.is_empty() {
+            let stall = self.stall;
+            // Queued before the executions the drain spawns for these rows.
+            tokio::spawn(async move { std::thread::sleep(stall) });
+        }
+        Ok(claimed)
+    }
+    async fn heartbeat(
+        &self,
+        c: &Claimed,
+        p: broker_dispatch::store::HeartbeatParams,
+    ) -> Result<Dispatch, StoreError> {
+        self.inner.heartbeat(c, p).await
+    }
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        self.inner.finish(c, p).await
+    }
+    async fn cancel(
+        &self,
+        p: broker_dispatch::store::CancelParams,
+    ) -> Result<Dispatch, StoreError> {
+        self.inner.cancel(p).await
+    }
+    async fn get(
+        &self,
+        id: broker_dispatch::fsm::DispatchId,
+    ) -> Result<Option<Dispatch>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(
+        &self,
+        f: broker_dispatch::store::ListFilter,
+    ) -> Result<Vec<Dispatch>, StoreError> {
+        self.inner.list(f).await
+    }
+    async fn sweep(
+        &self,
+        p: broker_dispatch::store::SweepParams,
+    ) -> Result<broker_dispatch::store::SweepReport, StoreError> {
+        self.inner.sweep(p).await
+    }
+    async fn connect(
+        &self,
+        p: broker_dispatch::store::ConnectParams,
+    ) -> Result<broker_dispatch::store::ConnectOutcome, StoreError> {
+        self.inner.connect(p).await
+    }
+    async fn disconnect(
+        &self,
+        p: broker_dispatch::store::DisconnectParams,
+    ) -> Result<bool, StoreError> {
+        self.inner.disconnect(p).await
+    }
+    async fn touch(&self, p: broker_dispatch::store::TouchParams) -> Result<bool, StoreError> {
+        self.inner.touch(p).await
+    }
+    async fn affinity(
+        &self,
+        broker: &BrokerId,
+    ) -> Result<Option<broker_dispatch::fsm::Affinity>, StoreError> {
+        self.inner.affinity(broker).await
+    }
+}
+
+/// Known bug, kept as a failing test. "No execution starts at or after its deadline" is checked
+/// by the drain when it takes a claimed row (`drain::start`, against `start_by`), but the
+/// executor only runs once the execution's task, spawned there, is first polled
+/// (`lease::execute`). A busy runtime can delay that poll past the deadline, and the execution
+/// then starts late anyway. Here the runtime is held for 300 ms right after the claim of a row
+/// with 150 ms left; the executor starts about 150 ms after the deadline it was handed. The
+/// multi-process test sees the same on a loaded machine (executions starting 4-55 ms after
+/// their deadline, rows with 100-400 ms deadlines). A fix would re-check `start_by` (and the
+/// session) in the execution's task, right before calling the executor, settling the row as
+/// `Late` (or handing it back) from there.
+#[ignore = "known bug: the deadline is checked when the row is claimed, not when its executor starts"]
+#[tokio::test(flavor = "current_thread")]
+async fn an_execution_never_starts_after_its_deadline_even_on_a_busy_runtime() {
+    use broker_dispatch::fsm::Timestamp;
+    use broker_dispatch::hub::FnExecutor;
+    let store = Arc::new(StallAfterClaim {
+        inner: MemoryStore::new(),
+        stall: Duration::from_millis(300),
+    });
+    // (when the executor started, the deadline it was handed)
+    type Starts = Vec<(Timestamp, Option<Timestamp>)>;
+    let starts: Arc<Mutex<Starts>> = Arc::default();
+    let seen = Arc::clone(&starts);
+    let exec = FnExecutor(move |_ctx, d: Dispatch| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock().push((
+                Timestamp::from_system_time(std::time::SystemTime::now()),
+                d.deadline,
+            ));
+            Ok(json!(null))
+        }
+    });
+    let hub = Hub::builder(node("n"))
+        .store(store.clone())
+        .executor(Arc::new(exec))
+        .config(fast_config())
+        .start()
+        .await
+        .unwrap();
+    let b = broker("b");
+    let r = hub
+        .send(Command::new(b.clone(), "op", json!(null)).timeout(Duration::from_millis(150)))
+        .await
+        .unwrap();
+    hub.connect(b, session("s")).await.unwrap();
+    eventually(Duration::from_secs(5), "the row terminal", || async {
+        store
+            .get(r.id)
+            .await
+            .unwrap()
+            .is_some_and(|d| d.state.is_terminal())
+    })
+    .await;
+    for (at, deadline) in starts.lock().iter() {
+        let deadline = deadline.expect("the row has a deadline");
+        assert!(
+            *at < deadline,
+            "the executor started {:?} after the deadline it was handed",
+            at.duration_since(deadline)
+        );
+    }
+}

@@ -15,6 +15,10 @@
 //! - `originated-all`: every command it was asked to originate has an outcome.
 //!
 //! The parent checks the logs against the rows.
+//!
+//! The execution-model scenario has a child of its own (`model_node_entry`, active when
+//! `BD_MODEL_DB` is set): its broker connections are driven by the parent through stdin, and its
+//! executor logs each execution's start and end with what it was handed (see `ModelExecutor`).
 
 mod support;
 
@@ -826,4 +830,776 @@ async fn all_rows_pg(store: &broker_dispatch::store::PgStore) -> Option<Vec<Disp
     )
     .await
     .ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The execution model across processes: slow and fast commands, ordering keys, deadlines, and
+// brokers moved between processes in the middle of a command.
+
+/// Microseconds since the epoch on this machine's clock (the one every process and the
+/// database share here).
+fn wall_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// The model scenario's executor: logs every execution's start, as the executor saw it, before
+/// doing anything, and its end after. Lines:
+///
+/// - `start <id> <attempt> <execution> <max_attempts> <session> <node> <start_us> <deadline_us>
+///   <broker> <key|-> <created_us> <seq>`: `deadline_us` is the `deadline` of the `Dispatch` the
+///   executor was handed (`-` if none), `start_us` this process's clock as the executor began;
+/// - `end <id> <attempt> <node> <end_us> <ok|retry>`.
+///
+/// The op `slow` works for `args.ms` milliseconds, reporting progress every 250 ms; any other op
+/// for `args.ms` milliseconds at once. `args.flaky` fails the first execution retryably.
+#[derive(Debug)]
+struct ModelExecutor {
+    node: String,
+    log: Arc<NodeLog>,
+}
+
+#[async_trait]
+impl Executor for ModelExecutor {
+    async fn execute(
+        &self,
+        ctx: ExecContext,
+        d: &Dispatch,
+    ) -> Result<serde_json::Value, ExecError> {
+        let start = wall_micros();
+        let session = ctx.session().map_or("-", SessionId::as_str);
+        self.log
+            .line(&format!(
+                "start {} {} {} {} {session} {} {start} {} {} {} {} {}",
+                ctx.id(),
+                ctx.attempt(),
+                ctx.execution(),
+                d.max_attempts,
+                self.node,
+                d.deadline
+                    .map_or_else(|| "-".to_owned(), |t| t.as_micros().to_string()),
+                d.broker,
+                d.key.as_deref().unwrap_or("-"),
+                d.created_at.as_micros(),
+                d.args["seq"].as_u64().unwrap_or(0),
+            ))
+            .map_err(|e| ExecError::fatal(format!("log: {e}")))?;
+        let ms = d.args["ms"].as_u64().unwrap_or(0);
+        if d.op == "slow" {
+            let mut left = ms;
+            let mut step = 0;
+            while left > 0 {
+                let nap = left.min(250);
+                tokio::time::sleep(Duration::from_millis(nap)).await;
+                left -= nap;
+                step += 1;
+                ctx.report_progress(serde_json::json!({ "step": step }));
+            }
+        } else if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let retry = d.args["flaky"].as_bool() == Some(true) && ctx.execution() == 1;
+        self.log
+            .line(&format!(
+                "end {} {} {} {} {}",
+                ctx.id(),
+                ctx.attempt(),
+                self.node,
+                wall_micros(),
+                if retry { "retry" } else { "ok" }
+            ))
+            .map_err(|e| ExecError::fatal(format!("log: {e}")))?;
+        if retry {
+            return Err(ExecError::retry_after(
+                Duration::from_millis(50),
+                "flaky first execution",
+            ));
+        }
+        Ok(serde_json::json!({ "node": self.node }))
+    }
+}
+
+/// The child side of the model scenario: one hub node whose broker connections the parent
+/// drives through stdin, one command a line — `connect <broker> <session>` and
+/// `disconnect <broker> <session>` — each answered in the log once the call returned:
+/// `connected <broker> <session> <us> ok|err:<error>` and `disconnected <broker> <session> <us>
+/// ok|err:<error>`, `<us>` read after the call returned. Active only when `BD_MODEL_DB` is set.
+#[test]
+fn model_node_entry() {
+    let Ok(db) = std::env::var("BD_MODEL_DB") else {
+        return; // not a child: nothing to do
+    };
+    let node = std::env::var("BD_NODE_ID").expect("BD_NODE_ID");
+    let log = Arc::new(NodeLog::open(
+        &std::env::var("BD_NODE_LOG").expect("BD_NODE_LOG"),
+    ));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (store, transport) = node_backend(&db).await;
+        let config = HubConfig {
+            lease: Duration::from_secs(2),
+            freshness: Duration::from_secs(3),
+            wait_window: Duration::from_secs(20),
+            poll_interval: Duration::from_millis(250),
+            sweep_interval: Duration::from_millis(300),
+            store_timeout: Duration::from_secs(3),
+            ..HubConfig::default()
+        };
+        let exec = ModelExecutor {
+            node: node.clone(),
+            log: log.clone(),
+        };
+        let hub = Hub::builder(NodeId::new(node.clone()).unwrap())
+            .store(store)
+            .transport(transport)
+            .executor(Arc::new(exec))
+            .config(config)
+            .start()
+            .await
+            .unwrap();
+        log.line("ready").unwrap();
+        while let Some(line) = rx.recv().await {
+            let parts: Vec<&str> = line.split(' ').collect();
+            let [verb, broker, session] = parts.as_slice() else {
+                panic!("bad control line {line:?}");
+            };
+            let (b, s) = (
+                BrokerId::new(*broker).unwrap(),
+                SessionId::new(*session).unwrap(),
+            );
+            let result = match *verb {
+                "connect" => hub.connect(b, s).await.map(|()| true),
+                "disconnect" => hub.disconnect(&b, &s).await,
+                other => panic!("bad control verb {other:?}"),
+            };
+            let at = wall_micros();
+            let outcome = match result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => format!("err:{e}"),
+            };
+            log.line(&format!("{verb}ed {broker} {session} {at} {outcome}"))
+                .unwrap();
+        }
+    });
+}
+
+/// A model-scenario child, driven through its stdin.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+struct ModelNode {
+    name: String,
+    child: Child,
+    stdin: std::process::ChildStdin,
+}
+
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+impl ModelNode {
+    fn spawn(dsn: &str, schema: &str, name: &str, log: &Path) -> ModelNode {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = std::process::Command::new(exe)
+            .args([
+                "model_node_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("BD_MODEL_DB", dsn)
+            .env("BD_NODE_SCHEMA", schema)
+            .env("BD_NODE_ID", name)
+            .env("BD_NODE_LOG", log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn a node process");
+        let stdin = child.stdin.take().unwrap();
+        ModelNode {
+            name: name.to_owned(),
+            child,
+            stdin,
+        }
+    }
+
+    fn tell(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("write to a node's stdin");
+        self.stdin.flush().unwrap();
+    }
+}
+
+impl Drop for ModelNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One execution start, from a model log.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+struct Start {
+    id: DispatchId,
+    attempt: u32,
+    execution: u32,
+    max_attempts: u32,
+    session: String,
+    node: String,
+    at: i64,
+    deadline: Option<i64>,
+    broker: String,
+    key: Option<String>,
+    created: i64,
+    seq: u64,
+}
+
+/// Every model log, parsed. Torn lines (none expected: no process is killed) parse as nothing.
+#[derive(Debug, Default)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+struct ModelLogs {
+    starts: Vec<Start>,
+    /// (id, attempt) → (node, end_us).
+    ends: HashMap<(DispatchId, u32), (String, i64)>,
+    /// (node, verb, broker, session) → (us, outcome), for `connected` / `disconnected`.
+    control: HashMap<(String, String, String, String), (i64, String)>,
+    ready: HashSet<String>,
+}
+
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+impl ModelLogs {
+    fn read(paths: &[(String, PathBuf)]) -> ModelLogs {
+        let mut logs = ModelLogs::default();
+        for (node, path) in paths {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for line in text.lines() {
+                logs.parse(node, line);
+            }
+        }
+        logs
+    }
+
+    fn parse(&mut self, node: &str, line: &str) {
+        let p: Vec<&str> = line.split(' ').collect();
+        match p.as_slice() {
+            ["start", id, attempt, execution, max, session, n, at, deadline, broker, key, created, seq] =>
+            {
+                let parsed = (|| {
+                    Some(Start {
+                        id: DispatchId::parse(id).ok()?,
+                        attempt: attempt.parse().ok()?,
+                        execution: execution.parse().ok()?,
+                        max_attempts: max.parse().ok()?,
+                        session: (*session).to_owned(),
+                        node: (*n).to_owned(),
+                        at: at.parse().ok()?,
+                        deadline: deadline.parse().ok(),
+                        broker: (*broker).to_owned(),
+                        key: (*key != "-").then(|| (*key).to_owned()),
+                        created: created.parse().ok()?,
+                        seq: seq.parse().ok()?,
+                    })
+                })();
+                self.starts.extend(parsed);
+            }
+            ["end", id, attempt, n, at, _] => {
+                if let (Ok(id), Ok(attempt), Ok(at)) =
+                    (DispatchId::parse(id), attempt.parse(), at.parse())
+                {
+                    self.ends.insert((id, attempt), ((*n).to_owned(), at));
+                }
+            }
+            [verb @ ("connected" | "disconnected"), broker, session, at, outcome @ ..] => {
+                if let Ok(at) = at.parse() {
+                    self.control.insert(
+                        (
+                            node.to_owned(),
+                            (*verb).to_owned(),
+                            (*broker).to_owned(),
+                            (*session).to_owned(),
+                        ),
+                        (at, outcome.join(" ")),
+                    );
+                }
+            }
+            ["ready"] => {
+                self.ready.insert(node.to_owned());
+            }
+            _ => {}
+        }
+    }
+
+    fn control(
+        &self,
+        node: &str,
+        verb: &str,
+        broker: &str,
+        session: &str,
+    ) -> Option<&(i64, String)> {
+        self.control.get(&(
+            node.to_owned(),
+            verb.to_owned(),
+            broker.to_owned(),
+            session.to_owned(),
+        ))
+    }
+}
+
+/// Three hub processes over one Postgres, six brokers, about 800 commands written in waves:
+/// fast ones (0-15 ms), slow ones (2-4 s, reporting progress), a third of them keyed per
+/// (broker, agent), some flaky (their first execution fails retryably), some at most once, and
+/// after every slow keyed command one with a 1 s deadline that must pass while it waits for its
+/// key (it must end `Failed(Expired)` unexecuted). After each wave
+/// one broker moves — `disconnect` on its process, then `connect` of a new session on another —
+/// while its slow keyed command is executing.
+///
+/// Everything is checked from the executors' own logs, never from the hubs' counters: no
+/// execution started at or after its row's deadline (the deadline handed to the executor
+/// against the executing process's clock), none started on a session after that process's
+/// `disconnect` of it returned, no dispatch executed more than `max_attempts` times, no
+/// (id, attempt) twice, the executions of one key never overlapped and ran in insertion order;
+/// and from SQL: every row terminal, none lost.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_keyed_commands_follow_brokers_moved_between_processes() {
+    model_scenario(false).await;
+}
+
+/// The same scenario with one in eight fast commands given a deadline of 100-400 ms, tight
+/// enough to pass while the command waits in a move's gap, or right as it is claimed.
+///
+/// Known bug, kept as a failing test (see `an_execution_never_starts_after_its_deadline_even_on_a_busy_runtime`
+/// in `tests/hub.rs` for the minimal case): the drain checks a claimed row's deadline when it
+/// takes the row, and the executor starts only when the spawned execution task is first polled;
+/// on a loaded machine that comes 4-55 ms later, past the deadline of some of these rows (one to
+/// six late starts per run in five runs on 2 busy cores).
+#[cfg(feature = "postgres")]
+#[ignore = "known bug: the deadline is checked when the row is claimed, not when its executor starts"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_keyed_commands_with_tight_deadlines_never_start_late() {
+    model_scenario(true).await;
+}
+
+/// The model scenario; `tight_deadlines` gives one in eight fast commands a deadline of
+/// 100-400 ms instead of 30 s.
+#[cfg(feature = "postgres")]
+async fn model_scenario(tight_deadlines: bool) {
+    use broker_dispatch::fsm::{DispatchState, FailReason};
+    use broker_dispatch::store::{PgStore, PgStoreOptions};
+
+    let Some(db) = pg::fresh() else { return };
+    let store = PgStore::connect(
+        &db.dsn,
+        PgStoreOptions {
+            schema: db.schema.clone(),
+            channel_prefix: db.schema.clone(),
+            pool_size: 2,
+            ..PgStoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let started = std::time::Instant::now();
+    let within = Duration::from_secs(45);
+
+    const NODES: usize = 3;
+    const WAVES: usize = 8;
+    const AGENTS: u64 = 3;
+    let brokers: Vec<String> = (0..6).map(|i| format!("mb-{i}")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<(String, PathBuf)> = (0..NODES)
+        .map(|i| {
+            let n = format!("m-{i}");
+            let p = dir.path().join(format!("{n}.log"));
+            (n, p)
+        })
+        .collect();
+    let mut nodes: Vec<ModelNode> = paths
+        .iter()
+        .map(|(n, p)| ModelNode::spawn(&db.dsn, &db.schema, n, p))
+        .collect();
+    let read = || ModelLogs::read(&paths);
+
+    // Where each broker is: (node index, session).
+    let mut place: Vec<(usize, String)> = Vec::new();
+    for (i, b) in brokers.iter().enumerate() {
+        let s = format!("{b}.g0");
+        nodes[i % NODES].tell(&format!("connect {b} {s}"));
+        place.push((i % NODES, s));
+    }
+    for (i, b) in brokers.iter().enumerate() {
+        let (n, s) = place[i].clone();
+        let node = nodes[n].name.clone();
+        eventually(within, &format!("{b} connected to {node}"), || async {
+            read().control(&node, "connected", b, &s).is_some()
+        })
+        .await;
+        let logs = read();
+        let (_, outcome) = logs.control(&node, "connected", b, &s).unwrap();
+        assert_eq!(outcome, "ok", "{b} on {node}");
+    }
+
+    let mut rng = support::Rng::new(42);
+    let mut seq = 0u64;
+    let mut row = |broker: &str, op: &str, ms: u64, key: Option<String>, ttl: Duration| {
+        seq += 1;
+        let mut new = NewDispatch::new(
+            BrokerId::new(broker).unwrap(),
+            op,
+            serde_json::json!({ "seq": seq, "ms": ms }),
+        );
+        new.key = key;
+        new.ttl = Some(ttl);
+        new
+    };
+    let generous = Duration::from_secs(30);
+    let mut inserted: HashSet<DispatchId> = HashSet::new();
+    let mut doomed: Vec<DispatchId> = Vec::new();
+    // (mover row, broker, node it started on, disconnect time there, key).
+    let mut moves: Vec<(DispatchId, String, String, i64)> = Vec::new();
+    let mut generation = 0;
+    for wave in 0..WAVES {
+        let m = wave % brokers.len();
+        let mb = brokers[m].clone();
+        let mut batch = Vec::new();
+        // The mover: a slow keyed command, then one of its key that cannot start before its
+        // deadline (it waits for the slow one), then more of its key.
+        let mover = row(
+            &mb,
+            "slow",
+            2_000 + rng.below(2_000),
+            Some("agent-0".into()),
+            generous,
+        );
+        let mover_id = mover.id;
+        batch.push(mover);
+        let late = row(
+            &mb,
+            "op",
+            5,
+            Some("agent-0".into()),
+            Duration::from_millis(1_000),
+        );
+        doomed.push(late.id);
+        batch.push(late);
+        for _ in 0..3 {
+            batch.push(row(
+                &mb,
+                "op",
+                rng.below(10),
+                Some("agent-0".into()),
+                generous,
+            ));
+        }
+        if wave % 2 == 1 {
+            // An unkeyed slow command elsewhere: the fast commands of its broker run beside it.
+            let b = &brokers[rng.below(brokers.len() as u64) as usize];
+            batch.push(row(b, "slow", 2_000 + rng.below(2_000), None, generous));
+        }
+        for _ in 0..90 {
+            let b = brokers[rng.below(brokers.len() as u64) as usize].clone();
+            let key = (rng.below(3) == 0).then(|| format!("agent-{}", 1 + rng.below(AGENTS)));
+            let ttl = if tight_deadlines && rng.below(8) == 0 {
+                Duration::from_millis(100 + rng.below(300))
+            } else {
+                generous
+            };
+            let mut new = row(&b, "op", rng.below(16), key, ttl);
+            match rng.below(10) {
+                0 => new.args["flaky"] = serde_json::json!(true),
+                1 => new.max_attempts = 1,
+                2 => {
+                    new.args["flaky"] = serde_json::json!(true);
+                    new.max_attempts = 1;
+                }
+                _ => {}
+            }
+            batch.push(new);
+        }
+        for d in store.insert_many(batch).await.unwrap() {
+            inserted.insert(d.id);
+        }
+
+        // Move the mover's broker while its slow command runs.
+        let (from, old) = place[m].clone();
+        let from_name = nodes[from].name.clone();
+        eventually(
+            within,
+            &format!("wave {wave}: the slow command of {mb} executing on {from_name}"),
+            || async {
+                read()
+                    .starts
+                    .iter()
+                    .any(|s| s.id == mover_id && s.node == from_name)
+            },
+        )
+        .await;
+        nodes[from].tell(&format!("disconnect {mb} {old}"));
+        eventually(
+            within,
+            &format!("{mb} disconnected from {from_name}"),
+            || async {
+                read()
+                    .control(&from_name, "disconnected", &mb, &old)
+                    .is_some()
+            },
+        )
+        .await;
+        let (gone_at, outcome) = read()
+            .control(&from_name, "disconnected", &mb, &old)
+            .cloned()
+            .unwrap();
+        assert_eq!(outcome, "ok", "disconnect of {mb} on {from_name}");
+        moves.push((mover_id, mb.clone(), from_name.clone(), gone_at));
+        generation += 1;
+        let to = (from + 1 + rng.below(NODES as u64 - 1) as usize) % NODES;
+        let new = format!("{mb}.g{generation}");
+        nodes[to].tell(&format!("connect {mb} {new}"));
+        let to_name = nodes[to].name.clone();
+        eventually(within, &format!("{mb} connected to {to_name}"), || async {
+            read().control(&to_name, "connected", &mb, &new).is_some()
+        })
+        .await;
+        let (_, outcome) = read()
+            .control(&to_name, "connected", &mb, &new)
+            .cloned()
+            .unwrap();
+        assert_eq!(outcome, "ok", "connect of {mb} on {to_name}");
+        place[m] = (to, new);
+    }
+
+    // Every row terminal (SQL on the table), and every execution that started has ended.
+    let client = pg::client(&db.dsn).await;
+    let counts = || async {
+        let r = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(*) FILTER (WHERE state IN ('pending', 'in_progress')) \
+                     FROM {}.dispatch",
+                    db.schema
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, i64>(0), r.get::<_, i64>(1))
+    };
+    eventually(within, "every row terminal", || async {
+        counts().await.1 == 0
+    })
+    .await;
+    let (total, live) = counts().await;
+    assert_eq!(live, 0);
+    assert_eq!(total as usize, inserted.len(), "rows lost or added");
+    eventually(within, "every execution's end logged", || async {
+        let logs = read();
+        logs.starts
+            .iter()
+            .all(|s| logs.ends.contains_key(&(s.id, s.attempt)))
+    })
+    .await;
+    let elapsed = started.elapsed();
+    drop(nodes);
+
+    let logs = read();
+    let rows = all_rows(&store).await;
+    let by_id: HashMap<DispatchId, &Dispatch> = rows.iter().map(|d| (d.id, d)).collect();
+    let mut problems: Vec<String> = Vec::new();
+
+    // No execution started at or after its deadline, on the executing process's clock.
+    for s in &logs.starts {
+        match s.deadline {
+            Some(deadline) if s.at >= deadline => problems.push(format!(
+                "late start: {} attempt {} on {} started {} us after its deadline",
+                s.id,
+                s.attempt,
+                s.node,
+                s.at - deadline
+            )),
+            Some(_) => {}
+            None => problems.push(format!(
+                "{} was handed to the executor without its deadline",
+                s.id
+            )),
+        }
+    }
+    // None started on a session after that process's disconnect of it returned.
+    for s in &logs.starts {
+        if let Some((gone, _)) = logs.control(&s.node, "disconnected", &s.broker, &s.session) {
+            if s.at >= *gone {
+                problems.push(format!(
+                    "{} attempt {} started on {} for session {} {} us after its disconnect returned",
+                    s.id,
+                    s.attempt,
+                    s.node,
+                    s.session,
+                    s.at - gone
+                ));
+            }
+        }
+    }
+    // Executions per id within max_attempts; no (id, attempt) twice.
+    let mut per_id: HashMap<DispatchId, Vec<&Start>> = HashMap::new();
+    let mut per_attempt: HashMap<(DispatchId, u32), u32> = HashMap::new();
+    for s in &logs.starts {
+        per_id.entry(s.id).or_default().push(s);
+        *per_attempt.entry((s.id, s.attempt)).or_default() += 1;
+        if s.execution > s.max_attempts {
+            problems.push(format!(
+                "{} execution {} of at most {}",
+                s.id, s.execution, s.max_attempts
+            ));
+        }
+    }
+    for (id, list) in &per_id {
+        let max = by_id
+            .get(id)
+            .map_or(list[0].max_attempts, |d| d.max_attempts);
+        if list.len() as u32 > max {
+            problems.push(format!(
+                "{id} executed {} times, max_attempts {max}",
+                list.len()
+            ));
+        }
+    }
+    for ((id, attempt), n) in &per_attempt {
+        if *n > 1 {
+            problems.push(format!("({id}, {attempt}) executed {n} times"));
+        }
+    }
+    // Per (broker, key): never two at once, in insertion order.
+    let mut per_key: HashMap<(&str, &str), Vec<&Start>> = HashMap::new();
+    for s in &logs.starts {
+        if let Some(k) = &s.key {
+            per_key
+                .entry((s.broker.as_str(), k.as_str()))
+                .or_default()
+                .push(s);
+        }
+    }
+    let mut keyed_executions = 0;
+    for ((broker, key), list) in per_key.iter_mut() {
+        keyed_executions += list.len();
+        list.sort_by_key(|s| s.at);
+        let mut busy: Option<(i64, DispatchId)> = None;
+        let mut latest: Option<(i64, DispatchId, u64)> = None;
+        for s in list.iter() {
+            let end = logs.ends.get(&(s.id, s.attempt)).map_or(i64::MAX, |e| e.1);
+            if let Some((until, other)) = busy {
+                if s.at < until {
+                    problems.push(format!(
+                        "{broker}/{key}: {} started while {other} was still executing",
+                        s.id
+                    ));
+                }
+            }
+            if busy.is_none_or(|(until, _)| end > until) {
+                busy = Some((end, s.id));
+            }
+            if let Some((created, id, seq)) = latest {
+                if (s.created, s.id) < (created, id) || s.seq < seq {
+                    problems.push(format!(
+                        "{broker}/{key}: {} (seq {}) started after {id} (seq {seq}), which was written later",
+                        s.id, s.seq
+                    ));
+                }
+            }
+            if latest.is_none_or(|(c, i, _)| (s.created, s.id) > (c, i)) {
+                latest = Some((s.created, s.id, s.seq));
+            }
+        }
+    }
+    // Rows against the logs: done rows executed; the doomed ones expired without executing.
+    for d in &rows {
+        assert!(inserted.contains(&d.id), "an unknown row {d:?}");
+        let execs = per_id.get(&d.id).map_or(0, Vec::len);
+        if d.state == DispatchState::Done && execs == 0 {
+            problems.push(format!("{} done without an execution", d.id));
+        }
+    }
+    for id in &doomed {
+        let d = by_id[id];
+        if per_id.contains_key(id)
+            || d.state != DispatchState::Failed
+            || d.failure != Some(FailReason::Expired)
+        {
+            problems.push(format!(
+                "{id} should have expired unexecuted behind its key's slow command: {:?} {:?}, {} executions",
+                d.state,
+                d.failure,
+                per_id.get(id).map_or(0, Vec::len)
+            ));
+        }
+    }
+    // Each move happened mid-command: the slow execution ended on the old process after its
+    // disconnect returned, and its key's next commands ran on the new one.
+    let mut moved_mid_command = 0;
+    let mut key_continued_elsewhere = 0;
+    for (mover, broker, from, gone_at) in &moves {
+        let first = per_id[mover].iter().min_by_key(|s| s.at).unwrap();
+        let ended = logs.ends.get(&(first.id, first.attempt)).map(|e| e.1);
+        if first.node == *from && ended.is_some_and(|e| e > *gone_at) {
+            moved_mid_command += 1;
+        }
+        if logs.starts.iter().any(|s| {
+            s.broker == *broker
+                && s.key.as_deref() == Some("agent-0")
+                && s.node != *from
+                && s.at > first.at
+        }) {
+            key_continued_elsewhere += 1;
+        }
+    }
+    if moved_mid_command < moves.len() {
+        problems.push(format!(
+            "only {moved_mid_command} of {} moves happened while the slow command executed",
+            moves.len()
+        ));
+    }
+    if key_continued_elsewhere == 0 {
+        problems.push("no key's commands continued on the process its broker moved to".into());
+    }
+
+    let count = |state: DispatchState| rows.iter().filter(|d| d.state == state).count();
+    let expired = rows
+        .iter()
+        .filter(|d| d.failure == Some(FailReason::Expired))
+        .count();
+    let slow = logs
+        .starts
+        .iter()
+        .filter(|s| {
+            logs.ends
+                .get(&(s.id, s.attempt))
+                .is_some_and(|e| e.1 - s.at >= 2_000_000)
+        })
+        .count();
+    eprintln!(
+        "multiprocess model: rows={total} done={} failed={} (expired={expired}) executions={} \
+         keyed_executions={keyed_executions} slow_executions={slow} moves={} \
+         moved_mid_command={moved_mid_command} key_continued_elsewhere={key_continued_elsewhere} \
+         total={elapsed:?}",
+        count(DispatchState::Done),
+        count(DispatchState::Failed),
+        logs.starts.len(),
+        moves.len(),
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
