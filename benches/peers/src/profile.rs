@@ -278,12 +278,17 @@ async fn explain_pair(env: &Env, schema: &str, label: &str) {
         &finish_params(&first, &channel),
     )
     .await;
-    let resume = explain(
-        &c,
-        &claim_sql(schema, true),
-        &claim_params("b0", 100, first.last),
-    )
-    .await;
+    let resume = match first.last {
+        Some(last) => {
+            explain(
+                &c,
+                &claim_sql(schema, true),
+                &claim_params("b0", 100, Some(last)),
+            )
+            .await
+        }
+        None => "(nothing left to claim)".to_owned(),
+    };
     c.batch_execute("ROLLBACK").await.unwrap();
     println!("\n### {label}: claim (100 rows; a first batch is already claimed in this transaction)\n```text\n{claim}\n```");
     println!("\n### {label}: finish_many of the first batch (100 rows)\n```text\n{finish}\n```");
@@ -395,13 +400,13 @@ fn sample_waits(
     })
 }
 
-async fn statements(env: &Env, schema: &str, n: u64) {
+async fn statements(env: &Env, n: u64) {
     let rows = match env
         .admin
         .query(
             "SELECT calls, rows, total_exec_time, mean_exec_time, shared_blks_hit, \
                     shared_blks_read, shared_blks_dirtied, wal_records, wal_fpi, \
-                    wal_bytes::float8, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) \
+                    wal_bytes::float8, query \
              FROM pg_stat_statements \
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                AND query NOT LIKE '%pg_stat%' AND query NOT LIKE 'SELECT count(*)%' \
@@ -417,7 +422,7 @@ async fn statements(env: &Env, schema: &str, n: u64) {
         }
     };
     println!(
-        "\n| statement ({schema} → S) | calls | rows | total ms | mean ms | blks hit/row | \
+        "\n| statement | calls | rows | total ms | mean ms | blks hit/row | \
          dirtied/row | WAL recs/row | FPI | WAL B/row |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -426,8 +431,8 @@ async fn statements(env: &Env, schema: &str, n: u64) {
         let per = |x: f64| x / (n as f64);
         let q: String = r.get(10);
         println!(
-            "| `{}` | {} | {} | {:.0} | {:.3} | {:.1} | {:.2} | {:.1} | {} | {:.0} |",
-            q.replace(schema, "S").replace('|', "\\|"),
+            "| {} | {} | {} | {:.0} | {:.3} | {:.1} | {:.2} | {:.1} | {} | {:.0} |",
+            what(&q),
             r.get::<_, i64>(0),
             r.get::<_, i64>(1),
             r.get::<_, f64>(2),
@@ -439,6 +444,32 @@ async fn statements(env: &Env, schema: &str, n: u64) {
             per(r.get::<_, f64>(9)),
         );
     }
+}
+
+/// A short name for a statement the drain sends.
+fn what(q: &str) -> String {
+    let name = if q.contains("unnest(") {
+        "finish_many"
+    } else if q.contains("SET state = 'in_progress'") {
+        "claim"
+    } else if q.contains("claimed_by = 'raw'") {
+        "raw flip"
+    } else if q.contains("affinity") {
+        "affinity (connect, touch, read)"
+    } else if q.contains("pg_notify") {
+        "notify"
+    } else {
+        return format!(
+            "`{}`",
+            q.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .chars()
+                .take(50)
+                .collect::<String>()
+        );
+    };
+    name.to_owned()
 }
 
 /// A measured drain: `what` runs it and returns its rate.
@@ -503,7 +534,7 @@ where
         "- active backends sampled every 10 ms ({total} samples): {}",
         shown.join(", ")
     );
-    statements(env, schema, n).await;
+    statements(env, n).await;
 }
 
 async fn fillfactor_demo(env: &Env, n: u64) {
