@@ -448,14 +448,20 @@ async fn statements(env: &Env, n: u64) {
 
 /// A short name for a statement the drain sends.
 fn what(q: &str) -> String {
+    // pg_stat_statements shows normalised text: literals are `$n` there.
+    let q1 = q.trim_start();
     let name = if q.contains("unnest(") {
         "finish_many"
-    } else if q.contains("SET state = 'in_progress'") {
+    } else if q1.starts_with("WITH clock") && q.contains("SKIP LOCKED") {
         "claim"
-    } else if q.contains("claimed_by = 'raw'") {
+    } else if q1.starts_with("WITH picked") && q.contains("SKIP LOCKED") {
         "raw flip"
     } else if q.contains("affinity") {
         "affinity (connect, touch, read)"
+    } else if q.contains("pg_try_advisory_xact_lock") || q.contains("SELECT DISTINCT d.broker") {
+        "sweep (lock, claimable brokers)"
+    } else if q1.starts_with("WITH picked") {
+        "sweep (expire, exhaust, purge)"
     } else if q.contains("pg_notify") {
         "notify"
     } else {
