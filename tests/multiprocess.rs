@@ -195,10 +195,13 @@ fn node_process_entry() {
                 ..HubConfig::default()
             }
         } else {
+            // Two processes take turns on one SQLite write lock, each claim, renewal and finish
+            // a write: leases leave room for a loaded machine's waits (a finish that cannot be
+            // written within one lease is left to the lease, and the row runs again).
             HubConfig {
-                lease: Duration::from_secs(2),
+                lease: Duration::from_secs(5),
                 freshness: Duration::from_secs(120),
-                poll_interval: Duration::from_millis(20),
+                poll_interval: Duration::from_millis(50),
                 sweep_interval: Duration::from_millis(200),
                 claim_batch: 64,
                 ..HubConfig::default()
