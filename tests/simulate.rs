@@ -167,14 +167,12 @@ fn seeds_that_found_bugs_stay_clean() {
     }
 }
 
-/// Known gap, not a regression (ignored until the hub closes it): the strict form of I11. On seed
-/// 2 node hub-3 starts row `…000d` (key `k0`, a 750 ms command), then loses the store at 606 ms;
-/// its lease renewals fail, the lease runs out, and at 1179 ms hub-1 (which holds the broker
-/// now) re-claims the row and runs attempt 2 while attempt 1 still runs on hub-3 until 1331 ms.
-/// The hub does not stop an execution whose lease it can no longer renew, so two executions of
-/// one key overlap. `cargo run --example simulate -- --strict --seed 2` shows the trace.
+/// The strict form of I11, on the seed that broke it: on seed 2 node hub-3 starts row `…000d`
+/// (key `k0`, a 750 ms command), then loses the store at 606 ms; its renewals fail, and hub-1
+/// (which holds the broker now) re-claims the row once the lease has run out. The first
+/// execution used to run on beside the second; now it stops a tenth of a lease before its
+/// lease is known to end, so two executions of one key never overlap.
 #[test]
-#[ignore = "known gap: a holder that loses the store runs on past its lease"]
 fn strict_key_order_holds_when_a_holder_loses_the_store() {
     let r = run_seed(
         2,
