@@ -9,14 +9,17 @@ cd "$(dirname "$0")/.."
 started=$SECONDS
 step() { printf '\n==> %s (%ss)\n' "$*" "$((SECONDS - started))"; }
 
-# The NATS and Redis transport tests start throwaway servers from the system binaries (unless
-# NATS_URL / REDIS_URL point at servers): install the binaries when they are missing.
+# The NATS, Redis and PgBouncer tests start throwaway servers from the system binaries (unless
+# NATS_URL / REDIS_URL / PGBOUNCER_URL point at servers): install the binaries when missing.
 missing=()
 if [ -z "${NATS_URL:-}" ] && ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
   missing+=(nats-server)
 fi
 if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
   missing+=(redis-server)
+fi
+if [ -z "${PGBOUNCER_URL:-}" ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+  missing+=(pgbouncer)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   step "installing ${missing[*]} for the transport tests"
