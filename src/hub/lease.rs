@@ -219,9 +219,13 @@ impl Renewal {
         if self.lost {
             return Instant::now();
         }
-        self.until
-            .checked_sub(sh.config.lease / 10)
-            .unwrap_or(self.until)
+        // Capped at a minute (no clock is that far off), and never below `now`: with a huge
+        // lease `until` is clamped to decades ahead, and a tenth of the lease subtracted from it
+        // would land in the past.
+        let margin = (sh.config.lease / 10)
+            .min(Duration::from_secs(60))
+            .min(self.until.saturating_duration_since(Instant::now()));
+        self.until.checked_sub(margin).unwrap_or(self.until)
     }
 
     fn new(sh: &Shared, until: Instant) -> Self {
