@@ -434,7 +434,13 @@ async fn listen(mut l: Listener) {
                         tracing::warn!("NATS dropped notices (slow consumer); resyncing");
                         l.bus.inject_resync();
                     }
-                    None => return,
+                    None => {
+                        // The client's event task ended with its connection handler: the
+                        // client is gone for good, whichever of its two channels says so first.
+                        tracing::error!("the NATS client stopped; closing the transport");
+                        l.bus.close();
+                        return;
+                    }
                 }
             }
             () = sleep_until(probe_deadline), if probe_deadline.is_some() => {
