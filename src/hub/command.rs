@@ -107,9 +107,14 @@ impl Command {
     /// Whether it can run on the local fast path: no row, no wait. A keyed command always takes
     /// a row, so that the claim guard orders it against the key's other commands on every node
     /// (an execution without a row would be invisible to a node the broker moves to); a
-    /// delayed one takes a row because it cannot start now.
+    /// delayed one takes a row because it cannot start now; one with an absolute `deadline`
+    /// takes a row so that the deadline is judged by the store's clock (the database's on
+    /// Postgres), the one clock every node agrees on, never by this node's.
     pub(crate) fn takes_fast_path(&self) -> bool {
-        self.key.is_none() && self.delay.is_none() && self.available_at.is_none()
+        self.key.is_none()
+            && self.delay.is_none()
+            && self.available_at.is_none()
+            && self.deadline.is_none()
     }
 }
 

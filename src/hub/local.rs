@@ -29,6 +29,8 @@ pub(crate) async fn run_local(
         // The broker left between the routing decision and now: the row finds it.
         return hub.write_and_wait(cmd, id, max_attempts, 0).await;
     };
+    // The command's window opens now: a retry row inherits what is left of it, not a new one.
+    let started = tokio::time::Instant::now();
     let d = adhoc_dispatch(id, &cmd, max_attempts, sh.now());
     let ctx = ExecContext::new(id, 1, 1, Some(session), None);
     metrics::counter!("broker_dispatch_started_total").increment(1);
@@ -62,8 +64,15 @@ pub(crate) async fn run_local(
         return Err(exec_failure(id, ExecError::Retryable { after, message }));
     }
     let window = cmd.timeout.unwrap_or(sh.config.wait_window);
-    if after >= window {
-        // The retry could not start before its deadline.
+    let left = window.saturating_sub(started.elapsed());
+    // Delays are whole milliseconds or more, like every duration a row takes.
+    let after = if after.is_zero() {
+        after
+    } else {
+        after.max(super::config::MIN_DURATION)
+    };
+    if after >= left || left < super::config::MIN_DURATION {
+        // The retry could not start before the command's deadline.
         return Err(Error::Failed {
             id,
             reason: FailReason::Expired,
@@ -72,6 +81,7 @@ pub(crate) async fn run_local(
     tracing::debug!(node = %sh.node, %id, error = %message, "fast path failed; retrying as a durable row");
     let mut retry = cmd;
     retry.delay = (!after.is_zero()).then_some(after);
+    retry.timeout = Some(left);
     hub.write_and_wait(retry, id, max_attempts, 1).await
 }
 
