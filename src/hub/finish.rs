@@ -181,18 +181,20 @@ async fn finished(sh: &Arc<Shared>, d: &Dispatch, announced: bool) {
             let reason = d.failure.as_ref().map_or("error", |f| f.kind());
             metrics::counter!("broker_dispatch_failed_total", "reason" => reason).increment(1);
         }
-        DispatchState::Pending => {
-            // Retried or handed back: its owner (maybe this node) must look again.
-            if sh.local_session(&d.broker).is_some() {
-                schedule(sh, &d.broker);
-            } else {
-                sh.publish(Notice::Signal {
-                    broker: d.broker.clone(),
-                })
-                .await;
-            }
+        DispatchState::Pending | DispatchState::InProgress => {}
+    }
+    // Retried or handed back, its owner (maybe this node) must look again; and a keyed row that
+    // ended frees its key, so the key's next row can be claimed now rather than at the next
+    // catch-up poll.
+    if d.state == DispatchState::Pending || (d.key.is_some() && d.state.is_terminal()) {
+        if sh.local_session(&d.broker).is_some() {
+            schedule(sh, &d.broker);
+        } else {
+            sh.publish(Notice::Signal {
+                broker: d.broker.clone(),
+            })
+            .await;
         }
-        DispatchState::InProgress => {}
     }
     if !announced {
         sh.publish(Notice::Event { id: d.id }).await;
