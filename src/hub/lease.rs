@@ -2,6 +2,7 @@
 //! renewal that keeps the claim (every `lease / 3`, and at once with each progress report) until
 //! the outcome is durable.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,18 +27,32 @@ enum NotStarted {
     Gone,
 }
 
+/// An execution's start, as decided once: not yet, begun, or called off before it began.
+const NOT_YET: u8 = 0;
+const STARTED: u8 = 1;
+const CALLED_OFF: u8 = 2;
+
 /// Whether the claimed row may start now: before its deadline (`start_by`, conservative), on
 /// the session it was claimed under, while the hub accepts work. Checked at the very instant
 /// the executor would be called, in the executor's own task: a check made earlier (when the row
 /// was claimed, say) can be outrun by a busy runtime that polls the task late.
+///
+/// A claim whose reply came back so late that less than a tenth of its lease is left (by this
+/// node's monotonic clock, measured from before the request left) is handed back unstarted: the
+/// row may already be another node's, and an execution started now could not renew in time.
 fn may_start(
     sh: &Shared,
     broker: &crate::fsm::BrokerId,
     session: &SessionId,
     start_by: Option<Instant>,
+    lease_until: Instant,
 ) -> Result<(), NotStarted> {
-    if start_by.is_some_and(|t| Instant::now() >= t) {
+    let now = Instant::now();
+    if start_by.is_some_and(|t| now >= t) {
         return Err(NotStarted::Late);
+    }
+    if now + sh.config.lease / 10 >= lease_until {
+        return Err(NotStarted::Gone);
     }
     if sh.is_shutting_down() || sh.local_session(broker).as_ref() != Some(session) {
         return Err(NotStarted::Gone);
@@ -68,12 +83,22 @@ pub(crate) async fn execute(
     );
     // The executor runs in a task of its own, so that a slow store answering a renewal or a
     // progress report never stalls it; dropping this execution (an aborted hub) stops it too.
+    // Whether this claim began an execution: the task sets STARTED in the same poll that calls
+    // the executor, the lease watch below sets CALLED_OFF when it gives up first; one wins.
+    let started = Arc::new(AtomicU8::new(NOT_YET));
     let mut exec = {
         let sh = Arc::clone(&sh);
         let dispatch = d.clone();
         let session = session.clone();
+        let started = Arc::clone(&started);
         AbortOnDrop(tokio::spawn(async move {
-            may_start(&sh, &dispatch.broker, &session, start_by)?;
+            may_start(&sh, &dispatch.broker, &session, start_by, lease_until)?;
+            if started
+                .compare_exchange(NOT_YET, STARTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return Err(NotStarted::Gone);
+            }
             metrics::counter!("broker_dispatch_started_total").increment(1);
             // Called in the same poll as the check above: nothing runs in between.
             let run = run_guarded(sh.executor.execute(ctx, &dispatch));
@@ -119,7 +144,15 @@ pub(crate) async fn execute(
                 // moved on): stop the execution before the lease runs out, so it never runs
                 // beside the next holder of the row or of its ordering key. The row is
                 // re-claimed once the lease has lapsed.
+                let called_off = started
+                    .compare_exchange(NOT_YET, CALLED_OFF, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
                 drop(exec);
+                if called_off {
+                    // Never begun (the claim's answer came too late to start it): hand it back
+                    // without using up an execution, while the claim still holds.
+                    break Err(NotStarted::Gone);
+                }
                 metrics::counter!("broker_dispatch_abandoned_total").increment(1);
                 tracing::warn!(node = %sh.node, id = %d.id, "lease about to run out without a renewal; execution stopped");
                 r.slot_freed();
