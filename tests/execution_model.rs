@@ -613,3 +613,233 @@ async fn two_waiters_on_one_dispatch_both_hear_of_its_end_at_once() {
         );
     }
 }
+
+/// The next command of a key is claimed as soon as the previous one ends, not at the next
+/// catch-up poll: with polling effectively off (60 s), five keyed 10 ms commands finish in well
+/// under a second of (paused) time.
+#[tokio::test(start_paused = true)]
+async fn the_next_command_of_a_key_starts_when_the_previous_ends_not_at_the_next_poll() {
+    let cfg = HubConfig {
+        poll_interval: Duration::from_secs(60),
+        sweep_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let c = cluster(2, cfg, Arc::new(MemoryStore::new())).await;
+    let b = broker("b");
+    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    let started = Instant::now();
+    let sent = c.hubs[1]
+        .send_many((0..5).map(|_| cmd(&b, "fast").key("agent-1")).collect())
+        .await
+        .unwrap();
+    for r in &sent {
+        c.hubs[1].wait(r.id).await.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "five keyed 10 ms commands took {took:?}: a successor waited for a poll"
+    );
+}
+
+/// A command whose absolute deadline has passed never runs, even for a broker connected to
+/// the very node it was given to (it takes a row, judged by the store's clock).
+#[tokio::test(start_paused = true)]
+async fn a_past_deadline_never_runs_even_on_the_node_holding_the_broker() {
+    let c = cluster(1, config(), Arc::new(MemoryStore::new())).await;
+    let b = broker("b");
+    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    let past = c.clock.now();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let err = c.hubs[0]
+        .dispatch(cmd(&b, "fast").deadline(past))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                reason: FailReason::Expired,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(c.log.lock().is_empty(), "it ran: {:?}", c.log.lock());
+    // A future deadline runs, before it.
+    let later = c.clock.now().saturating_add(Duration::from_secs(5));
+    let out = c.hubs[0]
+        .dispatch(cmd(&b, "fast").deadline(later))
+        .await
+        .unwrap();
+    assert_eq!(out, json!("fast"));
+    let log = c.log.lock().clone();
+    assert_eq!(log.len(), 1);
+    assert!(
+        log[0].start < later && log[0].deadline == Some(later),
+        "{log:?}"
+    );
+}
+
+/// `delay` and `available_at` hold a command back on every route, the connected node's too.
+#[tokio::test(start_paused = true)]
+async fn delayed_commands_start_no_earlier_than_asked() {
+    let c = cluster(2, config(), Arc::new(MemoryStore::new())).await;
+    let b = broker("b");
+    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    let t0 = c.clock.now();
+    let by_delay = c.hubs[0]
+        .send(cmd(&b, "delay").delay(Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .id;
+    let at = t0.saturating_add(Duration::from_secs(3));
+    let by_instant = c.hubs[1]
+        .send(cmd(&b, "instant").available_at(at))
+        .await
+        .unwrap()
+        .id;
+    for id in [by_delay, by_instant] {
+        c.hubs[1].wait(id).await.unwrap();
+    }
+    let log = c.log.lock().clone();
+    let start = |id| log.iter().find(|r| r.id == id).unwrap().start;
+    assert!(
+        start(by_delay) >= t0.saturating_add(Duration::from_secs(2)),
+        "{log:?}"
+    );
+    assert!(start(by_instant) >= at, "{log:?}");
+}
+
+/// A fast-path failure's retry row inherits what is left of the command's window: its deadline
+/// is the one the command had when it was first given, not a new window from the retry.
+#[tokio::test(start_paused = true)]
+async fn a_fast_path_retry_keeps_the_commands_original_deadline() {
+    /// Fails retryably after 1 s on its first execution; records each execution's deadline.
+    #[derive(Clone)]
+    struct SlowFlaky(Arc<Mutex<Vec<Option<Timestamp>>>>);
+    #[async_trait]
+    impl Executor for SlowFlaky {
+        async fn execute(
+            &self,
+            ctx: ExecContext,
+            d: &Dispatch,
+        ) -> Result<serde_json::Value, ExecError> {
+            self.0.lock().push(d.deadline);
+            if ctx.execution() == 1 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Err(ExecError::retry_after(
+                    Duration::from_millis(100),
+                    "not yet",
+                ));
+            }
+            Ok(json!("second"))
+        }
+    }
+    let clock = Arc::new(PausedClock(Instant::now()));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hub = Hub::builder(NodeId::new("n").unwrap())
+        .store(Arc::new(MemoryStore::new()))
+        .transport(Arc::new(MemoryTransport::new()))
+        .executor(Arc::new(SlowFlaky(Arc::clone(&seen))))
+        .clock(clock.clone())
+        .config(config())
+        .start()
+        .await
+        .unwrap();
+    let b = broker("b");
+    hub.connect(b.clone(), session("s")).await.unwrap();
+    let given = clock.now();
+    let out = hub
+        .dispatch(cmd(&b, "x").timeout(Duration::from_secs(4)))
+        .await
+        .unwrap();
+    assert_eq!(out, json!("second"));
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let deadline = seen[1].expect("the retry row has a deadline");
+    assert!(
+        deadline <= given.saturating_add(Duration::from_secs(4)),
+        "the retry's deadline {deadline:?} is past the command's window (given at {given:?})"
+    );
+}
+
+/// A fast-path execution that runs past `execute_timeout` becomes a durable row, which runs
+/// again (a second execution) while attempts remain.
+#[tokio::test(start_paused = true)]
+async fn a_fast_path_timeout_with_attempts_left_becomes_a_row_that_runs() {
+    #[derive(Clone)]
+    struct HangsOnce(Arc<Mutex<Vec<u32>>>);
+    #[async_trait]
+    impl Executor for HangsOnce {
+        async fn execute(
+            &self,
+            ctx: ExecContext,
+            _d: &Dispatch,
+        ) -> Result<serde_json::Value, ExecError> {
+            self.0.lock().push(ctx.execution());
+            if ctx.execution() == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(json!("second"))
+        }
+    }
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let hub = Hub::builder(NodeId::new("n").unwrap())
+        .store(Arc::new(MemoryStore::new()))
+        .transport(Arc::new(MemoryTransport::new()))
+        .executor(Arc::new(HangsOnce(Arc::clone(&runs))))
+        .config(HubConfig {
+            execute_timeout: Duration::from_secs(1),
+            ..config()
+        })
+        .start()
+        .await
+        .unwrap();
+    let b = broker("b");
+    hub.connect(b.clone(), session("s")).await.unwrap();
+    let out = hub.dispatch(cmd(&b, "x").max_attempts(2)).await.unwrap();
+    assert_eq!(out, json!("second"));
+    assert_eq!(*runs.lock(), vec![1, 2]);
+    let all = rows(&**hub.store()).await;
+    assert_eq!(all.len(), 1, "one durable row for the retry");
+    assert_eq!(all[0].state, DispatchState::Done);
+}
+
+/// A claim whose answer arrives after most of its lease is gone is handed back unstarted (the
+/// row could already be another node's): the row runs later on a fresh claim, as its first
+/// execution.
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_too_late_to_keep_its_lease_is_handed_back_unstarted() {
+    let store = Arc::new(GatedClaims {
+        inner: MemoryStore::new(),
+        gate: Notify::new(),
+        held: Mutex::new(true),
+    });
+    let cfg = HubConfig {
+        // No store timeout cuts the held claim short.
+        store_timeout: Duration::from_secs(60),
+        ..config()
+    };
+    let c = cluster(1, cfg.clone(), store.clone()).await;
+    let b = broker("b");
+    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    let id = c.hubs[0]
+        .send(cmd(&b, "once").max_attempts(1))
+        .await
+        .unwrap()
+        .id;
+    until(Duration::from_secs(1), "the claim is in flight", || {
+        store.gate_waiting()
+    })
+    .await;
+    // The answer comes back when only 5% of the 2 s lease is left.
+    tokio::time::sleep(cfg.lease.mul_f64(0.95)).await;
+    *store.held.lock() = false;
+    store.gate.notify_one();
+    let out = c.hubs[0].wait(id).await.unwrap();
+    assert_eq!(out, json!("once"));
+    let log = c.log.lock().clone();
+    assert_eq!(log.len(), 1, "ran exactly once: {log:?}");
+    assert_eq!((log[0].attempt, log[0].execution), (2, 1), "{log:?}");
+}

@@ -1186,3 +1186,103 @@ fn fail_reason_parts_round_trip() {
     }
     assert!(FailReason::from_parts("nope", None).is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ordering keys: `claim_order`, one row of the rule per test.
+
+/// Row `n` of one broker, created `n` seconds after `T0`, with ordering key `key`.
+fn keyed(n: u128, key: Option<&str>) -> Dispatch {
+    with(pending(), |d| {
+        d.id = DispatchId::from_uuid(uuid::Uuid::from_u128(
+            0x0190_0000_0000_7000_8000_0000_0000_0100 + n,
+        ));
+        d.created_at = ts(T0 + n as i64 * SEC);
+        d.available_at = d.created_at;
+        d.key = key.map(str::to_owned);
+        d.idempotency_key = None;
+    })
+}
+
+fn order_of(rows: &[Dispatch], limit: usize) -> Vec<DispatchId> {
+    let refs: Vec<&Dispatch> = rows.iter().collect();
+    broker_dispatch::fsm::claim_order(&refs, ts(NOW), limit)
+}
+
+#[test]
+fn key_one_claim_takes_only_the_oldest_row_of_a_key() {
+    let rows = [
+        keyed(1, Some("a")),
+        keyed(2, Some("a")),
+        keyed(3, None),
+        keyed(4, Some("b")),
+        keyed(5, Some("b")),
+    ];
+    assert_eq!(
+        order_of(&rows, 10),
+        vec![rows[0].id, rows[2].id, rows[3].id],
+        "one per key, oldest first; unkeyed rows are never held back"
+    );
+}
+
+#[test]
+fn key_a_held_row_blocks_its_key_whatever_its_age() {
+    // The held row is younger than the pending one: one at a time still holds.
+    let held = with(keyed(2, Some("a")), |d| {
+        d.state = DispatchState::InProgress;
+        d.attempt = 1;
+        d.claimed_by = Some(node("n1"));
+        d.lease_until = Some(ts(NOW + SEC));
+    });
+    let rows = [keyed(1, Some("a")), held];
+    assert_eq!(order_of(&rows, 10), Vec::<DispatchId>::new());
+}
+
+#[test]
+fn key_a_held_row_with_a_lapsed_lease_is_reclaimed_first_and_blocks_the_rest() {
+    let lapsed = with(keyed(1, Some("a")), |d| {
+        d.state = DispatchState::InProgress;
+        d.attempt = 1;
+        d.claimed_by = Some(node("n1"));
+        d.lease_until = Some(ts(NOW - SEC));
+    });
+    let rows = [lapsed.clone(), keyed(2, Some("a"))];
+    assert_eq!(order_of(&rows, 10), vec![lapsed.id]);
+}
+
+#[test]
+fn key_a_retried_row_keeps_its_place_while_it_waits() {
+    // Handed back for a retry at NOW + 5 s: not claimable yet, and its key waits behind it.
+    let retried = with(keyed(1, Some("a")), |d| {
+        d.attempt = 1;
+        d.available_at = ts(NOW + 5 * SEC);
+    });
+    let rows = [retried, keyed(2, Some("a")), keyed(3, None)];
+    assert_eq!(order_of(&rows, 10), vec![rows[2].id]);
+}
+
+#[test]
+fn key_a_dead_row_stops_holding_up_its_key_before_the_sweeper_fails_it() {
+    let expired = with(keyed(1, Some("a")), |d| d.deadline = Some(ts(NOW)));
+    let rows = [expired, keyed(2, Some("a"))];
+    assert_eq!(order_of(&rows, 10), vec![rows[1].id]);
+}
+
+#[test]
+fn key_the_same_key_of_another_broker_is_another_key() {
+    let other = with(keyed(2, Some("a")), |d| {
+        d.broker = BrokerId::new("broker-2").unwrap()
+    });
+    let rows = [keyed(1, Some("a")), other];
+    assert_eq!(order_of(&rows, 10), vec![rows[0].id, rows[1].id]);
+}
+
+#[test]
+fn key_the_limit_counts_claimed_rows_only() {
+    let rows = [
+        keyed(1, Some("a")),
+        keyed(2, Some("a")),
+        keyed(3, Some("a")),
+        keyed(4, None),
+    ];
+    assert_eq!(order_of(&rows, 2), vec![rows[0].id, rows[3].id]);
+}
