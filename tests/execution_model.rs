@@ -843,3 +843,67 @@ async fn a_claim_answered_too_late_to_keep_its_lease_is_handed_back_unstarted() 
     assert_eq!(log.len(), 1, "ran exactly once: {log:?}");
     assert_eq!((log[0].attempt, log[0].execution), (2, 1), "{log:?}");
 }
+
+/// Counts the signals a hub publishes, per broker.
+#[derive(Debug, Clone)]
+struct CountingTransport {
+    inner: MemoryTransport,
+    signals: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+#[async_trait]
+impl broker_dispatch::transport::Transport for CountingTransport {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    async fn subscribe(
+        &self,
+    ) -> Result<broker_dispatch::transport::Subscription, broker_dispatch::TransportError> {
+        self.inner.subscribe().await
+    }
+    async fn publish(
+        &self,
+        notice: broker_dispatch::transport::Notice,
+    ) -> Result<(), broker_dispatch::TransportError> {
+        if let broker_dispatch::transport::Notice::Signal { broker } = &notice {
+            *self
+                .signals
+                .lock()
+                .entry(broker.as_str().to_owned())
+                .or_default() += 1;
+        }
+        self.inner.publish(notice).await
+    }
+}
+
+/// `send_many` wakes each broker's owner once, however many of its commands the batch holds.
+#[tokio::test(start_paused = true)]
+async fn send_many_wakes_each_brokers_owner_once() {
+    let signals = Arc::new(Mutex::new(BTreeMap::new()));
+    let hub = Hub::builder(NodeId::new("originator").unwrap())
+        .store(Arc::new(MemoryStore::new()))
+        .transport(Arc::new(CountingTransport {
+            inner: MemoryTransport::new(),
+            signals: Arc::clone(&signals),
+        }))
+        .executor(Arc::new(Logged {
+            node: NodeId::new("originator").unwrap(),
+            clock: Arc::new(PausedClock(Instant::now())),
+            log: Arc::new(Mutex::new(Vec::new())),
+        }))
+        .config(config())
+        .start()
+        .await
+        .unwrap();
+    let (b1, b2) = (broker("b1"), broker("b2"));
+    let batch: Vec<Command> = (0..30)
+        .map(|i| cmd(if i % 3 == 0 { &b1 } else { &b2 }, "ok"))
+        .collect();
+    assert_eq!(hub.send_many(batch).await.unwrap().len(), 30);
+    let counted = signals.lock().clone();
+    assert_eq!(
+        counted,
+        BTreeMap::from([("b1".to_owned(), 1), ("b2".to_owned(), 1)]),
+        "one wake-up per broker"
+    );
+}
