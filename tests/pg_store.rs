@@ -915,3 +915,78 @@ async fn an_abandoned_call_does_not_poison_the_pool() {
         .unwrap();
     assert_eq!(row.map(|d| d.attempt), Some(1));
 }
+
+/// A fresh store whose statements go out unnamed (`prepared_statements: false`, the setting
+/// for PgBouncer's transaction pooling), for one conformance case.
+async fn unnamed_conformance_store() -> Option<Arc<dyn Store>> {
+    let db = pg::fresh()?;
+    let store = store_on(
+        &db.dsn,
+        &db.schema,
+        PgStoreOptions {
+            prepared_statements: false,
+            ..PgStoreOptions::default()
+        },
+    )
+    .await;
+    Some(Arc::new(store))
+}
+
+/// The whole conformance suite again with unnamed statements: the same answers, row for row.
+mod conformance_unnamed_statements {
+    use super::*;
+
+    broker_dispatch::store_conformance_tests!(std::future::ready(
+        match unnamed_conformance_store().await {
+            Some(store) => store,
+            None => return,
+        }
+    ));
+}
+
+/// With `prepared_statements: false` no statement outlives its own execution on the server
+/// connection (what transaction pooling needs); by default the store's statements stay
+/// prepared there.
+#[tokio::test]
+async fn unnamed_statements_leave_nothing_prepared_on_the_connection() {
+    let Some(db) = pg::fresh() else { return };
+    for (named, expect_some) in [(false, false), (true, true)] {
+        let store = store_on(
+            &db.dsn,
+            &format!("{}_{named}", db.schema),
+            PgStoreOptions {
+                pool_size: 1,
+                prepared_statements: named,
+                ..PgStoreOptions::default()
+            },
+        )
+        .await;
+        store
+            .insert(NewDispatch::new(b("b"), "op", serde_json::json!({})))
+            .await
+            .unwrap();
+        let claimed = store
+            .claim(ClaimParams {
+                now: None,
+                ..claim("b", "n", 10, 30_000_000, 0)
+            })
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        store.get(claimed[0].id()).await.unwrap();
+        let client = store.pool().get().await.unwrap();
+        // The simple query protocol prepares nothing itself.
+        let rows = client
+            .simple_query("SELECT count(*) FROM pg_prepared_statements")
+            .await
+            .unwrap();
+        let count: i64 = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(count > 0, expect_some, "named={named}: {count} prepared");
+    }
+}

@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, NoTls, Row, ToStatement};
+use tokio_postgres::{GenericClient, NoTls, Row};
 use uuid::Uuid;
 
 use super::{
@@ -32,20 +32,24 @@ use crate::fsm::{
 };
 use crate::transport::postgres::{check_channel_prefix, event_channel, signal_channel};
 
+mod statements;
+
+use statements::{Caller, Db, Statements};
+
 /// The migrations, in order: `(version, SQL)`. `{schema}` stands for the quoted schema name.
 const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("migrations/postgres/0001_init.sql")),
+    (1, include_str!("../migrations/postgres/0001_init.sql")),
     (
         2,
-        include_str!("migrations/postgres/0002_narrow_lease_index.sql"),
+        include_str!("../migrations/postgres/0002_narrow_lease_index.sql"),
     ),
     (
         3,
-        include_str!("migrations/postgres/0003_partial_idempotency_key.sql"),
+        include_str!("../migrations/postgres/0003_partial_idempotency_key.sql"),
     ),
     (
         4,
-        include_str!("migrations/postgres/0004_keys_and_hand_backs.sql"),
+        include_str!("../migrations/postgres/0004_keys_and_hand_backs.sql"),
     ),
 ];
 
@@ -83,8 +87,17 @@ pub struct PgStoreOptions {
     pub connect_timeout: Duration,
     /// The server-side `statement_timeout` of every pooled connection, if any
     /// ([`PgStore::connect`] only). A statement that runs out is reported as
-    /// [`StoreError::Unavailable`]: the same call may well succeed later.
+    /// [`StoreError::Unavailable`]: the same call may well succeed later. Sent as a startup
+    /// parameter, which PgBouncer does not pass on: behind it, set `statement_timeout` on the
+    /// role or database instead (`ALTER ROLE … SET statement_timeout = …`).
     pub statement_timeout: Option<Duration>,
+    /// Whether statements are prepared once per connection and cached (default `true`, the
+    /// fastest). Set it to `false` behind PgBouncer in **transaction pooling** mode (any
+    /// version): every statement then goes out unnamed, with its parameter types, in the same
+    /// round trip as its execution, so nothing outlives a transaction on the server connection
+    /// the pooler lent. Also set `notify: false` there and use a transport that needs no
+    /// LISTEN (NATS, Redis): a LISTEN cannot outlive a transaction either.
+    pub prepared_statements: bool,
 }
 
 impl Default for PgStoreOptions {
@@ -97,6 +110,7 @@ impl Default for PgStoreOptions {
             notify: true,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: None,
+            prepared_statements: true,
         }
     }
 }
@@ -173,7 +187,7 @@ impl Sql {
         let holder = |set: &str, guard: &str| {
             format!(
                 "{} UPDATE {s}.dispatch AS d SET {set}, updated_at = clock.now FROM clock \
-                 WHERE d.id = $1 AND d.attempt = $3 AND d.state = 'in_progress'{guard} \
+                 WHERE d.id = $1::uuid AND d.attempt = $3::bigint AND d.state = 'in_progress'{guard} \
                  RETURNING {COLS}",
                 clock(2)
             )
@@ -319,7 +333,7 @@ impl Sql {
             cancel: format!(
                 "{} UPDATE {s}.dispatch AS d \
                  SET state = 'failed', failure = $3::json, updated_at = clock.now FROM clock \
-                 WHERE d.id = $1 AND d.state = 'pending' RETURNING {COLS}",
+                 WHERE d.id = $1::uuid AND d.state = 'pending' RETURNING {COLS}",
                 clock(2)
             ),
             read_at: format!(
@@ -431,6 +445,8 @@ pub struct PgStore {
     codec: Option<Arc<dyn ArgsCodec>>,
     sweep_key: i64,
     notify: bool,
+    /// [`PgStoreOptions::prepared_statements`].
+    named: bool,
 }
 
 impl fmt::Debug for PgStore {
@@ -662,6 +678,7 @@ impl PgStore {
             event_channel: event_channel(&options.channel_prefix).into(),
             codec: options.args_codec,
             notify: options.notify,
+            named: options.prepared_statements,
         })
     }
 
@@ -773,13 +790,7 @@ impl PgStore {
     where
         C: GenericClient + Sync,
     {
-        self.insert_on(
-            client,
-            self.sql.insert.as_str(),
-            self.sql.find_existing.as_str(),
-            new,
-        )
-        .await
+        self.insert_on(&Caller(client), new).await
     }
 
     async fn client(&self) -> Result<Conn, StoreError> {
@@ -787,18 +798,20 @@ impl PgStore {
         Ok(Conn { obj: Some(obj) })
     }
 
-    async fn insert_on<C, S1, S2>(
+    /// A pooled connection (or one of its transactions) as the store runs statements on it.
+    fn db<'a>(&self, client: &'a deadpool_postgres::ClientWrapper) -> Db<'a> {
+        Db::Client(client, self.named)
+    }
+
+    fn tx<'a>(&self, tx: &'a deadpool_postgres::Transaction<'a>) -> Db<'a> {
+        Db::Tx(tx, self.named)
+    }
+
+    async fn insert_on(
         &self,
-        client: &C,
-        insert: &S1,
-        find: &S2,
+        db: &dyn Statements,
         new: NewDispatch,
-    ) -> Result<Dispatch, StoreError>
-    where
-        C: GenericClient + Sync,
-        S1: ?Sized + ToStatement + Sync + Send,
-        S2: ?Sized + ToStatement + Sync + Send,
-    {
+    ) -> Result<Dispatch, StoreError> {
         new.validate()?;
         let args = match &self.codec {
             Some(codec) => codec.encode(&new.args)?,
@@ -815,9 +828,9 @@ impl PgStore {
         let channel: Option<&str> = self.notify.then_some(&*self.signal_channel);
         // A conflicting row can vanish (purged) between the insert and the lookup: try again.
         for _ in 0..3 {
-            let inserted = client
-                .query_opt(
-                    insert,
+            let inserted = db
+                .row(
+                    &self.sql.insert,
                     &[
                         id,
                         &new.broker.as_str(),
@@ -840,8 +853,8 @@ impl PgStore {
             if let Some(row) = inserted {
                 return self.decode(&row);
             }
-            let existing = client
-                .query_opt(find, &[id, &new.idempotency_key])
+            let existing = db
+                .row(&self.sql.find_existing, &[id, &new.idempotency_key])
                 .await
                 .map_err(map_pg)?;
             if let Some(row) = existing {
@@ -877,17 +890,13 @@ impl PgStore {
         all.extend_from_slice(params);
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
+            let db = self.db(&client);
             for _ in 0..3 {
-                let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
-                if let Some(row) = client.query_opt(&stmt, &all).await.map_err(map_pg)? {
+                if let Some(row) = db.row(sql, &all).await.map_err(map_pg)? {
                     return self.decode(&row);
                 }
-                let read = client
-                    .prepare_cached(&self.sql.read_at)
-                    .await
-                    .map_err(map_pg)?;
-                let Some(row) = client
-                    .query_opt(&read, &[uuid, &now])
+                let Some(row) = db
+                    .row(&self.sql.read_at, &[uuid, &now])
                     .await
                     .map_err(map_pg)?
                 else {
@@ -992,19 +1001,7 @@ impl Store for PgStore {
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         new.validate()?;
         let client = self.client().await?;
-        let r: Result<_, StoreError> = async {
-            let insert = client
-                .prepare_cached(&self.sql.insert)
-                .await
-                .map_err(map_pg)?;
-            let find = client
-                .prepare_cached(&self.sql.find_existing)
-                .await
-                .map_err(map_pg)?;
-            let plain: &tokio_postgres::Client = &client;
-            self.insert_on(plain, &insert, &find, new).await
-        }
-        .await;
+        let r: Result<_, StoreError> = async { self.insert_on(&self.db(&client), new).await }.await;
         settle(client, r)
     }
 
@@ -1051,14 +1048,11 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let r: Result<_, StoreError> = async {
             let tx = client.transaction().await.map_err(map_pg)?;
-            let stmt = tx
-                .prepare_cached(&self.sql.insert_many)
-                .await
-                .map_err(map_pg)?;
+            let db = self.tx(&tx);
             let channel: Option<&str> = self.notify.then_some(&*self.signal_channel);
-            let rows = tx
-                .query(
-                    &stmt,
+            let rows = db
+                .rows(
+                    &self.sql.insert_many,
                     &[
                         &ids,
                         &brokers,
@@ -1083,17 +1077,16 @@ impl Store for PgStore {
                 let d = self.decode(row)?;
                 inserted.insert(d.id, d);
             }
-            let find = tx
-                .prepare_cached(&self.sql.find_existing)
-                .await
-                .map_err(map_pg)?;
             let mut out = Vec::with_capacity(batch.len());
             for new in &batch {
                 let d = match inserted.get(&new.id) {
                     Some(d) => d.clone(),
                     None => {
-                        let row = tx
-                            .query_opt(&find, &[new.id.as_uuid(), &new.idempotency_key])
+                        let row = db
+                            .row(
+                                &self.sql.find_existing,
+                                &[new.id.as_uuid(), &new.idempotency_key],
+                            )
                             .await
                             .map_err(map_pg)?
                             .ok_or_else(|| {
@@ -1123,13 +1116,10 @@ impl Store for PgStore {
         p.validate()?;
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
-            let stmt = client
-                .prepare_cached(&self.sql.claim)
-                .await
-                .map_err(map_pg)?;
-            let rows = client
-                .query(
-                    &stmt,
+            let rows = self
+                .db(&client)
+                .rows(
+                    &self.sql.claim,
                     &[
                         &p.broker.as_str(),
                         &p.node.as_str(),
@@ -1252,9 +1242,8 @@ impl Store for PgStore {
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
-            let stmt = client.prepare_cached(&self.sql.get).await.map_err(map_pg)?;
-            client
-                .query_opt(&stmt, &[id.as_uuid()])
+            self.db(&client)
+                .row(&self.sql.get, &[id.as_uuid()])
                 .await
                 .map_err(map_pg)?
                 .map(|r| self.decode(&r))
@@ -1268,15 +1257,15 @@ impl Store for PgStore {
         check_limit(f.limit)?;
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
-            let stmt = client
-                .prepare_cached(&self.sql.list)
-                .await
-                .map_err(map_pg)?;
             let broker = f.broker.as_ref().map(BrokerId::as_str);
             let state = f.state.map(DispatchState::as_str);
             let after = f.after.as_ref().map(DispatchId::as_uuid);
-            let rows = client
-                .query(&stmt, &[&broker, &state, &after, &i64::from(f.limit)])
+            let rows = self
+                .db(&client)
+                .rows(
+                    &self.sql.list,
+                    &[&broker, &state, &after, &i64::from(f.limit)],
+                )
                 .await
                 .map_err(map_pg)?;
             rows.iter().map(|r| self.decode(r)).collect()
@@ -1291,14 +1280,17 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let r: Result<_, StoreError> = async {
             let tx = client.transaction().await.map_err(map_pg)?;
-            let lock = tx
-                .prepare_cached(&self.sql.sweep_lock)
+            let db = self.tx(&tx);
+            let row = db
+                .row(
+                    &self.sql.sweep_lock,
+                    &[&self.sweep_key, &p.now.map(Timestamp::as_micros)],
+                )
                 .await
-                .map_err(map_pg)?;
-            let row = tx
-                .query_one(&lock, &[&self.sweep_key, &p.now.map(Timestamp::as_micros)])
-                .await
-                .map_err(map_pg)?;
+                .map_err(map_pg)?
+                .ok_or_else(|| {
+                    StoreError::Backend("the sweep lock query returned no row".into())
+                })?;
             let held: bool = row.get(0);
             if !held {
                 tx.rollback().await.map_err(map_pg)?;
@@ -1313,51 +1305,38 @@ impl Store for PgStore {
                 ids.sort();
                 ids
             };
-            let expire = tx
-                .prepare_cached(&self.sql.sweep_expire)
-                .await
-                .map_err(map_pg)?;
-            let expired = ids(tx
-                .query(&expire, &[&now, &limit, &to_json(&FailReason::Expired)?])
+            let expired = ids(db
+                .rows(
+                    &self.sql.sweep_expire,
+                    &[&now, &limit, &to_json(&FailReason::Expired)?],
+                )
                 .await
                 .map_err(map_pg)?);
-            let exhaust = tx
-                .prepare_cached(&self.sql.sweep_exhaust)
-                .await
-                .map_err(map_pg)?;
-            let exhausted = ids(tx
-                .query(
-                    &exhaust,
+            let exhausted = ids(db
+                .rows(
+                    &self.sql.sweep_exhaust,
                     &[&now, &limit, &to_json(&FailReason::AttemptsExhausted)?],
                 )
                 .await
                 .map_err(map_pg)?);
-            let claimable = tx
-                .prepare_cached(&self.sql.sweep_claimable)
-                .await
-                .map_err(map_pg)?;
-            let claimable = tx
-                .query(&claimable, &[&now, &limit])
+            let claimable = db
+                .rows(&self.sql.sweep_claimable, &[&now, &limit])
                 .await
                 .map_err(map_pg)?
                 .iter()
                 .map(|r| BrokerId::new(r.get::<_, String>(0)).map_err(corrupt))
                 .collect::<Result<Vec<_>, _>>()?;
-            let pending = tx
-                .prepare_cached(&self.sql.sweep_pending)
+            let pending = db
+                .row(&self.sql.sweep_pending, &[])
                 .await
-                .map_err(map_pg)?;
-            let pending = tx.query_one(&pending, &[]).await.map_err(map_pg)?;
+                .map_err(map_pg)?
+                .ok_or_else(|| StoreError::Backend("the pending count returned no row".into()))?;
             let (pending, oldest_pending): (i64, Option<i64>) = (pending.get(0), pending.get(1));
             let cutoff = Timestamp::from_micros(now)
                 .saturating_sub(p.retention)
                 .as_micros();
-            let purge = tx
-                .prepare_cached(&self.sql.sweep_purge)
-                .await
-                .map_err(map_pg)?;
-            let purged = tx
-                .execute(&purge, &[&cutoff, &limit])
+            let purged = db
+                .count(&self.sql.sweep_purge, &[&cutoff, &limit])
                 .await
                 .map_err(map_pg)?;
             tx.commit().await.map_err(map_pg)?;
@@ -1378,19 +1357,12 @@ impl Store for PgStore {
     async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
-            let connect = client
-                .prepare_cached(&self.sql.connect)
-                .await
-                .map_err(map_pg)?;
-            let read = client
-                .prepare_cached(&self.sql.affinity)
-                .await
-                .map_err(map_pg)?;
+            let db = self.db(&client);
             let now = p.now.map(Timestamp::as_micros);
             for _ in 0..3 {
-                let claimed = client
-                    .query_opt(
-                        &connect,
+                let claimed = db
+                    .row(
+                        &self.sql.connect,
                         &[
                             &p.broker.as_str(),
                             &p.node.as_str(),
@@ -1404,8 +1376,8 @@ impl Store for PgStore {
                 if let Some(row) = claimed {
                     return Ok(ConnectOutcome::Claimed(decode_affinity(&row)?));
                 }
-                if let Some(row) = client
-                    .query_opt(&read, &[&p.broker.as_str()])
+                if let Some(row) = db
+                    .row(&self.sql.affinity, &[&p.broker.as_str()])
                     .await
                     .map_err(map_pg)?
                 {
@@ -1431,12 +1403,8 @@ impl Store for PgStore {
     async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
-            let stmt = client
-                .prepare_cached(&self.sql.affinity)
-                .await
-                .map_err(map_pg)?;
-            client
-                .query_opt(&stmt, &[&broker.as_str()])
+            self.db(&client)
+                .row(&self.sql.affinity, &[&broker.as_str()])
                 .await
                 .map_err(map_pg)?
                 .map(|r| decode_affinity(&r))
@@ -1515,14 +1483,10 @@ impl PgStore {
             Err(e) => return super::batch_failure(&e, n),
         };
         let r: Result<_, StoreError> = async {
-            let stmt = client
-                .prepare_cached(&self.sql.finish_many)
-                .await
-                .map_err(map_pg)?;
             let channel: Option<&str> = self.notify.then_some(&*self.event_channel);
-            client
-                .query(
-                    &stmt,
+            self.db(&client)
+                .rows(
+                    &self.sql.finish_many,
                     &[
                         &ids, &attempts, &kinds, &results, &failures, &delays, &ats, &channel,
                     ],
@@ -1570,13 +1534,9 @@ impl PgStore {
             return;
         };
         let r: Result<_, StoreError> = async {
-            let stmt = client
-                .prepare_cached(&self.sql.notify)
-                .await
-                .map_err(map_pg)?;
             let channel: &str = &self.event_channel;
-            client
-                .execute(&stmt, &[&channel, &id.to_string()])
+            self.db(&client)
+                .count(&self.sql.notify, &[&channel, &id.to_string()])
                 .await
                 .map_err(map_pg)
         }
@@ -1591,10 +1551,10 @@ impl PgStore {
     async fn affinity_cas(&self, sql: &str, p: DisconnectParams) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
-            let stmt = client.prepare_cached(sql).await.map_err(map_pg)?;
-            let n = client
-                .execute(
-                    &stmt,
+            let n = self
+                .db(&client)
+                .count(
+                    sql,
                     &[
                         &p.broker.as_str(),
                         &p.node.as_str(),
@@ -1899,6 +1859,46 @@ impl Drop for PgImport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every statement the store runs can go out unnamed: each parameter carries a cast the
+    /// statement layer reads its type from.
+    #[test]
+    fn every_statement_types_each_of_its_parameters() {
+        let sql = Sql::new("\"s\"");
+        let all = [
+            &sql.insert,
+            &sql.find_existing,
+            &sql.claim,
+            &sql.heartbeat,
+            &sql.complete,
+            &sql.fail,
+            &sql.retry,
+            &sql.release,
+            &sql.late,
+            &sql.insert_many,
+            &sql.finish_many,
+            &sql.notify,
+            &sql.cancel,
+            &sql.read_at,
+            &sql.get,
+            &sql.list,
+            &sql.sweep_lock,
+            &sql.sweep_expire,
+            &sql.sweep_exhaust,
+            &sql.sweep_claimable,
+            &sql.sweep_pending,
+            &sql.sweep_purge,
+            &sql.connect,
+            &sql.affinity,
+            &sql.disconnect,
+            &sql.touch,
+        ];
+        for text in all {
+            if let Err(e) = statements::param_types(text) {
+                panic!("{e} in: {text}");
+            }
+        }
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {
