@@ -128,7 +128,7 @@ async fn local_fast_path(o: &Options) -> Vec<Row> {
         .await
         .unwrap();
     let broker = BrokerId::new("b").unwrap();
-    hub.connect(broker.clone(), SessionId::new("s").unwrap())
+    hub.connect(broker.clone(), SessionId::new("s").unwrap(), ())
         .await
         .unwrap();
     let exec = Noop;
@@ -428,6 +428,7 @@ where
     hub.connect(
         broker_id("b"),
         SessionId::new(format!("s{}", now_micros())).unwrap(),
+        (),
     )
     .await
     .unwrap();
@@ -665,7 +666,7 @@ async fn exec_throughput_run(store: Arc<dyn broker_dispatch::store::Store>, n: u
         left -= chunk;
     }
     let started = Instant::now();
-    hub.connect(b, SessionId::new(format!("s{}", now_micros())).unwrap())
+    hub.connect(b, SessionId::new(format!("s{}", now_micros())).unwrap(), ())
         .await
         .unwrap();
     let deadline = started + Duration::from_secs(600);
@@ -785,7 +786,7 @@ async fn behind_slow_p99(samples: usize, slow_ms: Option<u64>) -> f64 {
         .unwrap();
     let b = broker_id("b");
     owner
-        .connect(b.clone(), SessionId::new("s").unwrap())
+        .connect(b.clone(), SessionId::new("s").unwrap(), ())
         .await
         .unwrap();
     let fast = || Command::new(b.clone(), "op", json!({ "ms": EXEC_MS }));
@@ -1167,7 +1168,7 @@ async fn pg_pickup(o: &Options, env: &PgEnv, cache: &mut PgCache) -> Vec<Row> {
         )
         .await;
     owner
-        .connect(broker_id("b"), SessionId::new("s").unwrap())
+        .connect(broker_id("b"), SessionId::new("s").unwrap(), ())
         .await
         .unwrap();
     let origin = db.hub("origin", Arc::new(Noop)).await;
@@ -1225,7 +1226,7 @@ async fn pg_cross_node(o: &Options, env: &PgEnv, cache: &mut PgCache) -> Vec<Row
         let db = PgSchema::new(env).await;
         let owner = db.hub("owner", Arc::new(Probe::default())).await;
         owner
-            .connect(broker_id("b"), SessionId::new("s").unwrap())
+            .connect(broker_id("b"), SessionId::new("s").unwrap(), ())
             .await
             .unwrap();
         let origin = db.hub("origin", Arc::new(Noop)).await;

@@ -451,7 +451,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let placement = Arc::new(Mutex::new(Vec::new()));
     for (i, b) in brokers.iter().enumerate() {
         let s = SessionId::new(format!("{b}-0"))?;
-        hubs[i % HUBS].connect(b.clone(), s.clone()).await?;
+        hubs[i % HUBS].connect(b.clone(), s.clone(), ()).await?;
         placement.lock().push((i % HUBS, s));
     }
 
@@ -663,7 +663,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
 async fn round_trip(hubs: &[Hub], n: usize) -> Result<(), Box<dyn std::error::Error>> {
     let broker = BrokerId::new("rt-broker")?;
     hubs[1]
-        .connect(broker.clone(), SessionId::new("rt-session")?)
+        .connect(broker.clone(), SessionId::new("rt-session")?, ())
         .await?;
     // Warm up pools and prepared statements on both sides.
     for i in 0..20 {
@@ -715,7 +715,9 @@ async fn flap(
         let new = SessionId::new(format!("{}-{generation}", brokers[i]))?;
         generation += 1;
         hubs[from].disconnect(&brokers[i], &old).await?;
-        hubs[to].connect(brokers[i].clone(), new.clone()).await?;
+        hubs[to]
+            .connect(brokers[i].clone(), new.clone(), ())
+            .await?;
         placement.lock()[i] = (to, new);
         flaps.fetch_add(1, Ordering::Relaxed);
     }

@@ -311,8 +311,9 @@ struct Hold {
     superseded: Option<(Duration, u64)>,
     /// The node's first affinity refresh of this session made after `superseded`, answered or not.
     asked: Option<Duration>,
-    /// The first refresh of this session the store answered "not held", or the node's own newer
-    /// connection of the broker: the node has been told (true time, history position).
+    /// The first refresh of this session the store answered "not held", the node's own newer
+    /// connection of the broker, or the node's report that it lost it ([`Hub::lost`]): the
+    /// node has been told (true time, history position).
     told: Option<(Duration, u64)>,
 }
 
@@ -527,6 +528,18 @@ impl World {
                 if held == Some(false) {
                     h.told.get_or_insert((at, seq));
                 }
+            }
+        }
+    }
+
+    /// `node` reported (through [`Hub::lost`]) that it no longer holds `(broker, session)`.
+    fn lost(&mut self, broker: &BrokerId, session: &SessionId, node: &NodeId) {
+        let seq = self.next_seq();
+        let at = self.elapsed();
+        self.log(format!("lost {broker} session={session} on {node}"));
+        for h in self.holds.entry(broker.clone()).or_default() {
+            if h.session == *session && h.node == *node {
+                h.told.get_or_insert((at, seq));
             }
         }
     }
@@ -1412,6 +1425,15 @@ impl Sim {
             .start()
             .await
             .expect("hub starts");
+        // The hub's own word that it let a connection go counts as its being told (I9).
+        let mut lost = hub.lost();
+        let world = Arc::clone(&self.world);
+        let lost_node = node.clone();
+        tokio::spawn(async move {
+            while let Some(l) = lost.next().await {
+                world.lock().lost(&l.broker, &l.session, &lost_node);
+            }
+        });
         r.hub = Some(hub);
         self.log(format!("start {node} skew={skew}us"));
     }
@@ -1440,7 +1462,7 @@ impl Sim {
         let at = self.replicas[to].clock.now().saturating_sub(lag);
         let id = broker.id.clone();
         broker.old.push((session.clone(), at));
-        let res = hub.connect_at(id.clone(), session.clone(), at).await;
+        let res = hub.connect_at(id.clone(), session.clone(), (), at).await;
         self.log(format!("connect {id} -> {} {session}: {res:?}", hub.node()));
         let broker = &mut self.brokers[b];
         match res {
@@ -1622,7 +1644,7 @@ impl Sim {
                 let r = self.pick_live();
                 if let Some(hub) = self.replicas[r].hub.clone() {
                     let id = self.brokers[b].id.clone();
-                    let res = hub.connect_at(id.clone(), session.clone(), at).await;
+                    let res = hub.connect_at(id.clone(), session.clone(), (), at).await;
                     self.log(format!(
                         "delayed connect {id} {session} on {}: {res:?}",
                         hub.node()

@@ -127,7 +127,7 @@ async fn pickup(
         .await
         .expect("start hub b");
     let broker = BrokerId::new("pickup").unwrap();
-    a.connect(broker.clone(), SessionId::new("s").unwrap())
+    a.connect(broker.clone(), SessionId::new("s").unwrap(), ())
         .await
         .expect("connect the broker to hub a");
     // Let hub B see the affinity before the clock starts.

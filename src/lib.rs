@@ -78,7 +78,7 @@
 //!     .executor(executor).start().await?;
 //!
 //! let broker = BrokerId::new("broker-1")?;
-//! a.connect(broker.clone(), SessionId::new("ws-1")?).await?;       // its connection is on `a`
+//! a.connect(broker.clone(), SessionId::new("ws-1")?, ()).await?;   // its connection is on `a`
 //! let out = b.dispatch(Command::new(broker, "start", serde_json::json!({}))).await?; // lands on `b`
 //! assert_eq!(out["ran"], "start");
 //! # a.shutdown().await?; b.shutdown().await?;

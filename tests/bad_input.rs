@@ -1401,13 +1401,13 @@ fn hub_cases() -> Vec<(&'static str, HubCase)> {
     ));
     hub_case!(c, "connect_at: older than the current owner", |h| {
         let r = h
-            .connect_at(b("b-local"), s("s1"), Timestamp::from_micros(T0))
+            .connect_at(b("b-local"), s("s1"), (), Timestamp::from_micros(T0))
             .await;
         expect!(r, Err(Error::Superseded))?;
         expect!(h.is_connected(&b("b-local")), true)
     });
     hub_case!(c, "connect_at: i64::MIN", |h| expect!(
-        h.connect_at(b("b-local"), s("s0"), Timestamp::from_micros(i64::MIN))
+        h.connect_at(b("b-local"), s("s0"), (), Timestamp::from_micros(i64::MIN))
             .await,
         Err(Error::Superseded)
     ));
@@ -1440,7 +1440,7 @@ async fn run_hub_cases(label: &str, store: Arc<dyn Store>) -> usize {
         .start()
         .await
         .expect("start");
-    hub.connect_at(b("b-local"), s("s2"), Timestamp::from_micros(T0 + 100))
+    hub.connect_at(b("b-local"), s("s2"), (), Timestamp::from_micros(T0 + 100))
         .await
         .expect("connect");
     let cases = hub_cases();
@@ -1487,7 +1487,7 @@ async fn run_hub_cases(label: &str, store: Arc<dyn Store>) -> usize {
         ),
         (
             "connect after shutdown",
-            stopped.connect(b("b-new"), s("s1")).await,
+            stopped.connect(b("b-new"), s("s1"), ()).await,
         ),
     ] {
         count += 1;
@@ -1561,7 +1561,7 @@ async fn a_hub_with_every_duration_at_max_runs_and_stops() {
             assert_eq!(receipt.dispatch.deadline, Some(Timestamp::MAX));
             let (out, connected) = tokio::join!(hub.wait(receipt.id), async {
                 tokio::task::yield_now().await;
-                hub.connect(b(&broker), s("s1")).await
+                hub.connect(b(&broker), s("s1"), ()).await
             });
             connected.expect("connect");
             assert_eq!(out.expect("wait")["node"], "h1");
@@ -1853,7 +1853,7 @@ async fn malformed_notify_payloads_are_ignored_and_notices_keep_flowing() {
         );
     }
     let store = store.unwrap();
-    hubs[0].connect(b("nb"), s("s1")).await.unwrap();
+    hubs[0].connect(b("nb"), s("s1"), ()).await.unwrap();
     let admin = pg::client(&db.dsn).await;
     let signal = format!("{}_signal", db.schema);
     let event = format!("{}_event", db.schema);

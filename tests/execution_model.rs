@@ -192,7 +192,10 @@ async fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 async fn a_fast_command_is_not_held_up_by_a_slow_one_of_the_same_broker() {
     let c = cluster(2, config(), Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let slow = tokio::spawn({
         let hub = c.hubs[1].clone();
         let b = b.clone();
@@ -222,7 +225,10 @@ async fn a_broker_runs_at_most_max_in_flight_executions_and_uses_them_all() {
     };
     let c = cluster(2, cfg, Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let sent = c.hubs[1]
         .send_many((0..20).map(|_| cmd(&b, "fast")).collect())
         .await
@@ -265,7 +271,10 @@ async fn a_broker_runs_at_most_max_in_flight_executions_and_uses_them_all() {
 async fn commands_of_one_key_run_one_at_a_time_in_order_across_a_node_move() {
     let c = cluster(3, config(), Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s1")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for i in 0..6 {
         let op = if i % 2 == 0 { "slow" } else { "fast" };
@@ -281,7 +290,10 @@ async fn commands_of_one_key_run_one_at_a_time_in_order_across_a_node_move() {
     )
     .await;
     c.hubs[0].disconnect(&b, &session("s1")).await.unwrap();
-    c.hubs[1].connect(b.clone(), session("s2")).await.unwrap();
+    c.hubs[1]
+        .connect(b.clone(), session("s2"), ())
+        .await
+        .unwrap();
     until(Duration::from_secs(60), "every keyed command ran", || {
         c.log
             .lock()
@@ -322,7 +334,10 @@ async fn no_execution_starts_at_or_after_its_deadline() {
     };
     let c = cluster(2, cfg, Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     c.hubs[1].send(cmd(&b, "slow")).await.unwrap();
     // Behind the one slot: these can only start after their 1 s deadline.
     let mut doomed = Vec::new();
@@ -371,7 +386,10 @@ async fn no_execution_starts_at_or_after_its_deadline() {
 async fn a_retryable_fast_path_failure_becomes_a_row_that_follows_the_broker() {
     let c = cluster(2, config(), Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s1")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
     let call = tokio::spawn({
         let hub = c.hubs[0].clone();
         let b = b.clone();
@@ -384,7 +402,10 @@ async fn a_retryable_fast_path_failure_becomes_a_row_that_follows_the_broker() {
     // The broker moves during the retry delay: node-0 must not run it again.
     c.hubs[0].disconnect(&b, &session("s1")).await.unwrap();
     let released = c.clock.now();
-    c.hubs[1].connect(b.clone(), session("s2")).await.unwrap();
+    c.hubs[1]
+        .connect(b.clone(), session("s2"), ())
+        .await
+        .unwrap();
     assert_eq!(call.await.unwrap().unwrap(), json!("flaky"));
     let log = c.log.lock().clone();
     assert_eq!(log.len(), 2, "{log:?}");
@@ -416,7 +437,10 @@ async fn the_fast_path_is_bounded_by_execute_timeout_and_never_sleeps_forever() 
     };
     let c = cluster(1, cfg, Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let started = Instant::now();
     let err = c.hubs[0]
         .dispatch(cmd(&b, "hang").max_attempts(1))
@@ -511,7 +535,10 @@ async fn a_hand_back_does_not_use_up_the_one_execution_of_max_attempts_1() {
     });
     let c = cluster(2, config(), store.clone()).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s1")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
     let id = c.hubs[1]
         .send(cmd(&b, "once").max_attempts(1))
         .await
@@ -524,7 +551,10 @@ async fn a_hand_back_does_not_use_up_the_one_execution_of_max_attempts_1() {
     .await;
     c.hubs[0].disconnect(&b, &session("s1")).await.unwrap();
     *store.held.lock() = false;
-    c.hubs[1].connect(b.clone(), session("s2")).await.unwrap();
+    c.hubs[1]
+        .connect(b.clone(), session("s2"), ())
+        .await
+        .unwrap();
     store.gate.notify_one();
     let out = c.hubs[1].wait(id).await.unwrap();
     assert_eq!(out, json!("once"));
@@ -551,8 +581,14 @@ impl GatedClaims {
 async fn send_many_writes_all_or_nothing_and_every_row_runs() {
     let c = cluster(2, config(), Arc::new(MemoryStore::new())).await;
     let (b1, b2) = (broker("b1"), broker("b2"));
-    c.hubs[0].connect(b1.clone(), session("s")).await.unwrap();
-    c.hubs[1].connect(b2.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b1.clone(), session("s"), ())
+        .await
+        .unwrap();
+    c.hubs[1]
+        .connect(b2.clone(), session("s"), ())
+        .await
+        .unwrap();
     let batch: Vec<Command> = (0..10)
         .map(|i| cmd(if i % 2 == 0 { &b1 } else { &b2 }, "ok"))
         .collect();
@@ -585,7 +621,10 @@ async fn send_many_writes_all_or_nothing_and_every_row_runs() {
 async fn two_waiters_on_one_dispatch_both_hear_of_its_end_at_once() {
     let c = cluster(2, config(), Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let id = c.hubs[1].send(cmd(&b, "slow")).await.unwrap().id;
     let waits: Vec<_> = (0..2)
         .map(|_| {
@@ -626,7 +665,10 @@ async fn the_next_command_of_a_key_starts_when_the_previous_ends_not_at_the_next
     };
     let c = cluster(2, cfg, Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let started = Instant::now();
     let sent = c.hubs[1]
         .send_many((0..5).map(|_| cmd(&b, "fast").key("agent-1")).collect())
@@ -648,7 +690,10 @@ async fn the_next_command_of_a_key_starts_when_the_previous_ends_not_at_the_next
 async fn a_past_deadline_never_runs_even_on_the_node_holding_the_broker() {
     let c = cluster(1, config(), Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let past = c.clock.now();
     tokio::time::sleep(Duration::from_millis(10)).await;
     let err = c.hubs[0]
@@ -686,7 +731,10 @@ async fn a_past_deadline_never_runs_even_on_the_node_holding_the_broker() {
 async fn delayed_commands_start_no_earlier_than_asked() {
     let c = cluster(2, config(), Arc::new(MemoryStore::new())).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let t0 = c.clock.now();
     let by_delay = c.hubs[0]
         .send(cmd(&b, "delay").delay(Duration::from_secs(2)))
@@ -748,7 +796,7 @@ async fn a_fast_path_retry_keeps_the_commands_original_deadline() {
         .await
         .unwrap();
     let b = broker("b");
-    hub.connect(b.clone(), session("s")).await.unwrap();
+    hub.connect(b.clone(), session("s"), ()).await.unwrap();
     let given = clock.now();
     let out = hub
         .dispatch(cmd(&b, "x").timeout(Duration::from_secs(4)))
@@ -797,7 +845,7 @@ async fn a_fast_path_timeout_with_attempts_left_becomes_a_row_that_runs() {
         .await
         .unwrap();
     let b = broker("b");
-    hub.connect(b.clone(), session("s")).await.unwrap();
+    hub.connect(b.clone(), session("s"), ()).await.unwrap();
     let out = hub.dispatch(cmd(&b, "x").max_attempts(2)).await.unwrap();
     assert_eq!(out, json!("second"));
     assert_eq!(*runs.lock(), vec![1, 2]);
@@ -823,7 +871,10 @@ async fn a_claim_answered_too_late_to_keep_its_lease_is_handed_back_unstarted() 
     };
     let c = cluster(1, cfg.clone(), store.clone()).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let id = c.hubs[0]
         .send(cmd(&b, "once").max_attempts(1))
         .await

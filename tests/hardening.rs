@@ -107,7 +107,7 @@ async fn a_panicking_store_call_fails_that_call_and_the_broker_keeps_draining() 
     let other = hub("other", store.clone(), Arc::new(bus.clone())).await;
     let b = BrokerId::new("b").unwrap();
     owner
-        .connect(b.clone(), SessionId::new("s").unwrap())
+        .connect(b.clone(), SessionId::new("s").unwrap(), ())
         .await
         .unwrap();
     // The first claims panic; the next signal or catch-up claims again and the work runs.
@@ -134,6 +134,7 @@ async fn a_burst_of_resyncs_costs_one_claim_per_broker_per_poll_interval() {
             .connect(
                 BrokerId::new(format!("b{i}")).unwrap(),
                 SessionId::new("s").unwrap(),
+                (),
             )
             .await
             .unwrap();
@@ -194,7 +195,7 @@ async fn a_panicking_listener_is_restarted_and_the_hub_keeps_hearing_notices() {
     let originator = hub("originator", store.clone(), panicky.clone()).await;
     let b = BrokerId::new("b").unwrap();
     owner
-        .connect(b.clone(), SessionId::new("s").unwrap())
+        .connect(b.clone(), SessionId::new("s").unwrap(), ())
         .await
         .unwrap();
     for i in 0..3 {

@@ -93,7 +93,10 @@ async fn all_rows(store: &MemoryStore) -> Vec<Dispatch> {
 async fn forward_runs_on_the_owner_and_returns_its_result() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b1");
-    c.hubs[0].connect(b.clone(), session("s1")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
     let out = c.hubs[1]
         .dispatch(Command::new(b.clone(), "start", json!({"agent": "a"})))
         .await
@@ -111,7 +114,10 @@ async fn forward_runs_on_the_owner_and_returns_its_result() {
 async fn local_fast_path_writes_no_row() {
     let c = cluster(1, fast_config(), |_| {}).await;
     let b = broker("b1");
-    c.hubs[0].connect(b.clone(), session("s1")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
     let out = c.hubs[0]
         .dispatch(Command::new(b, "stop", json!(1)))
         .await
@@ -131,7 +137,10 @@ async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
     let placement: Arc<Mutex<Vec<(usize, SessionId)>>> = Arc::new(Mutex::new(Vec::new()));
     for (i, b) in brokers.iter().enumerate() {
         let s = session(format!("{b}-0"));
-        c.hubs[i % 3].connect(b.clone(), s.clone()).await.unwrap();
+        c.hubs[i % 3]
+            .connect(b.clone(), s.clone(), ())
+            .await
+            .unwrap();
         placement.lock().push((i % 3, s));
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -151,7 +160,7 @@ async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
                 gen += 1;
                 hubs[from].disconnect(&brokers[i], &old).await.unwrap();
                 hubs[to]
-                    .connect(brokers[i].clone(), new.clone())
+                    .connect(brokers[i].clone(), new.clone(), ())
                     .await
                     .unwrap();
                 placement.lock()[i] = (to, new);
@@ -264,7 +273,10 @@ async fn originator_result_equals_the_row() {
     })
     .await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let ok = c.hubs[1]
         .dispatch(Command::new(b.clone(), "fine", json!(5)))
         .await
@@ -287,8 +299,14 @@ async fn originator_result_equals_the_row() {
 async fn teardown_of_an_old_session_after_a_newer_connect_changes_nothing() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("old")).await.unwrap();
-    c.hubs[1].connect(b.clone(), session("new")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("old"), ())
+        .await
+        .unwrap();
+    c.hubs[1]
+        .connect(b.clone(), session("new"), ())
+        .await
+        .unwrap();
     // The old socket's teardown arrives late, on the old node.
     assert!(
         !c.hubs[0].disconnect(&b, &session("old")).await.unwrap() || !c.hubs[0].is_connected(&b)
@@ -302,7 +320,7 @@ async fn teardown_of_an_old_session_after_a_newer_connect_changes_nothing() {
     assert_eq!(a.session, session("new"));
     // Same node, two sessions: the old teardown must not remove the new one.
     c.hubs[1]
-        .connect(b.clone(), session("newer"))
+        .connect(b.clone(), session("newer"), ())
         .await
         .unwrap();
     assert!(!c.hubs[1].disconnect(&b, &session("new")).await.unwrap());
@@ -320,12 +338,12 @@ async fn a_delayed_older_connect_is_superseded() {
     let b = broker("b");
     let t = broker_dispatch::fsm::Timestamp::from_system_time(std::time::SystemTime::now());
     c.hubs[1]
-        .connect_at(b.clone(), session("s2"), t)
+        .connect_at(b.clone(), session("s2"), (), t)
         .await
         .unwrap();
     let older = t.saturating_sub(Duration::from_secs(1));
     let err = c.hubs[0]
-        .connect_at(b.clone(), session("s1"), older)
+        .connect_at(b.clone(), session("s1"), (), older)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Superseded), "{err:?}");
@@ -346,7 +364,10 @@ async fn an_aborted_holder_is_reclaimed_after_its_lease_and_its_late_finish_is_f
     })
     .await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s0")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s0"), ())
+        .await
+        .unwrap();
     let receipt = c.hubs[1]
         .send(Command::new(b.clone(), "work", json!(1)))
         .await
@@ -362,7 +383,10 @@ async fn an_aborted_holder_is_reclaimed_after_its_lease_and_its_late_finish_is_f
     assert_eq!(held.attempt, 1);
     c.hubs[0].abort();
     // The broker reconnects to node-1 with a newer session.
-    c.hubs[1].connect(b.clone(), session("s1")).await.unwrap();
+    c.hubs[1]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
     eventually(
         Duration::from_secs(10),
         "node-1 completes the dispatch",
@@ -433,7 +457,10 @@ async fn a_given_up_dispatch_is_cancelled_and_never_runs() {
         "{row:?}"
     );
     // The broker connects later: the zombie must not run.
-    c.hubs[0].connect(b.clone(), session("late")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("late"), ())
+        .await
+        .unwrap();
     let probe = c.hubs[1]
         .send(Command::new(b.clone(), "probe", json!(2)))
         .await
@@ -463,7 +490,10 @@ async fn parked_dispatch_runs_when_the_broker_connects() {
         !c.store.is_empty()
     })
     .await;
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let out = waiting.await.unwrap().unwrap();
     assert_eq!(out["node"], "node-0");
 }
@@ -574,7 +604,10 @@ async fn http_route_with_and_without_a_fallback() {
 async fn send_returns_only_after_the_row_is_durable() {
     let c = cluster(2, fast_config(), |r| r.delay = Duration::from_millis(200)).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let receipt = c.hubs[1]
         .send(Command::new(b.clone(), "message", json!("hi")))
         .await
@@ -603,7 +636,10 @@ async fn a_panicking_executor_fails_only_its_dispatch() {
     })
     .await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     for hub in [&c.hubs[0], &c.hubs[1]] {
         let err = hub
             .dispatch(Command::new(b.clone(), "panic", json!(1)))
@@ -640,7 +676,10 @@ async fn retryable_errors_retry_up_to_max_attempts() {
     })
     .await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let out = c.hubs[1]
         .dispatch(Command::new(b.clone(), "x", json!(1)).max_attempts(3))
         .await
@@ -697,7 +736,7 @@ async fn progress_extends_the_originators_wait() {
         .await
         .unwrap();
     let b = broker("b");
-    owner.connect(b.clone(), session("s")).await.unwrap();
+    owner.connect(b.clone(), session("s"), ()).await.unwrap();
     let out = origin
         .dispatch(Command::new(b, "long", json!(1)))
         .await
@@ -709,7 +748,10 @@ async fn progress_extends_the_originators_wait() {
 async fn lost_notices_cost_latency_not_work() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     c.transport.close(); // every notice from now on is lost
     let out = c.hubs[1]
         .dispatch(Command::new(b, "x", json!(1)))
@@ -722,7 +764,10 @@ async fn lost_notices_cost_latency_not_work() {
 async fn graceful_shutdown_hands_back_and_releases() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     c.hubs[0].shutdown().await.unwrap();
     assert!(matches!(
         c.hubs[0]
@@ -839,7 +884,10 @@ async fn oversized_args_are_refused_before_anything_is_written() {
     // Nested deeper than any store could read back: refused whatever the route (here the
     // fast path, which writes no row), and the broker's well-formed work is untouched.
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let mut deep = json!(0);
     for _ in 0..200 {
         deep = json!([deep]);
@@ -870,7 +918,10 @@ async fn oversized_args_are_refused_before_anything_is_written() {
 async fn a_repeated_idempotency_key_waits_for_the_first_dispatch() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
-    c.hubs[0].connect(b.clone(), session("s")).await.unwrap();
+    c.hubs[0]
+        .connect(b.clone(), session("s"), ())
+        .await
+        .unwrap();
     let cmd =
         Command::new(b.clone(), "start", json!({"agent": 1})).idempotency_key("start-agent-1");
     let first = c.hubs[1].dispatch(cmd.clone()).await.unwrap();
@@ -896,7 +947,7 @@ async fn dropping_the_last_handle_stops_the_hub() {
     let b = broker("b");
     let mut hubs = c.hubs;
     let owner = hubs.remove(0);
-    owner.connect(b.clone(), session("s")).await.unwrap();
+    owner.connect(b.clone(), session("s"), ()).await.unwrap();
     drop(owner);
     // The dropped hub no longer drains: a send for its broker stays pending.
     let receipt = hubs[0].send(Command::new(b, "x", json!(1))).await.unwrap();
@@ -1030,7 +1081,7 @@ async fn an_execution_never_starts_after_its_deadline_even_on_a_busy_runtime() {
         .send(Command::new(b.clone(), "op", json!(null)).timeout(Duration::from_millis(150)))
         .await
         .unwrap();
-    hub.connect(b, session("s")).await.unwrap();
+    hub.connect(b, session("s"), ()).await.unwrap();
     eventually(Duration::from_secs(5), "the row terminal", || async {
         store
             .get(r.id)

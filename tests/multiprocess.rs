@@ -234,7 +234,7 @@ fn node_process_entry() {
             let session = SessionId::new(format!("{node}-{b}")).unwrap();
             // In the SQLite test both nodes claim every broker; the loser keeps draining
             // until its affinity refresh notices, which makes claims contend across processes.
-            let _ = hub.connect(b, session).await;
+            let _ = hub.connect(b, session, ()).await;
         }
         let targets = broker_list("BD_NODE_TARGETS");
         let count: usize = env_or("BD_NODE_ORIGINATE", 0);
@@ -986,7 +986,7 @@ fn model_node_entry() {
                 SessionId::new(*session).unwrap(),
             );
             let result = match *verb {
-                "connect" => hub.connect(b, s).await.map(|()| true),
+                "connect" => hub.connect(b, s, ()).await.map(|()| true),
                 "disconnect" => hub.disconnect(&b, &s).await,
                 other => panic!("bad control verb {other:?}"),
             };

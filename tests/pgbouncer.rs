@@ -176,7 +176,7 @@ mod cases {
                 .unwrap();
             for b in brokers_of("BD_NODE_BROKERS") {
                 let session = SessionId::new(format!("{node}-{b}")).unwrap();
-                hub.connect(b, session).await.unwrap();
+                hub.connect(b, session, ()).await.unwrap();
             }
             let targets = brokers_of("BD_NODE_TARGETS");
             let count: usize = env("BD_NODE_ORIGINATE").parse().unwrap();

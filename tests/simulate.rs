@@ -189,13 +189,13 @@ fn strict_key_order_holds_when_a_holder_loses_the_store() {
     assert!(i11.is_empty(), "{i11:?}");
 }
 
-/// Known gap, not a regression (ignored until the hub closes it): the strict form of I9. On seed
-/// 8 broker b1 moves from hub-0 (session b1-s2) to hub-1 (b1-s3, accepted at 664 ms); hub-0 sees
-/// the old socket's teardown only at 823 ms, and at 785 ms it runs a fast-path command on b1-s2.
-/// A node learns of a newer connection elsewhere only from its affinity refresh or the teardown,
-/// so it may start work on the old one meanwhile.
+/// Known gap, not a regression (ignored: only the broker can close it): the strict form of I9.
+/// On seed 8 broker b1 moves from hub-0 (session b1-s2) to hub-1 (b1-s3, accepted at 664 ms).
+/// A node learns of a newer connection elsewhere from the connecting node's signal (then one
+/// affinity read), or, when that signal is lost, from its next affinity refresh; between the
+/// newer connect and either, it may still start work on the old connection.
 #[test]
-#[ignore = "known gap: a node learns of a newer connection elsewhere only at its next refresh"]
+#[ignore = "known gap: the window between a newer connect elsewhere and the old node hearing of it"]
 fn strict_no_start_on_a_superseded_connection() {
     let r = run_seed(
         8,
@@ -331,7 +331,7 @@ async fn a_claimed_row_whose_deadline_passes_before_it_can_start_is_expired_unex
         .start()
         .await
         .unwrap();
-    hub.connect(broker.clone(), SessionId::new("s").unwrap())
+    hub.connect(broker.clone(), SessionId::new("s").unwrap(), ())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;

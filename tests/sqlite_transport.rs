@@ -393,6 +393,7 @@ async fn hub_owner_child() {
     hub.connect(
         BrokerId::new("cross-process").unwrap(),
         SessionId::new("s").unwrap(),
+        (),
     )
     .await
     .unwrap();

@@ -109,17 +109,7 @@ async fn refresh_affinity(sh: Arc<Shared>) {
                 .await;
             match res {
                 Ok(true) => {}
-                Ok(false) => {
-                    let forgotten = {
-                        let mut conns = sh.conns.lock();
-                        let ours = conns.get(&broker).is_some_and(|c| c.session == session);
-                        ours && conns.remove(&broker).is_some()
-                    };
-                    if forgotten {
-                        drain::poke(&sh, &broker);
-                        tracing::info!(node = %sh.node, %broker, "a newer session holds the broker elsewhere; forgetting it here");
-                    }
-                }
+                Ok(false) => super::conn::lost_by_refresh(&sh, &broker, &session).await,
                 Err(e) => {
                     tracing::debug!(node = %sh.node, %broker, error = %e, "affinity refresh failed")
                 }

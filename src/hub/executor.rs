@@ -1,11 +1,14 @@
 //! The user's side: [`Executor`] runs a command on the broker's live connection;
 //! [`HttpFallback`] reaches a broker that has no connection but an HTTP endpoint.
 
+use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use super::conn::Cancel;
 use crate::error::ExecError;
 use crate::fsm::{Attempt, BrokerId, Dispatch, DispatchId, SessionId};
 
@@ -41,16 +44,31 @@ pub trait HttpFallback: Send + Sync + 'static {
     async fn call(&self, dispatch: &Dispatch) -> Result<serde_json::Value, ExecError>;
 }
 
-/// What an execution knows about itself, and how it reports progress.
-#[derive(Debug)]
+/// What an execution knows about itself: which dispatch and attempt, the broker connection it
+/// runs on (the application's handle and its session), how to report progress, and whether it
+/// should stop.
 pub struct ExecContext {
     id: DispatchId,
     attempt: Attempt,
     execution: u32,
     session: Option<SessionId>,
+    conn: Option<Arc<dyn Any + Send + Sync>>,
+    cancel: Cancel,
     /// The latest progress not yet stored: a report replaces an unsent one, so a chatty executor
     /// costs memory for one value and never blocks.
     progress: Option<watch::Sender<Option<serde_json::Value>>>,
+}
+
+impl fmt::Debug for ExecContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecContext")
+            .field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("execution", &self.execution)
+            .field("session", &self.session)
+            .field("cancelled", &self.cancel.is_fired())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExecContext {
@@ -66,8 +84,17 @@ impl ExecContext {
             attempt,
             execution,
             session,
+            conn: None,
+            cancel: Cancel::default(),
             progress,
         }
+    }
+
+    /// The same context on the connection `conn`, cancelled by `cancel`.
+    pub(crate) fn on(mut self, conn: Option<Arc<dyn Any + Send + Sync>>, cancel: Cancel) -> Self {
+        self.conn = conn;
+        self.cancel = cancel;
+        self
     }
 
     /// A context outside any hub (progress reports go nowhere): for calling an executor
@@ -95,9 +122,44 @@ impl ExecContext {
     }
 
     /// The session of the broker connection this execution was started for (`None` outside a
-    /// hub).
+    /// hub). A broker that keeps its own session can refuse commands sent on one it replaced.
     pub fn session(&self) -> Option<&SessionId> {
         self.session.as_ref()
+    }
+
+    /// The application's handle for the connection this execution runs on, as given to
+    /// [`Hub::connect`](super::Hub::connect), if it is a `T` (`None` outside a hub, or for
+    /// another type).
+    ///
+    /// ```
+    /// # use broker_dispatch::hub::ExecContext;
+    /// # fn f(ctx: &ExecContext) {
+    /// // Given `hub.connect(broker, session, socket_tx)` with a `tokio::sync::mpsc::Sender<String>`:
+    /// if let Some(socket) = ctx.conn::<tokio::sync::mpsc::Sender<String>>() {
+    ///     let _ = socket.try_send("start".to_owned());
+    /// }
+    /// # }
+    /// ```
+    pub fn conn<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.conn.as_deref().and_then(|c| c.downcast_ref::<T>())
+    }
+
+    /// Resolves when this execution should stop: its dispatch was cancelled (from any node,
+    /// [`Hub::cancel`](super::Hub::cancel)), the broker's connection left this node, or the hub
+    /// is shutting down. Cooperative: the execution goes on until the executor returns, and
+    /// what it returns still counts (a cancelled dispatch ends `Failed(Cancelled)` unless it
+    /// completed).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; call it as often as needed (e.g. in a `select!` loop).
+    pub async fn cancelled(&self) {
+        self.cancel.fired().await;
+    }
+
+    /// Whether [`cancelled`](Self::cancelled) has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_fired()
     }
 
     /// Reports progress: the hub renews the lease at once, stores the detail, and the

@@ -27,6 +27,14 @@ enum NotStarted {
     Gone,
 }
 
+/// How long before its lease is known to end an execution stops (or a claim is no longer
+/// started): a tenth of the lease, for the skew between this node's monotonic view and the
+/// store's clock, capped at a minute (no clock is that far off; an `Instant` minus a tenth of
+/// a huge lease would land decades in the past).
+fn stop_margin(sh: &Shared) -> Duration {
+    (sh.config.lease / 10).min(Duration::from_secs(60))
+}
+
 /// An execution's start, as decided once: not yet, begun, or called off before it began.
 const NOT_YET: u8 = 0;
 const STARTED: u8 = 1;
@@ -37,7 +45,7 @@ const CALLED_OFF: u8 = 2;
 /// the executor would be called, in the executor's own task: a check made earlier (when the row
 /// was claimed, say) can be outrun by a busy runtime that polls the task late.
 ///
-/// A claim whose reply came back so late that less than a tenth of its lease is left (by this
+/// A claim whose reply came back so late that less than its stop margin is left (by this
 /// node's monotonic clock, measured from before the request left) is handed back unstarted: the
 /// row may already be another node's, and an execution started now could not renew in time.
 fn may_start(
@@ -51,7 +59,10 @@ fn may_start(
     if start_by.is_some_and(|t| now >= t) {
         return Err(NotStarted::Late);
     }
-    if now + sh.config.lease / 10 >= lease_until {
+    let last_start = lease_until
+        .checked_sub(stop_margin(sh))
+        .unwrap_or(lease_until);
+    if now >= last_start {
         return Err(NotStarted::Gone);
     }
     if sh.is_shutting_down() || sh.local_session(broker).as_ref() != Some(session) {
@@ -86,13 +97,21 @@ pub(crate) async fn execute(
     // Whether this claim began an execution: the task sets STARTED in the same poll that calls
     // the executor, the lease watch below sets CALLED_OFF when it gives up first; one wins.
     let started = Arc::new(AtomicU8::new(NOT_YET));
+    // Registered for cancellation (of the dispatch, the connection, the hub) until it ends.
+    let running = sh.running.register(d.id, d.broker.clone(), session.clone());
     let mut exec = {
         let sh = Arc::clone(&sh);
         let dispatch = d.clone();
         let session = session.clone();
         let started = Arc::clone(&started);
+        let cancel = running.cancel();
         AbortOnDrop(tokio::spawn(async move {
             may_start(&sh, &dispatch.broker, &session, start_by, lease_until)?;
+            // The connection's handle, as it is now: if the session left meanwhile, it is gone.
+            let Some(handle) = sh.conn_handle(&dispatch.broker, &session) else {
+                return Err(NotStarted::Gone);
+            };
+            let ctx = ctx.on(Some(handle), cancel);
             if started
                 .compare_exchange(NOT_YET, STARTED, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
@@ -255,9 +274,7 @@ impl Renewal {
         // Capped at a minute (no clock is that far off), and never below `now`: with a huge
         // lease `until` is clamped to decades ahead, and a tenth of the lease subtracted from it
         // would land in the past.
-        let margin = (sh.config.lease / 10)
-            .min(Duration::from_secs(60))
-            .min(self.until.saturating_duration_since(Instant::now()));
+        let margin = stop_margin(sh).min(self.until.saturating_duration_since(Instant::now()));
         self.until.checked_sub(margin).unwrap_or(self.until)
     }
 

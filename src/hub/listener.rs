@@ -8,7 +8,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::background::local_brokers;
-use super::{drain, instant_after, Shared};
+use super::{conn, drain, instant_after, Shared};
 use crate::transport::{Notice, Subscription};
 
 /// Drains every owned broker and wakes every waiter: the answer to "notices may be lost".
@@ -47,6 +47,8 @@ pub(crate) async fn listen(sh: Arc<Shared>, mut sub: Subscription) {
             Some(Notice::Signal { broker }) => {
                 if sh.conns.lock().contains_key(&broker) {
                     drain::schedule(&sh, &broker);
+                    // It may also say a newer connection of the broker was accepted elsewhere.
+                    conn::check_ownership(&sh, &broker);
                 }
             }
             Some(Notice::Event { id }) => sh.notify_waiter(&id),

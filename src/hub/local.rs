@@ -25,14 +25,18 @@ pub(crate) async fn run_local(
 ) -> Result<serde_json::Value, Error> {
     let sh = &hub.shared;
     let id = sh.new_id();
-    let Some(session) = sh.local_session(&cmd.broker) else {
+    let Some((session, handle)) = sh
+        .local_session(&cmd.broker)
+        .and_then(|s| sh.conn_handle(&cmd.broker, &s).map(|h| (s, h)))
+    else {
         // The broker left between the routing decision and now: the row finds it.
         return hub.write_and_wait(cmd, id, max_attempts, 0).await;
     };
     // The command's window opens now: a retry row inherits what is left of it, not a new one.
     let started = tokio::time::Instant::now();
     let d = adhoc_dispatch(id, &cmd, max_attempts, sh.now());
-    let ctx = ExecContext::new(id, 1, 1, Some(session), None);
+    let running = sh.running.register(id, cmd.broker.clone(), session.clone());
+    let ctx = ExecContext::new(id, 1, 1, Some(session), None).on(Some(handle), running.cancel());
     metrics::counter!("broker_dispatch_started_total").increment(1);
     let res = tokio::time::timeout(
         sh.config.execute_timeout,

@@ -34,12 +34,14 @@
 mod background;
 mod command;
 mod config;
+mod conn;
 mod drain;
 mod executor;
 mod finish;
 mod lease;
 mod listener;
 mod local;
+mod replies;
 mod sweeper;
 mod wait;
 
@@ -59,7 +61,9 @@ use tracing::Instrument;
 
 pub use command::{Command, Receipt};
 pub use config::{HubConfig, UndeliverablePolicy};
+pub use conn::{Lost, LostReason, LostStream, LOST_BUFFER};
 pub use executor::{ExecContext, Executor, FnExecutor, HttpFallback};
+pub use replies::{Replies, Reply, ReplyError};
 
 use crate::error::{Error, ExecError, StoreError};
 use crate::fsm::{
@@ -200,6 +204,9 @@ impl HubBuilder {
             accepting: AtomicBool::new(true),
             shutdown: shutdown_tx,
             tasks: Mutex::new(Vec::new()),
+            running: Arc::default(),
+            lost: conn::lost_channel(),
+            checks: conn::Checks::default(),
         });
         background::spawn_background(&shared, subscription);
         tracing::info!(node = %shared.node, store = shared.store.name(), transport = shared.transport.name(), "hub started");
@@ -241,12 +248,7 @@ impl fmt::Debug for Hub {
     }
 }
 
-/// A broker connection held by this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LocalConn {
-    pub(crate) session: SessionId,
-    pub(crate) connected_at: Timestamp,
-}
+use conn::{ConnHandle, LocalConn};
 
 pub(crate) struct Shared {
     pub(crate) node: NodeId,
@@ -273,6 +275,12 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) tasks: Mutex<Vec<AbortHandle>>,
     pub(crate) seed: u64,
+    /// Executions running here, for their cancellation signals.
+    pub(crate) running: Arc<conn::RunningSet>,
+    /// Where [`Hub::lost`] readers hear of lost connections.
+    pub(crate) lost: tokio::sync::broadcast::Sender<Lost>,
+    /// Ownership checks in flight, by broker.
+    pub(crate) checks: conn::Checks,
 }
 
 impl Shared {
@@ -312,6 +320,15 @@ impl Shared {
 
     pub(crate) fn local_session(&self, broker: &BrokerId) -> Option<SessionId> {
         self.conns.lock().get(broker).map(|c| c.session.clone())
+    }
+
+    /// The application's handle for `broker`'s connection here, if it is still `session`.
+    pub(crate) fn conn_handle(&self, broker: &BrokerId, session: &SessionId) -> Option<ConnHandle> {
+        self.conns
+            .lock()
+            .get(broker)
+            .filter(|c| c.session == *session)
+            .map(|c| Arc::clone(&c.handle))
     }
 
     /// How many executions of `broker` may run at once here.
@@ -434,8 +451,22 @@ impl Hub {
         self.shared.conns.lock().contains_key(broker)
     }
 
+    /// The broker connections this node loses from now on, and why: close their sockets.
+    /// Each reader gets every loss (a slow one keeps the last [`LOST_BUFFER`]); the stream ends
+    /// when the hub is dropped.
+    pub fn lost(&self) -> LostStream {
+        LostStream::new(self.shared.lost.subscribe())
+    }
+
     /// A broker's control connection arrived at this node: claim its affinity (newest
     /// connection wins, by `connected_at`) and drain its pending work.
+    ///
+    /// `conn` is the application's handle for this connection (a channel to its socket, say;
+    /// `()` when the executor needs none): every execution for the broker on this node gets it
+    /// from [`ExecContext::conn`], with the session it belongs to. When the node loses the
+    /// connection, [`lost`](Hub::lost) says so. A newer connection replaces an older one of the
+    /// same broker on this node, and the node holding an older one elsewhere is told at once
+    /// (a signal, which makes it read the broker's affinity).
     ///
     /// # Errors
     ///
@@ -446,9 +477,14 @@ impl Hub {
     ///
     /// If dropped after the store accepted the claim, the affinity names this node but the hub
     /// does not know the connection; it goes stale after `freshness` and routing ignores it.
-    pub async fn connect(&self, broker: BrokerId, session: SessionId) -> Result<(), Error> {
+    pub async fn connect<C: Send + Sync + 'static>(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        conn: C,
+    ) -> Result<(), Error> {
         let connected_at = self.shared.now();
-        self.connect_at(broker, session, connected_at).await
+        self.connect_at(broker, session, conn, connected_at).await
     }
 
     /// [`connect`](Hub::connect) with an explicit `connected_at` (when the connection was
@@ -457,12 +493,14 @@ impl Hub {
     /// # Errors
     ///
     /// As [`connect`](Hub::connect).
-    pub async fn connect_at(
+    pub async fn connect_at<C: Send + Sync + 'static>(
         &self,
         broker: BrokerId,
         session: SessionId,
+        conn: C,
         connected_at: Timestamp,
     ) -> Result<(), Error> {
+        let handle: ConnHandle = Arc::new(conn);
         let sh = &self.shared;
         if sh.is_shutting_down() {
             return Err(Error::ShuttingDown);
@@ -478,7 +516,7 @@ impl Hub {
             .await?;
         match outcome {
             ConnectOutcome::Claimed(_) => {
-                {
+                let replaced = {
                     let mut conns = sh.conns.lock();
                     let newer = conns
                         .get(&broker)
@@ -486,16 +524,28 @@ impl Hub {
                     if !newer {
                         return Err(Error::Superseded);
                     }
-                    conns.insert(
-                        broker.clone(),
-                        LocalConn {
-                            session,
-                            connected_at,
-                        },
-                    );
+                    conns
+                        .insert(
+                            broker.clone(),
+                            LocalConn {
+                                session: session.clone(),
+                                connected_at,
+                                handle,
+                            },
+                        )
+                        .filter(|old| old.session != session)
+                };
+                if let Some(old) = replaced {
+                    conn::announce_loss(sh, &broker, &old.session, LostReason::Superseded);
                 }
                 tracing::debug!(node = %sh.node, %broker, "broker connected");
                 drain::schedule(sh, &broker);
+                // Whichever node held an older connection reads the affinity on this signal
+                // and lets it go now, not at its next refresh.
+                sh.publish(Notice::Signal {
+                    broker: broker.clone(),
+                })
+                .await;
                 Ok(())
             }
             ConnectOutcome::Superseded(_) => Err(Error::Superseded),
@@ -512,16 +562,7 @@ impl Hub {
     /// Store errors (the local map is updated first regardless).
     pub async fn disconnect(&self, broker: &BrokerId, session: &SessionId) -> Result<bool, Error> {
         let sh = &self.shared;
-        let removed = {
-            let mut conns = sh.conns.lock();
-            match conns.get(broker) {
-                Some(c) if c.session == *session => conns.remove(broker).is_some(),
-                _ => false,
-            }
-        };
-        if removed {
-            drain::poke(sh, broker);
-        }
+        let removed = conn::forget(sh, broker, session, LostReason::Released);
         let released = sh
             .bounded(sh.store.disconnect(DisconnectParams {
                 broker: broker.clone(),
@@ -857,6 +898,8 @@ impl Hub {
         let sh = &self.shared;
         sh.accepting.store(false, Ordering::Release);
         sh.shutdown.send_replace(true);
+        // Executors that watch `ctx.cancelled()` can wind down within the shutdown timeout.
+        sh.running.cancel_all();
         for r in sh.drains.lock().values() {
             r.poke();
         }
@@ -880,6 +923,7 @@ impl Hub {
         let conns = std::mem::take(&mut *sh.conns.lock());
         let mut first_err = None;
         for (broker, c) in conns {
+            conn::announce_loss(sh, &broker, &c.session, LostReason::Released);
             let res = sh
                 .bounded(sh.store.disconnect(DisconnectParams {
                     broker,

@@ -204,7 +204,7 @@ pub async fn start(
     for (h, hub) in hubs.iter().enumerate().take(owners) {
         for k in 0..brokers_per_owner {
             let b = BrokerId::new(format!("broker-{h}-{k}")).unwrap();
-            hub.connect(b.clone(), SessionId::new(format!("s-{h}-{k}")).unwrap())
+            hub.connect(b.clone(), SessionId::new(format!("s-{h}-{k}")).unwrap(), ())
                 .await
                 .expect("connect a broker");
             brokers.push((b, h));

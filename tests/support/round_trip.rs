@@ -57,7 +57,7 @@ pub async fn run(
         .await
         .expect("start hub b");
     let broker = BrokerId::new("round-trip-broker").unwrap();
-    a.connect(broker.clone(), SessionId::new("s").unwrap())
+    a.connect(broker.clone(), SessionId::new("s").unwrap(), ())
         .await
         .expect("connect the broker to hub a");
     let mut times = Vec::with_capacity(count);

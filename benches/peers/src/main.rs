@@ -409,6 +409,7 @@ pub async fn bd_drain(env: &Env, schema: &str, n: u64, brokers: usize) -> f64 {
         hub.connect(
             BrokerId::new(broker(b)).unwrap(),
             SessionId::new(format!("s{b}")).unwrap(),
+            (),
         )
         .await
         .unwrap();

@@ -1,0 +1,365 @@
+//! The connection seam: the broker connections this node holds (with the application's handle
+//! for each), how the application hears that it lost one ([`Hub::lost`](super::Hub::lost)),
+//! and the cancellation signal every execution carries ([`ExecContext::cancelled`]).
+//!
+//! A node loses a broker when the application disconnects it (`Released`), when a newer
+//! connection of the broker was accepted anywhere (`Superseded`), or when the store no longer
+//! names this node and no newer session took it either (`Stale`). A newer connection elsewhere
+//! is learned two ways: the connecting node publishes a signal for the broker, and a node that
+//! holds that broker answers such a signal by reading its affinity (at most one read in flight
+//! per broker); and the periodic affinity refresh, as a backstop when the signal is lost.
+//! Either way the node forgets the connection at once, starts nothing new on it, fires the
+//! cancellation signal of every execution running on it, and tells the application.
+//!
+//! [`ExecContext::cancelled`]: super::ExecContext::cancelled
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, Notify};
+
+use super::{drain, Shared};
+use crate::fsm::{BrokerId, DispatchId, SessionId, Timestamp};
+
+/// The application's handle for one broker connection (a channel to its socket, say), as given
+/// to [`Hub::connect`](super::Hub::connect).
+pub(crate) type ConnHandle = Arc<dyn Any + Send + Sync>;
+
+/// A broker connection held by this node.
+#[derive(Clone)]
+pub(crate) struct LocalConn {
+    pub(crate) session: SessionId,
+    pub(crate) connected_at: Timestamp,
+    pub(crate) handle: ConnHandle,
+}
+
+impl fmt::Debug for LocalConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalConn")
+            .field("session", &self.session)
+            .field("connected_at", &self.connected_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why this node no longer holds a broker's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// A newer connection of the broker was accepted (on another node, or on this one).
+    Superseded,
+    /// This node let it go: [`Hub::disconnect`](super::Hub::disconnect) or shutdown.
+    Released,
+    /// The store no longer names this node as the broker's owner, and no newer session holds it
+    /// either (its affinity was cleared behind this node's back).
+    Stale,
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::Superseded => "superseded",
+            LostReason::Released => "released",
+            LostReason::Stale => "stale",
+        })
+    }
+}
+
+/// A broker connection this node no longer holds: close its socket. Nothing new starts on it
+/// here, and every execution still running on it has had its
+/// [`cancelled`](super::ExecContext::cancelled) signal fired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lost {
+    /// The broker.
+    pub broker: BrokerId,
+    /// The session of the connection lost.
+    pub session: SessionId,
+    /// Why.
+    pub reason: LostReason,
+}
+
+/// The stream [`Hub::lost`](super::Hub::lost) returns. It ends when the hub stops. It holds the
+/// last [`LOST_BUFFER`] losses a slow reader has not taken yet; older ones are dropped with a
+/// warning (a reader can always check [`Hub::is_connected`](super::Hub::is_connected)).
+pub struct LostStream {
+    inner: Pin<Box<dyn Stream<Item = Lost> + Send>>,
+}
+
+impl fmt::Debug for LostStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LostStream").finish_non_exhaustive()
+    }
+}
+
+impl Stream for LostStream {
+    type Item = Lost;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Lost>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// How many losses a [`LostStream`] holds for a reader that has not taken them yet.
+pub const LOST_BUFFER: usize = 1024;
+
+pub(crate) fn lost_channel() -> broadcast::Sender<Lost> {
+    broadcast::channel(LOST_BUFFER).0
+}
+
+impl LostStream {
+    pub(crate) fn new(rx: broadcast::Receiver<Lost>) -> Self {
+        let inner = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(lost) => return Some((lost, rx)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "a Hub::lost reader fell behind; older losses were dropped"
+                        );
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        LostStream {
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+/// A one-shot cancellation signal: fired once, seen by every clone.
+#[derive(Clone, Default)]
+pub(crate) struct Cancel(Arc<CancelInner>);
+
+#[derive(Default)]
+struct CancelInner {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Cancel").field(&self.is_fired()).finish()
+    }
+}
+
+impl Cancel {
+    pub(crate) fn fire(&self) {
+        if !self.0.fired.swap(true, Ordering::AcqRel) {
+            self.0.notify.notify_waiters();
+        }
+    }
+
+    pub(crate) fn is_fired(&self) -> bool {
+        self.0.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves once fired (at once if it already was).
+    pub(crate) async fn fired(&self) {
+        loop {
+            // Registered before the check, so a fire in between is not missed.
+            let notified = self.0.notify.notified();
+            if self.is_fired() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One execution running on this node, for cancellation.
+#[derive(Debug)]
+pub(crate) struct Running {
+    broker: BrokerId,
+    session: SessionId,
+    cancel: Cancel,
+}
+
+/// The executions running on this node, by dispatch (an id runs at most once at a time here).
+#[derive(Debug, Default)]
+pub(crate) struct RunningSet(Mutex<HashMap<DispatchId, Running>>);
+
+impl RunningSet {
+    /// Registers an execution about to start; the guard unregisters it when dropped.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        id: DispatchId,
+        broker: BrokerId,
+        session: SessionId,
+    ) -> RunningGuard {
+        let cancel = Cancel::default();
+        self.0.lock().insert(
+            id,
+            Running {
+                broker,
+                session,
+                cancel: cancel.clone(),
+            },
+        );
+        RunningGuard {
+            set: Arc::clone(self),
+            id,
+            cancel,
+        }
+    }
+
+    /// Fires the cancellation of every execution running on `broker`'s `session`.
+    pub(crate) fn cancel_session(&self, broker: &BrokerId, session: &SessionId) {
+        for r in self.0.lock().values() {
+            if r.broker == *broker && r.session == *session {
+                r.cancel.fire();
+            }
+        }
+    }
+
+    /// Fires every cancellation (shutdown).
+    pub(crate) fn cancel_all(&self) {
+        for r in self.0.lock().values() {
+            r.cancel.fire();
+        }
+    }
+}
+
+/// Keeps an execution registered in its [`RunningSet`] while it runs.
+#[derive(Debug)]
+pub(crate) struct RunningGuard {
+    set: Arc<RunningSet>,
+    id: DispatchId,
+    cancel: Cancel,
+}
+
+impl RunningGuard {
+    pub(crate) fn cancel(&self) -> Cancel {
+        self.cancel.clone()
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let mut set = self.set.0.lock();
+        // Only this execution's own entry (an id is never run twice here at once).
+        if set
+            .get(&self.id)
+            .is_some_and(|r| Arc::ptr_eq(&r.cancel.0, &self.cancel.0))
+        {
+            set.remove(&self.id);
+        }
+    }
+}
+
+/// Forgets `broker`'s connection here if it is still `session`, and then: wakes its runner (so
+/// it stops claiming), cancels its running executions, and tells the application. Returns
+/// whether it forgot anything.
+pub(crate) fn forget(
+    sh: &Arc<Shared>,
+    broker: &BrokerId,
+    session: &SessionId,
+    reason: LostReason,
+) -> bool {
+    let removed = {
+        let mut conns = sh.conns.lock();
+        match conns.get(broker) {
+            Some(c) if c.session == *session => conns.remove(broker).is_some(),
+            _ => false,
+        }
+    };
+    if removed {
+        announce_loss(sh, broker, session, reason);
+    }
+    removed
+}
+
+/// What follows a connection leaving the map (however it left).
+pub(crate) fn announce_loss(
+    sh: &Arc<Shared>,
+    broker: &BrokerId,
+    session: &SessionId,
+    reason: LostReason,
+) {
+    drain::poke(sh, broker);
+    sh.running.cancel_session(broker, session);
+    metrics::counter!("broker_dispatch_lost_total", "reason" => reason.to_string()).increment(1);
+    tracing::info!(node = %sh.node, %broker, %session, %reason, "broker connection lost");
+    // Nobody listening is fine: the application did not ask.
+    let _ = sh.lost.send(Lost {
+        broker: broker.clone(),
+        session: session.clone(),
+        reason,
+    });
+}
+
+/// Ownership checks in flight, by broker, and whether another signal came in meanwhile.
+#[derive(Debug, Default)]
+pub(crate) struct Checks(Mutex<HashMap<BrokerId, bool>>);
+
+/// A signal for a broker held here may mean a newer connection was accepted elsewhere: read its
+/// affinity and forget the connection if it was superseded. One check runs per broker at a
+/// time, and checks of one broker are at least `poll_interval / 10` apart; a signal during a
+/// check or its gap asks for one more check after it, so the connect signal is never left
+/// unanswered and a busy broker costs at most one read per gap.
+pub(crate) fn check_ownership(sh: &Arc<Shared>, broker: &BrokerId) {
+    if sh.local_session(broker).is_none() {
+        return;
+    }
+    {
+        let mut checks = sh.checks.0.lock();
+        if let Some(again) = checks.get_mut(broker) {
+            *again = true;
+            return;
+        }
+        checks.insert(broker.clone(), false);
+    }
+    let sh = Arc::clone(sh);
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        let gap = (sh.config.poll_interval / 10).max(std::time::Duration::from_millis(1));
+        loop {
+            if let Some(session) = sh.local_session(&broker) {
+                check_once(&sh, &broker, &session).await;
+            }
+            tokio::time::sleep(gap).await;
+            let mut checks = sh.checks.0.lock();
+            match checks.get_mut(&broker) {
+                Some(again) if *again => *again = false,
+                _ => {
+                    checks.remove(&broker);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+async fn check_once(sh: &Arc<Shared>, broker: &BrokerId, session: &SessionId) {
+    match sh.bounded(sh.store.affinity(broker)).await {
+        Ok(Some(a)) if a.is_held_by(&sh.node, session) => {}
+        // Newest connection wins: any other session in the row is a newer one.
+        Ok(Some(a)) if a.session != *session => {
+            forget(sh, broker, session, LostReason::Superseded);
+        }
+        // Cleared: the periodic refresh tells a lost write from a real loss, and decides.
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(node = %sh.node, %broker, error = %e, "ownership check failed; the refresh will tell");
+        }
+    }
+}
+
+/// The periodic refresh found `broker`'s affinity no longer held by `session` here: superseded
+/// if a newer session holds or held it, stale otherwise.
+pub(crate) async fn lost_by_refresh(sh: &Arc<Shared>, broker: &BrokerId, session: &SessionId) {
+    let reason = match sh.bounded(sh.store.affinity(broker)).await {
+        Ok(Some(a)) if a.session != *session => LostReason::Superseded,
+        _ => LostReason::Stale,
+    };
+    forget(sh, broker, session, reason);
+}
