@@ -1053,6 +1053,22 @@ impl Store for AuditStore {
         res
     }
 
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.gate("cancel", None)?;
+        let res = self.inner.request_cancel(p).await;
+        let mut w = self.world.lock();
+        match &res {
+            Ok(d) => {
+                w.log(format!("store request_cancel -> {}", brief(d)));
+                if d.state.is_terminal() {
+                    w.ended(d);
+                }
+            }
+            Err(e) => w.log(format!("store request_cancel {} -> {e}", p.id)),
+        }
+        res
+    }
+
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         self.gate("get", None)?;
         let mut res = self.inner.get(id).await;

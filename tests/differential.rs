@@ -65,6 +65,9 @@ enum Op {
     Cancel {
         id: u8,
     },
+    RequestCancel {
+        id: u8,
+    },
     Get {
         id: u8,
     },
@@ -149,6 +152,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(handle, lease, progress)| Op::Heartbeat { handle, lease, progress }),
         5 => (any::<usize>(), finish).prop_map(|(handle, outcome)| Op::Finish { handle, outcome }),
         2 => (0..IDS).prop_map(|id| Op::Cancel { id }),
+        2 => (0..IDS).prop_map(|id| Op::RequestCancel { id }),
         1 => (0..IDS).prop_map(|id| Op::Get { id }),
         1 => (
             proptest::option::of(0..BROKERS),
@@ -347,6 +351,14 @@ async fn apply_op(store: &dyn Store, step: &Step, run: &Run) -> Answer {
         Op::Cancel { id } => Answer::Row(view(
             store
                 .cancel(CancelParams {
+                    id: dispatch_id(id),
+                    now,
+                })
+                .await,
+        )),
+        Op::RequestCancel { id } => Answer::Row(view(
+            store
+                .request_cancel(CancelParams {
                     id: dispatch_id(id),
                     now,
                 })

@@ -309,3 +309,126 @@ async fn an_affinity_cleared_behind_the_nodes_back_is_reported_stale() {
     );
     assert!(!c.hubs[0].is_connected(&b));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_dispatch_cancelled_from_another_node_never_runs() {
+    use broker_dispatch::hub::CancelOutcome;
+    let c = cluster(2).await;
+    let b = broker("b");
+    let id = c.hubs[1]
+        .send(Command::new(b.clone(), "x", json!({})))
+        .await
+        .unwrap()
+        .id;
+    let out = c.hubs[0].cancel(id).await.unwrap();
+    assert!(matches!(out, CancelOutcome::Cancelled(_)), "{out:?}");
+    let (tx, mut rx) = socket();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), tx)
+        .await
+        .unwrap();
+    let err = c.hubs[1].wait(id).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            broker_dispatch::Error::Failed {
+                reason: broker_dispatch::fsm::FailReason::Cancelled,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(rx.try_recv().is_err(), "the cancelled dispatch ran");
+    // Cancelling it again says it already finished; an unknown id is not found.
+    let again = c.hubs[1].cancel(id).await.unwrap();
+    assert!(matches!(again, CancelOutcome::Finished(_)), "{again:?}");
+    let unknown = c.hubs[1]
+        .cancel(broker_dispatch::fsm::DispatchId::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            unknown,
+            broker_dispatch::Error::Store(broker_dispatch::StoreError::NotFound(_))
+        ),
+        "{unknown:?}"
+    );
+}
+
+/// The originator learns the id before it waits (`Command::id`), another node cancels the
+/// running dispatch, and the holder's executor hears it within a notice, well before its next
+/// lease renewal; the row ends `Failed(Cancelled)`.
+#[tokio::test(start_paused = true)]
+async fn a_running_dispatch_cancelled_from_another_node_is_told_to_stop_at_once() {
+    use broker_dispatch::hub::CancelOutcome;
+    let c = cluster(3).await;
+    let b = broker("b");
+    let (tx, mut rx) = socket();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), tx)
+        .await
+        .unwrap();
+    let id = broker_dispatch::fsm::DispatchId::new();
+    let call = tokio::spawn({
+        let hub = c.hubs[1].clone();
+        let b = b.clone();
+        async move {
+            hub.dispatch(Command::new(b, "wait", json!({})).id(id))
+                .await
+        }
+    });
+    assert_eq!(rx.recv().await.unwrap(), "wait s1");
+    let t0 = Instant::now();
+    let out = c.hubs[2].cancel(id).await.unwrap();
+    assert!(matches!(out, CancelOutcome::Requested(_)), "{out:?}");
+    let err = call.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            broker_dispatch::Error::Failed {
+                reason: broker_dispatch::fsm::FailReason::Cancelled,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(*c.cancelled.lock(), vec!["s1".to_owned()]);
+    // Renewals come every lease / 3 (667 ms): the notice told the holder first.
+    assert!(
+        t0.elapsed() < Duration::from_millis(300),
+        "the holder heard of the cancel after {:?}",
+        t0.elapsed()
+    );
+    let row = c.hubs[1].get(id).await.unwrap().unwrap();
+    assert_eq!(
+        row.failure,
+        Some(broker_dispatch::fsm::FailReason::Cancelled)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fast_path_execution_is_stopped_by_a_cancel_on_its_node() {
+    use broker_dispatch::hub::CancelOutcome;
+    let c = cluster(1).await;
+    let b = broker("b");
+    let (tx, mut rx) = socket();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), tx)
+        .await
+        .unwrap();
+    let id = broker_dispatch::fsm::DispatchId::new();
+    let call = tokio::spawn({
+        let hub = c.hubs[0].clone();
+        let b = b.clone();
+        async move {
+            hub.dispatch(Command::new(b, "wait", json!({})).id(id))
+                .await
+        }
+    });
+    assert_eq!(rx.recv().await.unwrap(), "wait s1");
+    let out = c.hubs[0].cancel(id).await.unwrap();
+    assert_eq!(out, CancelOutcome::Stopping);
+    assert!(call.await.unwrap().is_err());
+    assert_eq!(*c.cancelled.lock(), vec!["s1".to_owned()]);
+}

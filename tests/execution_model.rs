@@ -500,6 +500,9 @@ impl Store for GatedClaims {
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
         self.inner.cancel(p).await
     }
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.request_cancel(p).await
+    }
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         self.inner.get(id).await
     }

@@ -1286,3 +1286,83 @@ fn key_the_limit_counts_claimed_rows_only() {
     ];
     assert_eq!(order_of(&rows, 2), vec![rows[0].id, rows[3].id]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cancel requests: `RequestCancel`, and how a marked row answers every other event.
+
+fn request_cancel() -> Event {
+    Event::RequestCancel { now: ts(NOW) }
+}
+
+/// [`in_progress`] with a cancel request.
+fn cancelling() -> Dispatch {
+    with(in_progress(), |d| d.failure = Some(FailReason::Cancelled))
+}
+
+/// [`in_progress_lapsed`] with a cancel request.
+fn cancelling_lapsed() -> Dispatch {
+    with(in_progress_lapsed(), |d| {
+        d.failure = Some(FailReason::Cancelled)
+    })
+}
+
+fn cancelled_now(d: &mut Dispatch) {
+    d.state = DispatchState::Failed;
+    d.failure = Some(FailReason::Cancelled);
+    d.lease_until = None;
+}
+
+transitions! {
+    request_cancel_pending: pending(), request_cancel() => Expect::Ok(|d| {
+        d.state = DispatchState::Failed;
+        d.failure = Some(FailReason::Cancelled);
+    });
+    request_cancel_in_progress_marks_it: in_progress(), request_cancel() => Expect::Ok(|d| {
+        d.failure = Some(FailReason::Cancelled);
+    });
+    request_cancel_in_progress_twice: cancelling(), request_cancel() => Expect::Ok(|_| {});
+    request_cancel_lapsed_marks_it: in_progress_lapsed(), request_cancel() => Expect::Ok(|d| {
+        d.failure = Some(FailReason::Cancelled);
+    });
+    request_cancel_done: done(), request_cancel() => Illegal;
+    request_cancel_failed: failed(), request_cancel() => Illegal;
+
+    cancelling_heartbeat_keeps_the_mark: cancelling(), heartbeat(1, None) => Expect::Ok(|d| {
+        d.lease_until = Some(ts(NOW + 30 * SEC));
+    });
+    cancelling_complete_completes: cancelling(), complete(1) => Expect::Ok(|d| {
+        d.state = DispatchState::Done;
+        d.result = Some(json!({ "answer": 42 }));
+        d.failure = None;
+        d.lease_until = None;
+    });
+    cancelling_fail_is_cancelled: cancelling(), fail(1) => Expect::Ok(cancelled_now);
+    cancelling_retry_is_cancelled: cancelling(), retry(1) => Expect::Ok(cancelled_now);
+    cancelling_retry_without_executions_left_is_cancelled:
+        with(cancelling(), |d| d.max_attempts = 1), retry(1) => Expect::Ok(cancelled_now);
+    cancelling_release_is_cancelled_and_not_counted: cancelling(), release(1)
+        => Expect::Ok(cancelled_now);
+    cancelling_late_without_a_deadline_is_cancelled: cancelling(), late(1)
+        => Expect::Ok(cancelled_now);
+    cancelling_stale_holder_is_fenced: cancelling(), complete(0) => Fenced;
+    cancelling_lapsed_is_never_claimed: cancelling_lapsed(), claim("n2", NOW) => Illegal;
+    cancelling_live_exhaust_is_illegal: cancelling(), exhaust() => Illegal;
+    cancelling_lapsed_exhausts_as_cancelled: cancelling_lapsed(), exhaust()
+        => Expect::Ok(cancelled_now);
+    cancelling_lapsed_past_deadline_expires: with(cancelling_lapsed(), |d| {
+        d.deadline = Some(ts(NOW));
+    }), expire() => Expect::Ok(|d| {
+        d.state = DispatchState::Failed;
+        d.failure = Some(FailReason::Expired);
+        d.lease_until = None;
+    });
+}
+
+#[test]
+fn a_lapsed_cancelled_row_is_dead_and_does_not_hold_up_its_key() {
+    let lapsed = with(cancelling_lapsed(), |d| d.key = Some("k".into()));
+    assert!(lapsed.is_dead(ts(NOW)));
+    assert!(!lapsed.is_claimable(ts(NOW)));
+    assert!(cancelling().cancel_requested() && !in_progress().cancel_requested());
+    assert!(!with(failed(), |d| d.failure = Some(FailReason::Cancelled)).cancel_requested());
+}

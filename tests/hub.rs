@@ -1000,6 +1000,13 @@ impl Store for StallAfterClaim {
     ) -> Result<Dispatch, StoreError> {
         self.inner.cancel(p).await
     }
+
+    async fn request_cancel(
+        &self,
+        p: broker_dispatch::store::CancelParams,
+    ) -> Result<Dispatch, StoreError> {
+        self.inner.request_cancel(p).await
+    }
     async fn get(
         &self,
         id: broker_dispatch::fsm::DispatchId,

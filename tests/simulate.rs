@@ -258,6 +258,9 @@ impl Store for SlowClaimReplies {
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
         self.inner.cancel(p).await
     }
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.request_cancel(p).await
+    }
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         self.inner.get(id).await
     }

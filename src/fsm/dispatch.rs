@@ -295,7 +295,8 @@ pub struct Dispatch {
         deserialize_with = "present_json"
     )]
     pub result: Option<serde_json::Value>,
-    /// Why it failed, once `Failed`.
+    /// Why it failed, once `Failed`; while `InProgress`, `Cancelled` records a cancel request
+    /// ([`cancel_requested`](Self::cancel_requested)).
     pub failure: Option<FailReason>,
     /// The latest progress the holder reported.
     pub progress: Option<Progress>,
@@ -327,6 +328,14 @@ impl Dispatch {
         self.executions() < self.max_attempts
     }
 
+    /// Whether someone asked to cancel this running dispatch
+    /// ([`Event::RequestCancel`](super::Event::RequestCancel)): in progress with `failure` =
+    /// `Cancelled`, the failure it ends with unless its holder completes it. Such a row is never
+    /// claimed again.
+    pub fn cancel_requested(&self) -> bool {
+        self.state == DispatchState::InProgress && self.failure == Some(FailReason::Cancelled)
+    }
+
     /// Whether this row, on its own, may be claimed at `now` ([`apply`](super::apply)'s claim
     /// guard, shared by every store's claim query). A keyed row must also be first in line for
     /// its key: see [`claim_order`](super::claim_order).
@@ -346,18 +355,20 @@ impl Dispatch {
                     && self.has_attempts_left()
                     && before_deadline
                     && token_left
+                    && !self.cancel_requested()
             }
             DispatchState::Done | DispatchState::Failed => false,
         }
     }
 
     /// Whether this row can never run again, though not yet terminal: past its deadline and not
-    /// held (pending, or its lease ran out), or its lease ran out with no executions left. The
-    /// sweeper will fail it; meanwhile it does not hold up later rows of its key.
+    /// held (pending, or its lease ran out), or its lease ran out with no executions left or a
+    /// cancel requested. The sweeper will fail it; meanwhile it does not hold up later rows of
+    /// its key.
     pub fn is_dead(&self, now: Timestamp) -> bool {
         let unheld = self.state == DispatchState::Pending || self.lease_expired(now);
         (self.past_deadline(now) && unheld)
-            || (self.lease_expired(now) && !self.has_attempts_left())
+            || (self.lease_expired(now) && (!self.has_attempts_left() || self.cancel_requested()))
     }
 
     /// Whether a holder's lease is live at `now` (in progress and `lease_until > now`).

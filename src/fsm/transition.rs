@@ -15,8 +15,15 @@
 //! | `Release` | InProgress | attempt matches | Pending; `available_at = now`, `released += 1` (handed back unexecuted) |
 //! | `Late` | InProgress | attempt matches, a deadline is set | Failed(Expired) (the holder could not start, or re-run, it before its deadline) |
 //! | `Cancel` | Pending | — | Failed(Cancelled) |
+//! | `RequestCancel` | Pending | — | Failed(Cancelled) |
+//! | `RequestCancel` | InProgress | — | InProgress; `failure = Cancelled` (a cancel request: the holder is told, the row ends cancelled unless it completes) |
 //! | `Expire` | Pending, or InProgress with `lease_until <= now` | `deadline <= now` | Failed(Expired) |
-//! | `Exhaust` | InProgress | `lease_until <= now`, `executions >= max_attempts` | Failed(AttemptsExhausted) |
+//! | `Exhaust` | InProgress | `lease_until <= now`, `executions >= max_attempts` or a cancel requested | Failed(AttemptsExhausted), or Failed(Cancelled) if a cancel was requested |
+//!
+//! A row with a cancel request ([`Dispatch::cancel_requested`]) is never claimed again, and its
+//! holder's outcome is rewritten: `Complete` still completes it (the work happened; its result
+//! is not hidden), but `Fail`, `Retry`, `Release` and `Late` all end it `Failed(Cancelled)`
+//! (without their guards: a retry needs no execution left, a late row no deadline).
 //!
 //! Every other pair is a [`TransitionError`]. Events that carry an attempt are checked against the
 //! row's attempt first: a mismatch is [`TransitionError::Fenced`], whatever the state.
@@ -105,6 +112,12 @@ pub enum Event {
         /// The current time.
         now: Timestamp,
     },
+    /// Someone cancels the dispatch whatever its state: a pending one at once, a running one
+    /// by asking its holder to stop.
+    RequestCancel {
+        /// The current time.
+        now: Timestamp,
+    },
     /// The deadline passed before the work could (re-)run.
     Expire {
         /// The current time.
@@ -137,6 +150,8 @@ pub enum EventKind {
     Late,
     /// [`Event::Cancel`].
     Cancel,
+    /// [`Event::RequestCancel`].
+    RequestCancel,
     /// [`Event::Expire`].
     Expire,
     /// [`Event::Exhaust`].
@@ -154,6 +169,7 @@ impl fmt::Display for EventKind {
             EventKind::Release => "release",
             EventKind::Late => "late",
             EventKind::Cancel => "cancel",
+            EventKind::RequestCancel => "request_cancel",
             EventKind::Expire => "expire",
             EventKind::Exhaust => "exhaust",
         };
@@ -173,6 +189,7 @@ impl Event {
             Event::Release { .. } => EventKind::Release,
             Event::Late { .. } => EventKind::Late,
             Event::Cancel { .. } => EventKind::Cancel,
+            Event::RequestCancel { .. } => EventKind::RequestCancel,
             Event::Expire { .. } => EventKind::Expire,
             Event::Exhaust { .. } => EventKind::Exhaust,
         }
@@ -189,6 +206,7 @@ impl Event {
             | Event::Late { attempt, .. } => Some(*attempt),
             Event::Claim { .. }
             | Event::Cancel { .. }
+            | Event::RequestCancel { .. }
             | Event::Expire { .. }
             | Event::Exhaust { .. } => None,
         }
@@ -205,6 +223,7 @@ impl Event {
             | Event::Release { now, .. }
             | Event::Late { now, .. }
             | Event::Cancel { now }
+            | Event::RequestCancel { now }
             | Event::Expire { now }
             | Event::Exhaust { now } => *now,
         }
@@ -258,6 +277,7 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
     }
     let mut next = d.clone();
     next.updated_at = event.now();
+    let cancelled = d.cancel_requested();
     match (d.state, event) {
         (DispatchState::Pending | DispatchState::InProgress, Event::Claim { node, now, lease }) => {
             if !d.is_claimable(now) {
@@ -288,6 +308,14 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
         (DispatchState::InProgress, Event::Complete { result, .. }) => {
             next.state = DispatchState::Done;
             next.result = Some(result);
+            next.failure = None;
+            next.lease_until = None;
+        }
+        (
+            DispatchState::InProgress,
+            Event::Fail { .. } | Event::Retry { .. } | Event::Release { .. } | Event::Late { .. },
+        ) if cancelled => {
+            next.state = DispatchState::Failed;
             next.lease_until = None;
         }
         (DispatchState::InProgress, Event::Fail { error, .. }) => {
@@ -318,8 +346,11 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
             next.failure = Some(FailReason::Expired);
             next.lease_until = None;
         }
-        (DispatchState::Pending, Event::Cancel { .. }) => {
+        (DispatchState::Pending, Event::Cancel { .. } | Event::RequestCancel { .. }) => {
             next.state = DispatchState::Failed;
+            next.failure = Some(FailReason::Cancelled);
+        }
+        (DispatchState::InProgress, Event::RequestCancel { .. }) => {
             next.failure = Some(FailReason::Cancelled);
         }
         (DispatchState::Pending | DispatchState::InProgress, Event::Expire { now }) => {
@@ -332,11 +363,13 @@ pub fn apply(d: &Dispatch, event: Event) -> Result<Dispatch, TransitionError> {
             next.lease_until = None;
         }
         (DispatchState::InProgress, Event::Exhaust { now }) => {
-            if !d.lease_expired(now) || d.has_attempts_left() {
+            if !d.lease_expired(now) || (d.has_attempts_left() && !cancelled) {
                 return Err(illegal);
             }
             next.state = DispatchState::Failed;
-            next.failure = Some(FailReason::AttemptsExhausted);
+            if !cancelled {
+                next.failure = Some(FailReason::AttemptsExhausted);
+            }
             next.lease_until = None;
         }
         _ => return Err(illegal),

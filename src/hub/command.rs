@@ -43,6 +43,8 @@ pub struct Command {
     pub delay: Option<Duration>,
     /// Not before this instant (combined with `delay`: the later wins).
     pub available_at: Option<Timestamp>,
+    /// The dispatch id to use (`None`: a fresh one).
+    pub id: Option<DispatchId>,
 }
 
 impl Command {
@@ -59,7 +61,17 @@ impl Command {
             deadline: None,
             delay: None,
             available_at: None,
+            id: None,
         }
+    }
+
+    /// Gives the dispatch this id (default: a fresh UUID v7), so the caller knows it before
+    /// [`dispatch`](super::Hub::dispatch) returns: to [`cancel`](super::Hub::cancel) it from
+    /// another task or node, or to find it later. Ids must be unique: an id that names another
+    /// dispatch is a conflict.
+    pub fn id(mut self, id: DispatchId) -> Self {
+        self.id = Some(id);
+        self
     }
 
     /// Sets the number of executions allowed (1: at most once).

@@ -212,6 +212,23 @@ impl RunningSet {
         }
     }
 
+    /// Fires the cancellation of dispatch `id`'s execution here, if one runs. Returns whether
+    /// one did.
+    pub(crate) fn cancel(&self, id: &DispatchId) -> bool {
+        match self.0.lock().get(id) {
+            Some(r) => {
+                r.cancel.fire();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether dispatch `id` is executing here.
+    pub(crate) fn contains(&self, id: &DispatchId) -> bool {
+        self.0.lock().contains_key(id)
+    }
+
     /// Fires the cancellation of every execution running on `broker`'s `session`.
     pub(crate) fn cancel_session(&self, broker: &BrokerId, session: &SessionId) {
         for r in self.0.lock().values() {
@@ -362,4 +379,22 @@ pub(crate) async fn lost_by_refresh(sh: &Arc<Shared>, broker: &BrokerId, session
         _ => LostReason::Stale,
     };
     forget(sh, broker, session, reason);
+}
+
+/// An event about dispatch `id`, which is executing here: it may be a cancel request from
+/// another node. Reads the row and fires the execution's cancellation if so. (The execution's
+/// next lease renewal would tell it too; this tells it within one notice.)
+pub(crate) fn check_cancel(sh: &Arc<Shared>, id: DispatchId) {
+    let sh = Arc::clone(sh);
+    tokio::spawn(async move {
+        match sh.bounded(sh.store.get(id)).await {
+            Ok(Some(row)) if row.cancel_requested() => {
+                sh.running.cancel(&id);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(node = %sh.node, %id, error = %e, "cancel check failed; the next renewal will tell");
+            }
+        }
+    });
 }

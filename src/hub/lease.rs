@@ -312,8 +312,12 @@ impl Renewal {
             ))),
         };
         match res {
-            Ok(_) => {
+            Ok(row) => {
                 self.until = instant_after(asked, sh.config.lease);
+                if row.cancel_requested() {
+                    // Someone cancelled it (any node): the executor hears it here at the latest.
+                    sh.running.cancel(&row.id);
+                }
                 true
             }
             Err(Error::Store(StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {

@@ -51,7 +51,12 @@ pub(crate) async fn listen(sh: Arc<Shared>, mut sub: Subscription) {
                     conn::check_ownership(&sh, &broker);
                 }
             }
-            Some(Notice::Event { id }) => sh.notify_waiter(&id),
+            Some(Notice::Event { id }) => {
+                sh.notify_waiter(&id);
+                if sh.running.contains(&id) {
+                    conn::check_cancel(&sh, id);
+                }
+            }
             Some(Notice::Resync) => {
                 metrics::counter!("broker_dispatch_resyncs_total").increment(1);
                 let now = Instant::now();

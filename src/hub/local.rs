@@ -24,7 +24,7 @@ pub(crate) async fn run_local(
     max_attempts: u32,
 ) -> Result<serde_json::Value, Error> {
     let sh = &hub.shared;
-    let id = sh.new_id();
+    let id = sh.id_for(&cmd);
     let Some((session, handle)) = sh
         .local_session(&cmd.broker)
         .and_then(|s| sh.conn_handle(&cmd.broker, &s).map(|h| (s, h)))
@@ -97,7 +97,7 @@ pub(crate) async fn run_http(
     max_attempts: u32,
     now: Timestamp,
 ) -> Result<serde_json::Value, Error> {
-    let d = adhoc_dispatch(sh.new_id(), &cmd, max_attempts, now);
+    let d = adhoc_dispatch(sh.id_for(&cmd), &cmd, max_attempts, now);
     match tokio::time::timeout(sh.config.execute_timeout, run_guarded(http.call(&d))).await {
         Ok(r) => r.map_err(|e| exec_failure(d.id, e)),
         Err(_) => Err(exec_failure(

@@ -62,6 +62,21 @@ use tracing::Instrument;
 pub use command::{Command, Receipt};
 pub use config::{HubConfig, UndeliverablePolicy};
 pub use conn::{Lost, LostReason, LostStream, LOST_BUFFER};
+
+/// What [`Hub::cancel`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// It was pending: it ended `Failed(Cancelled)` and will never run.
+    Cancelled(Dispatch),
+    /// It is running: its holder was asked to stop (`ExecContext::cancelled`); it ends
+    /// `Failed(Cancelled)` when the executor returns, unless it completed.
+    Requested(Dispatch),
+    /// It runs on this node's fast path (it has no row): its `cancelled()` fired.
+    Stopping,
+    /// It had already finished; nothing changed.
+    Finished(Dispatch),
+}
 pub use executor::{ExecContext, Executor, FnExecutor, HttpFallback};
 pub use replies::{Replies, Reply, ReplyError};
 
@@ -70,7 +85,9 @@ use crate::fsm::{
     self, BrokerId, Dispatch, DispatchId, DispatchState, FailReason, NodeId, Route, RouteInput,
     SessionId, Timestamp,
 };
-use crate::store::{ConnectOutcome, ConnectParams, DisconnectParams, NewDispatch, Store};
+use crate::store::{
+    CancelParams, ConnectOutcome, ConnectParams, DisconnectParams, NewDispatch, Store,
+};
 use crate::transport::{Notice, Transport};
 use local::{run_http, run_local};
 
@@ -302,6 +319,11 @@ impl Shared {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The id `cmd` asked for, or a fresh one.
+    pub(crate) fn id_for(&self, cmd: &Command) -> DispatchId {
+        cmd.id.unwrap_or_else(|| self.new_id())
     }
 
     /// A fresh dispatch id from the configured source.
@@ -652,12 +674,18 @@ impl Hub {
             .increment(1);
         match route {
             Route::Local if cmd.takes_fast_path() => run_local(self, cmd, max_attempts).await,
-            Route::Local => self.write_and_wait(cmd, sh.new_id(), max_attempts, 0).await,
+            Route::Local => {
+                let id = sh.id_for(&cmd);
+                self.write_and_wait(cmd, id, max_attempts, 0).await
+            }
             Route::Http => match &sh.http {
                 Some(http) => run_http(sh, http.as_ref(), cmd, max_attempts, now).await,
                 None => self.park_or_fail(cmd, max_attempts).await,
             },
-            Route::Forward { .. } => self.write_and_wait(cmd, sh.new_id(), max_attempts, 0).await,
+            Route::Forward { .. } => {
+                let id = sh.id_for(&cmd);
+                self.write_and_wait(cmd, id, max_attempts, 0).await
+            }
             Route::Undeliverable => self.park_or_fail(cmd, max_attempts).await,
         }
     }
@@ -669,11 +697,11 @@ impl Hub {
     ) -> Result<serde_json::Value, Error> {
         match self.shared.config.undeliverable {
             UndeliverablePolicy::Park => {
-                self.write_and_wait(cmd, self.shared.new_id(), max_attempts, 0)
-                    .await
+                let id = self.shared.id_for(&cmd);
+                self.write_and_wait(cmd, id, max_attempts, 0).await
             }
             UndeliverablePolicy::FailFast => Err(Error::Failed {
-                id: self.shared.new_id(),
+                id: self.shared.id_for(&cmd),
                 reason: FailReason::Undeliverable,
             }),
         }
@@ -779,7 +807,7 @@ impl Hub {
             return Err(Error::ShuttingDown);
         }
         let max_attempts = self.validate(&cmd)?;
-        let id = sh.new_id();
+        let id = sh.id_for(&cmd);
         let span =
             tracing::debug_span!("send", node = %sh.node, broker = %cmd.broker, op = %cmd.op, %id);
         let new = self.new_dispatch(cmd, id, max_attempts, 0, sh.config.send_ttl);
@@ -807,7 +835,8 @@ impl Hub {
         let mut batch = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             let max_attempts = self.validate(&cmd)?;
-            batch.push(self.new_dispatch(cmd, sh.new_id(), max_attempts, 0, sh.config.send_ttl));
+            let id = sh.id_for(&cmd);
+            batch.push(self.new_dispatch(cmd, id, max_attempts, 0, sh.config.send_ttl));
         }
         let rows = sh.bounded(sh.store.insert_many(batch)).await?;
         metrics::counter!("broker_dispatch_published_total").increment(rows.len() as u64);
@@ -840,6 +869,59 @@ impl Hub {
             .await?
             .ok_or(Error::Store(StoreError::NotFound(id)))?;
         waiter.wait(d).await
+    }
+
+    /// Cancels dispatch `id`, from any node: a pending one ends `Failed(Cancelled)` at once and
+    /// never runs; a running one is marked in the store (never claimed again) and its holder,
+    /// told by a notice or at its next lease renewal, fires the execution's
+    /// [`ExecContext::cancelled`]; the row then ends `Failed(Cancelled)` when the executor
+    /// returns, unless it completed. A command running on this node's fast path (no row) has
+    /// its `cancelled()` fired directly; one running on another node's fast path cannot be
+    /// reached (give it an [`id`](Command::id) and a row by sending it with a
+    /// [`key`](Command::key) or [`send`](Hub::send) if it must be cancellable from anywhere).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] with [`StoreError::NotFound`] for an id no store row or local execution
+    /// has; other store errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// The cancel takes effect if the store call landed, whether or not this future completes.
+    pub async fn cancel(&self, id: DispatchId) -> Result<CancelOutcome, Error> {
+        let sh = &self.shared;
+        let stopped_here = sh.running.cancel(&id);
+        let res = sh
+            .bounded(sh.store.request_cancel(CancelParams {
+                id,
+                now: sh.store_now(),
+            }))
+            .await;
+        match res {
+            Ok(row) => {
+                // Its waiters (anywhere) re-read it; its holder (if elsewhere) checks the mark.
+                sh.publish(Notice::Event { id }).await;
+                sh.notify_waiter(&id);
+                if row.state == DispatchState::InProgress {
+                    metrics::counter!("broker_dispatch_cancel_requested_total").increment(1);
+                    Ok(CancelOutcome::Requested(row))
+                } else {
+                    metrics::counter!("broker_dispatch_failed_total", "reason" => "cancelled")
+                        .increment(1);
+                    Ok(CancelOutcome::Cancelled(row))
+                }
+            }
+            Err(Error::Store(StoreError::NotFound(_))) if stopped_here => {
+                Ok(CancelOutcome::Stopping)
+            }
+            Err(Error::Store(StoreError::Illegal { .. })) => {
+                match sh.bounded(sh.store.get(id)).await? {
+                    Some(row) => Ok(CancelOutcome::Finished(row)),
+                    None => Err(Error::Store(StoreError::NotFound(id))),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a dispatch.

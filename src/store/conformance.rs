@@ -83,6 +83,8 @@ macro_rules! store_conformance_tests {
             a_held_row_blocks_its_key_until_its_lease_runs_out,
             a_retry_keeps_its_place_and_a_dead_row_gives_it_up,
             hand_backs_do_not_use_up_executions,
+            request_cancel_agrees_with_apply,
+            a_cancel_request_is_never_reclaimed_and_the_sweeper_ends_it,
             late_fails_an_unstarted_row_as_expired,
             a_lapsed_lease_cannot_be_renewed,
             insert_many_is_all_or_nothing,
@@ -2244,4 +2246,166 @@ pub async fn values_no_store_can_read_back_are_refused_and_change_nothing(store:
     assert_eq!(get(s, id(1)).await, before);
     // Every row still reads back, one by one and in a list.
     assert_eq!(all_rows(s).await.len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancel requests.
+
+async fn request_cancel(
+    store: &dyn Store,
+    d: DispatchId,
+    now: Timestamp,
+) -> Result<Dispatch, StoreError> {
+    store
+        .request_cancel(CancelParams {
+            id: d,
+            now: Some(now),
+        })
+        .await
+}
+
+/// A cancel request ends a pending row at once, and marks a running one, which its holder can
+/// still heartbeat; every outcome of that holder (by `finish` and by `finish_many`) lands as
+/// [`fsm::apply`] says: completed rows complete, everything else ends `Failed(Cancelled)`
+/// without the outcome's own guard. A finished or unknown row is a typed error.
+pub async fn request_cancel_agrees_with_apply(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(s, new_dispatch(1, "b1", at(0))).await;
+    let d = request_cancel(s, id(1), at(secs(1)))
+        .await
+        .expect("cancel a pending row");
+    assert_eq!(
+        (d.state, d.failure.clone(), d.updated_at),
+        (
+            DispatchState::Failed,
+            Some(FailReason::Cancelled),
+            at(secs(1))
+        )
+    );
+    assert_illegal(
+        request_cancel(s, id(1), at(secs(2))).await,
+        DispatchState::Failed,
+        EventKind::RequestCancel,
+    );
+    assert!(matches!(
+        request_cancel(s, id(99), at(secs(2))).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Rows 2..=11 running: 2..=6 finish one by one, 7..=11 in one batch; row 4 and 9 (retry)
+    // have no execution left, which a cancel request overrides.
+    for n in 2..=11 {
+        let mut new = new_dispatch(n, "b2", at(n as i64));
+        if n == 4 || n == 9 {
+            new.max_attempts = 1;
+        }
+        insert(s, new).await;
+    }
+    let mut held = claim(s, "b2", "n1", 20, at(secs(2))).await;
+    assert_eq!(held.len(), 10);
+    for n in 2..=11 {
+        let d = request_cancel(s, id(n), at(secs(3)))
+            .await
+            .expect("cancel a running row");
+        assert_eq!(d.state, DispatchState::InProgress, "row {n}");
+        assert!(d.cancel_requested(), "row {n}");
+        // A second request changes nothing but the time.
+        let again = request_cancel(s, id(n), at(secs(3)))
+            .await
+            .expect("cancel again");
+        assert!(again.cancel_requested());
+    }
+    let beat = heartbeat(s, &held[0], at(secs(4)))
+        .await
+        .expect("the holder still renews");
+    assert!(beat.cancel_requested());
+    let outcome = |n: u128| match (n - 2) % 5 {
+        0 => Outcome::Complete(serde_json::json!({ "n": n as u64 })),
+        1 => Outcome::Fail("stopped".into()),
+        2 => Outcome::Retry {
+            after: Duration::from_secs(5),
+        },
+        3 => Outcome::Release,
+        _ => Outcome::Late,
+    };
+    let now = at(secs(5));
+    let mut expected = std::collections::HashMap::new();
+    for n in 2..=11 {
+        let row = get(s, id(n)).await;
+        let next = fsm::apply(&row, outcome(n).into_event(row.attempt, now)).expect("apply");
+        expected.insert(id(n), next);
+    }
+    held.sort_by_key(Claimed::id);
+    let batch: Vec<Claimed> = held.split_off(5);
+    for c in held {
+        let n = c.id().as_uuid().as_u128();
+        let got = finish(s, c, outcome(n), now).await.expect("finish");
+        assert_eq!(got, expected[&id(n)], "row {n}");
+    }
+    let batch = batch
+        .into_iter()
+        .map(|c| {
+            let n = c.id().as_uuid().as_u128();
+            (
+                c,
+                FinishParams {
+                    outcome: outcome(n),
+                    now: Some(now),
+                },
+            )
+        })
+        .collect();
+    for got in s.finish_many(batch).await {
+        let got = got.expect("finish_many");
+        assert_eq!(got, expected[&got.id], "row {}", got.id);
+    }
+    for n in 2..=11 {
+        let d = get(s, id(n)).await;
+        let want = if (n - 2) % 5 == 0 {
+            (DispatchState::Done, None)
+        } else {
+            (DispatchState::Failed, Some(FailReason::Cancelled))
+        };
+        assert_eq!((d.state, d.failure), want, "row {n}");
+    }
+}
+
+/// A running row with a cancel request is never claimed again, even once its lease lapsed; the
+/// sweeper then ends it `Failed(Cancelled)` (reported with the exhausted rows), and meanwhile it
+/// does not hold up the later rows of its ordering key.
+pub async fn a_cancel_request_is_never_reclaimed_and_the_sweeper_ends_it(store: Arc<dyn Store>) {
+    let s = &*store;
+    insert(s, keyed(1, "b1", "k", at(0))).await;
+    insert(s, keyed(2, "b1", "k", at(1))).await;
+    let c = claim_one(s, "b1", "n1", at(secs(1))).await;
+    assert_eq!(c.id(), id(1));
+    request_cancel(s, id(1), at(secs(2))).await.expect("cancel");
+    let lapsed = at(secs(1)).saturating_add(LEASE);
+    let got = claim(s, "b1", "n2", 10, lapsed).await;
+    assert_eq!(
+        ids_of(&got),
+        vec![id(2)],
+        "the cancelled row is not reclaimed, and its key's next row runs"
+    );
+    let report = s
+        .sweep(sweep_params(100, Duration::from_secs(3600), lapsed))
+        .await
+        .expect("sweep");
+    assert_eq!(report.exhausted, vec![id(1)]);
+    let d = get(s, id(1)).await;
+    assert_eq!(
+        (d.state, d.failure, d.lease_until),
+        (DispatchState::Failed, Some(FailReason::Cancelled), None)
+    );
+    // Its old holder is refused (the row is finished), and a second sweep finds nothing.
+    assert_illegal(
+        finish(s, c, Outcome::Complete(serde_json::json!(1)), lapsed).await,
+        DispatchState::Failed,
+        EventKind::Complete,
+    );
+    let again = s
+        .sweep(sweep_params(100, Duration::from_secs(3600), lapsed))
+        .await
+        .expect("sweep");
+    assert!(again.exhausted.is_empty());
 }

@@ -299,6 +299,7 @@ fn unfenced(mut event: Event, current: Option<fsm::Attempt>) -> Event {
             | Event::Late { attempt, .. } => *attempt = current,
             Event::Claim { .. }
             | Event::Cancel { .. }
+            | Event::RequestCancel { .. }
             | Event::Expire { .. }
             | Event::Exhaust { .. } => {}
         }
@@ -388,6 +389,11 @@ impl Store for MemoryStore {
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
         let now = p.now.unwrap_or_else(system_now);
         self.transition(p.id, Event::Cancel { now })
+    }
+
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        self.transition(p.id, Event::RequestCancel { now })
     }
 
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {

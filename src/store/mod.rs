@@ -241,6 +241,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::NotFound`]; [`StoreError::Illegal`] if it is not pending.
     async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError>;
 
+    /// Cancels a dispatch whatever its state ([`Event::RequestCancel`](crate::fsm::Event)): a
+    /// pending one ends `Failed(Cancelled)` at once; a running one keeps running but is marked
+    /// ([`Dispatch::cancel_requested`]): it is never claimed again, its holder learns of it
+    /// from its next heartbeat or read, and it ends `Failed(Cancelled)` unless its holder
+    /// completes it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`]; [`StoreError::Illegal`] if it already finished.
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError>;
+
     /// Reads one dispatch.
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError>;
 

@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_narrow_lease_index.sql"),
     include_str!("migrations/sqlite/0003_keys_and_hand_backs.sql"),
+    include_str!("migrations/sqlite/0004_cancel_requests.sql"),
 ];
 
 /// The newest schema version this build knows.
@@ -47,7 +48,7 @@ macro_rules! dispatch_cols {
 /// `attempt - released` is the executions begun).
 macro_rules! claimable_guard {
     () => {
-        "state IN ('pending', 'in_progress') \
+        "state IN ('pending', 'in_progress') AND failure_kind IS NULL \
          AND (deadline IS NULL OR deadline > ?2) \
          AND attempt < 4294967295 AND attempt - released < max_attempts \
          AND ((state = 'pending' AND available_at <= ?2) \
@@ -58,7 +59,9 @@ macro_rules! claimable_guard {
 /// The claim: one statement, oldest first, guarded by [`Dispatch::is_claimable`] and, for a
 /// keyed row, by [`fsm::blocks`]: no other live row of its key is held, or older and able to
 /// run (not [`Dispatch::is_dead`]). The subquery reads the rows as they were before the
-/// statement, so a claim takes at most the first row of each key.
+/// statement, so a claim takes at most the first row of each key. A cancel request is tested
+/// as `failure_kind IS NOT NULL`, never `= 'cancelled'`: inside the `NOT (…)` a NULL
+/// comparison would make the blocking row look dead.
 /// `?1` broker, `?2` now, `?3` node, `?4` lease end, `?5` limit.
 const CLAIM_SQL: &str = concat!(
     "UPDATE dispatch SET state = 'in_progress', attempt = attempt + 1, \
@@ -73,7 +76,8 @@ const CLAIM_SQL: &str = concat!(
              AND NOT ((o.deadline IS NOT NULL AND o.deadline <= ?2 \
                        AND (o.state = 'pending' OR o.lease_until <= ?2)) \
                    OR (o.state = 'in_progress' AND o.lease_until <= ?2 \
-                       AND o.attempt - o.released >= o.max_attempts)))))) \
+                       AND (o.attempt - o.released >= o.max_attempts \
+                            OR o.failure_kind IS NOT NULL))))))) \
      ORDER BY created_at, id LIMIT ?5) RETURNING ",
     dispatch_cols!()
 );
@@ -89,13 +93,17 @@ const EXPIRE_SQL: &str = "UPDATE dispatch SET state = 'failed', failure_kind = '
        AND (state = 'pending' OR lease_until <= ?2) ORDER BY +id LIMIT ?1) \
      RETURNING id";
 
-/// Sweep, exhaust step (`Event::Exhaust`'s guard). `?1` limit, `?2` now.
+/// Sweep, exhaust step (`Event::Exhaust`'s guard: no execution left, or a cancel requested).
+/// `?1` limit, `?2` now. The two terms are whole conjunctions, so each can use its own partial
+/// index.
 const EXHAUST_SQL: &str = "UPDATE dispatch SET state = 'failed', \
-     failure_kind = 'attempts_exhausted', failure_message = NULL, lease_until = NULL, \
-     updated_at = ?2 \
+     failure_kind = CASE WHEN failure_kind = 'cancelled' THEN 'cancelled' \
+       ELSE 'attempts_exhausted' END, \
+     failure_message = NULL, lease_until = NULL, updated_at = ?2 \
      WHERE id IN (SELECT id FROM dispatch \
-       WHERE state = 'in_progress' AND lease_until <= ?2 \
-       AND attempt >= max_attempts AND attempt - released >= max_attempts \
+       WHERE (state = 'in_progress' AND lease_until <= ?2 \
+         AND attempt >= max_attempts AND attempt - released >= max_attempts) \
+       OR (state = 'in_progress' AND failure_kind = 'cancelled' AND lease_until <= ?2) \
        ORDER BY +id LIMIT ?1) \
      RETURNING id";
 
@@ -709,6 +717,7 @@ fn finish_in(
                 },
                 concat!(
                     "UPDATE dispatch SET state = 'done', result = ?3, lease_until = NULL, \
+                     failure_kind = NULL, failure_message = NULL, \
                      updated_at = ?4 WHERE id = ?1 AND state = 'in_progress' \
                      AND attempt = ?2 RETURNING ",
                     dispatch_cols!()
@@ -726,8 +735,11 @@ fn finish_in(
                 error: error.clone(),
             },
             concat!(
-                "UPDATE dispatch SET state = 'failed', failure_kind = 'error', \
-                 failure_message = ?3, lease_until = NULL, updated_at = ?4 \
+                "UPDATE dispatch SET state = 'failed', \
+                 failure_kind = CASE WHEN failure_kind = 'cancelled' THEN 'cancelled' \
+                   ELSE 'error' END, \
+                 failure_message = CASE WHEN failure_kind = 'cancelled' THEN NULL ELSE ?3 END, \
+                 lease_until = NULL, updated_at = ?4 \
                  WHERE id = ?1 AND state = 'in_progress' AND attempt = ?2 RETURNING ",
                 dispatch_cols!()
             ),
@@ -741,10 +753,15 @@ fn finish_in(
                 id,
                 Event::Retry { attempt, now, at },
                 concat!(
-                    "UPDATE dispatch SET state = 'pending', available_at = ?3, \
+                    "UPDATE dispatch SET \
+                     state = CASE WHEN failure_kind = 'cancelled' THEN 'failed' \
+                       ELSE 'pending' END, \
+                     available_at = CASE WHEN failure_kind = 'cancelled' THEN available_at \
+                       ELSE ?3 END, \
                      lease_until = NULL, updated_at = ?4 WHERE id = ?1 \
                      AND state = 'in_progress' AND attempt = ?2 \
-                     AND attempt - released < max_attempts RETURNING ",
+                     AND (attempt - released < max_attempts OR failure_kind = 'cancelled') \
+                     RETURNING ",
                     dispatch_cols!()
                 ),
                 params![key, attempt_param, at.as_micros(), ts],
@@ -756,8 +773,13 @@ fn finish_in(
             id,
             Event::Release { attempt, now },
             concat!(
-                "UPDATE dispatch SET state = 'pending', available_at = ?3, \
-                 lease_until = NULL, released = released + 1, updated_at = ?3 WHERE id = ?1 \
+                "UPDATE dispatch SET \
+                 state = CASE WHEN failure_kind = 'cancelled' THEN 'failed' ELSE 'pending' END, \
+                 available_at = CASE WHEN failure_kind = 'cancelled' THEN available_at \
+                   ELSE ?3 END, \
+                 released = CASE WHEN failure_kind = 'cancelled' THEN released \
+                   ELSE released + 1 END, \
+                 lease_until = NULL, updated_at = ?3 WHERE id = ?1 \
                  AND state = 'in_progress' AND attempt = ?2 RETURNING ",
                 dispatch_cols!()
             ),
@@ -769,9 +791,12 @@ fn finish_in(
             id,
             Event::Late { attempt, now },
             concat!(
-                "UPDATE dispatch SET state = 'failed', failure_kind = 'expired', \
+                "UPDATE dispatch SET state = 'failed', \
+                 failure_kind = CASE WHEN failure_kind = 'cancelled' THEN 'cancelled' \
+                   ELSE 'expired' END, \
                  failure_message = NULL, lease_until = NULL, updated_at = ?3 WHERE id = ?1 \
-                 AND state = 'in_progress' AND attempt = ?2 AND deadline IS NOT NULL RETURNING ",
+                 AND state = 'in_progress' AND attempt = ?2 \
+                 AND (deadline IS NOT NULL OR failure_kind = 'cancelled') RETURNING ",
                 dispatch_cols!()
             ),
             params![key, attempt_param, ts],
@@ -802,21 +827,28 @@ fn finish_batch_sql(rows: usize) -> String {
     }
     sql.push_str(concat!(
         ") UPDATE dispatch SET \
-         state = CASE v.vkind WHEN 0 THEN 'done' WHEN 1 THEN 'failed' WHEN 4 THEN 'failed' \
+         state = CASE WHEN v.vkind = 0 THEN 'done' \
+           WHEN v.vkind IN (1, 4) OR dispatch.failure_kind = 'cancelled' THEN 'failed' \
            ELSE 'pending' END, \
          result = CASE WHEN v.vkind = 0 THEN v.vresult ELSE dispatch.result END, \
-         failure_kind = CASE v.vkind WHEN 1 THEN 'error' WHEN 4 THEN 'expired' \
+         failure_kind = CASE WHEN v.vkind = 0 THEN NULL \
+           WHEN dispatch.failure_kind = 'cancelled' THEN 'cancelled' \
+           WHEN v.vkind = 1 THEN 'error' WHEN v.vkind = 4 THEN 'expired' \
            ELSE dispatch.failure_kind END, \
-         failure_message = CASE WHEN v.vkind = 1 THEN v.vmessage \
-           ELSE dispatch.failure_message END, \
-         available_at = CASE WHEN v.vkind IN (2, 3) THEN v.vavailable \
-           ELSE dispatch.available_at END, \
-         released = CASE WHEN v.vkind = 3 THEN dispatch.released + 1 ELSE dispatch.released END, \
+         failure_message = CASE WHEN v.vkind = 0 THEN NULL \
+           WHEN dispatch.failure_kind = 'cancelled' THEN NULL \
+           WHEN v.vkind = 1 THEN v.vmessage ELSE dispatch.failure_message END, \
+         available_at = CASE WHEN v.vkind IN (2, 3) AND dispatch.failure_kind IS NULL \
+           THEN v.vavailable ELSE dispatch.available_at END, \
+         released = CASE WHEN v.vkind = 3 AND dispatch.failure_kind IS NULL \
+           THEN dispatch.released + 1 ELSE dispatch.released END, \
          lease_until = NULL, updated_at = v.vnow \
          FROM v WHERE dispatch.id = v.vid AND dispatch.state = 'in_progress' \
          AND dispatch.attempt = v.vattempt \
-         AND (v.vkind <> 2 OR dispatch.attempt - dispatch.released < dispatch.max_attempts) \
-         AND (v.vkind <> 4 OR dispatch.deadline IS NOT NULL) RETURNING ",
+         AND (v.vkind <> 2 OR dispatch.failure_kind = 'cancelled' \
+              OR dispatch.attempt - dispatch.released < dispatch.max_attempts) \
+         AND (v.vkind <> 4 OR dispatch.failure_kind = 'cancelled' \
+              OR dispatch.deadline IS NOT NULL) RETURNING ",
         dispatch_cols!()
     ));
     sql
@@ -1192,6 +1224,27 @@ impl Store for SqliteStore {
                     "UPDATE dispatch SET state = 'failed', failure_kind = 'cancelled', \
                      failure_message = NULL, updated_at = ?2 \
                      WHERE id = ?1 AND state = 'pending' RETURNING ",
+                    dispatch_cols!()
+                ),
+                params![&id_bytes(id)[..], now.as_micros()],
+            )
+        })
+        .await
+    }
+
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        let now = p.now.unwrap_or_else(system_now);
+        let id = p.id;
+        self.call(move |w| {
+            guarded(
+                w,
+                id,
+                Event::RequestCancel { now },
+                concat!(
+                    "UPDATE dispatch SET state = CASE WHEN state = 'pending' THEN 'failed' \
+                       ELSE state END, \
+                     failure_kind = 'cancelled', failure_message = NULL, updated_at = ?2 \
+                     WHERE id = ?1 AND state IN ('pending', 'in_progress') RETURNING ",
                     dispatch_cols!()
                 ),
                 params![&id_bytes(id)[..], now.as_micros()],

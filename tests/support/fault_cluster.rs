@@ -111,6 +111,11 @@ impl Store for Watched {
         self.note("cancel", &r);
         r
     }
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        let r = self.inner.request_cancel(p).await;
+        self.note("cancel", &r);
+        r
+    }
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         let r = self.inner.get(id).await;
         self.note("get", &r);

@@ -51,10 +51,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/postgres/0004_keys_and_hand_backs.sql"),
     ),
+    (
+        5,
+        include_str!("../migrations/postgres/0005_cancel_requests.sql"),
+    ),
 ];
 
 /// The newest schema version this build understands.
-pub const PG_SCHEMA_VERSION: i64 = 4;
+pub const PG_SCHEMA_VERSION: i64 = 5;
 
 /// The dispatch columns, in the order [`PgStore::decode`] reads them.
 const COLS: &str = "d.id, d.broker, d.op, d.args, d.state, d.attempt, d.max_attempts, \
@@ -131,6 +135,7 @@ struct Sql {
     finish_many: String,
     notify: String,
     cancel: String,
+    request_cancel: String,
     read_at: String,
     get: String,
     list: String,
@@ -152,6 +157,7 @@ fn claimable(x: &str) -> String {
         "((({x}.state = 'pending' AND {x}.available_at <= clock.now) \
            OR ({x}.state = 'in_progress' AND {x}.lease_until <= clock.now)) \
           AND {x}.attempt < 4294967295 AND {x}.attempt - {x}.released < {x}.max_attempts \
+          AND {x}.failure IS NULL \
           AND ({x}.deadline IS NULL OR clock.now < {x}.deadline))"
     )
 }
@@ -169,7 +175,8 @@ fn key_free(s: &str, x: &str) -> String {
                  AND NOT ((o.deadline IS NOT NULL AND o.deadline <= clock.now \
                            AND (o.state = 'pending' OR o.lease_until <= clock.now)) \
                        OR (o.state = 'in_progress' AND o.lease_until <= clock.now \
-                           AND o.attempt - o.released >= o.max_attempts))))))"
+                           AND (o.attempt - o.released >= o.max_attempts \
+                                OR o.failure IS NOT NULL)))))))"
     )
 }
 
@@ -278,24 +285,38 @@ impl Sql {
                     .as_str(),
                 " AND d.lease_until > clock.now",
             ),
-            complete: holder("state = 'done', result = $4::json, lease_until = NULL", ""),
-            fail: holder("state = 'failed', failure = $4::json, lease_until = NULL", ""),
+            // An in-progress row with a `failure` has a cancel request: every outcome but a
+            // completion ends it with that failure (`Cancelled`), without the outcome's guard.
+            complete: holder(
+                "state = 'done', result = $4::json, failure = NULL, lease_until = NULL",
+                "",
+            ),
+            fail: holder(
+                "state = 'failed', failure = COALESCE(d.failure, $4::json), lease_until = NULL",
+                "",
+            ),
             retry: holder(
                 format!(
-                    "state = 'pending', available_at = {s}.sat_add(clock.now, $4::bigint), \
+                    "state = CASE WHEN d.failure IS NULL THEN 'pending' ELSE 'failed' END, \
+                     available_at = CASE WHEN d.failure IS NULL \
+                       THEN {s}.sat_add(clock.now, $4::bigint) ELSE d.available_at END, \
                      lease_until = NULL"
                 )
                 .as_str(),
-                " AND d.attempt - d.released < d.max_attempts",
+                " AND (d.attempt - d.released < d.max_attempts OR d.failure IS NOT NULL)",
             ),
             release: holder(
-                "state = 'pending', available_at = clock.now, lease_until = NULL, \
-                 released = d.released + 1",
+                "state = CASE WHEN d.failure IS NULL THEN 'pending' ELSE 'failed' END, \
+                 available_at = CASE WHEN d.failure IS NULL THEN clock.now \
+                   ELSE d.available_at END, \
+                 lease_until = NULL, \
+                 released = CASE WHEN d.failure IS NULL THEN d.released + 1 \
+                   ELSE d.released END",
                 "",
             ),
             late: holder(
-                "state = 'failed', failure = $4::json, lease_until = NULL",
-                " AND d.deadline IS NOT NULL",
+                "state = 'failed', failure = COALESCE(d.failure, $4::json), lease_until = NULL",
+                " AND (d.deadline IS NOT NULL OR d.failure IS NOT NULL)",
             ),
             // Every finish of a batch in one statement, each row still guarded by its own
             // attempt (the same guards as `complete`, `fail`, `retry` and `release` above), and
@@ -308,22 +329,27 @@ impl Sql {
                        AS v(id, attempt, kind, result, failure, delay, at)), \
                  upd AS ( \
                    UPDATE {s}.dispatch AS d SET \
-                     state = CASE v.kind WHEN 'complete' THEN 'done' WHEN 'fail' THEN 'failed' \
-                             WHEN 'late' THEN 'failed' ELSE 'pending' END, \
+                     state = CASE WHEN v.kind = 'complete' THEN 'done' \
+                             WHEN v.kind IN ('fail', 'late') OR d.failure IS NOT NULL \
+                               THEN 'failed' \
+                             ELSE 'pending' END, \
                      result = CASE WHEN v.kind = 'complete' THEN v.result ELSE d.result END, \
-                     failure = CASE WHEN v.kind IN ('fail', 'late') THEN v.failure \
+                     failure = CASE WHEN v.kind = 'complete' THEN NULL \
+                               WHEN d.failure IS NOT NULL THEN d.failure \
+                               WHEN v.kind IN ('fail', 'late') THEN v.failure \
                                ELSE d.failure END, \
-                     released = CASE WHEN v.kind = 'release' THEN d.released + 1 \
-                                ELSE d.released END, \
-                     available_at = CASE v.kind \
-                       WHEN 'retry' THEN {s}.sat_add(COALESCE(v.at, clock.now), v.delay) \
-                       WHEN 'release' THEN COALESCE(v.at, clock.now) \
+                     released = CASE WHEN v.kind = 'release' AND d.failure IS NULL \
+                                THEN d.released + 1 ELSE d.released END, \
+                     available_at = CASE WHEN d.failure IS NOT NULL THEN d.available_at \
+                       WHEN v.kind = 'retry' THEN {s}.sat_add(COALESCE(v.at, clock.now), v.delay) \
+                       WHEN v.kind = 'release' THEN COALESCE(v.at, clock.now) \
                        ELSE d.available_at END, \
                      lease_until = NULL, updated_at = COALESCE(v.at, clock.now) \
                    FROM clock, v \
                    WHERE d.id = v.id AND d.attempt = v.attempt AND d.state = 'in_progress' \
-                     AND (v.kind <> 'retry' OR d.attempt - d.released < d.max_attempts) \
-                     AND (v.kind <> 'late' OR d.deadline IS NOT NULL) \
+                     AND (v.kind <> 'retry' OR d.failure IS NOT NULL \
+                          OR d.attempt - d.released < d.max_attempts) \
+                     AND (v.kind <> 'late' OR d.failure IS NOT NULL OR d.deadline IS NOT NULL) \
                    RETURNING {COLS}), \
                  ev AS (SELECT pg_notify($8::text, upd.id::text) FROM upd \
                          WHERE $8::text IS NOT NULL) \
@@ -334,6 +360,15 @@ impl Sql {
                 "{} UPDATE {s}.dispatch AS d \
                  SET state = 'failed', failure = $3::json, updated_at = clock.now FROM clock \
                  WHERE d.id = $1::uuid AND d.state = 'pending' RETURNING {COLS}",
+                clock(2)
+            ),
+            // Pending: cancelled at once; in progress: marked (its `failure` set).
+            request_cancel: format!(
+                "{} UPDATE {s}.dispatch AS d \
+                 SET state = CASE WHEN d.state = 'pending' THEN 'failed' ELSE d.state END, \
+                     failure = $3::json, updated_at = clock.now FROM clock \
+                 WHERE d.id = $1::uuid AND d.state IN ('pending', 'in_progress') \
+                 RETURNING {COLS}",
                 clock(2)
             ),
             read_at: format!(
@@ -367,12 +402,14 @@ impl Sql {
             sweep_exhaust: format!(
                 "WITH picked AS MATERIALIZED ( \
                      SELECT c.id FROM {s}.dispatch AS c \
-                     WHERE c.state = 'in_progress' AND c.lease_until <= $1::bigint \
-                       AND c.attempt >= c.max_attempts AND c.attempt - c.released >= c.max_attempts \
+                     WHERE (c.state = 'in_progress' AND c.lease_until <= $1::bigint \
+                       AND c.attempt >= c.max_attempts AND c.attempt - c.released >= c.max_attempts) \
+                     OR (c.state = 'in_progress' AND c.failure IS NOT NULL \
+                       AND c.lease_until <= $1::bigint) \
                      ORDER BY c.id LIMIT $2::bigint FOR UPDATE OF c) \
                  UPDATE {s}.dispatch AS d \
-                 SET state = 'failed', failure = $3::json, lease_until = NULL, \
-                     updated_at = $1::bigint \
+                 SET state = 'failed', failure = COALESCE(d.failure, $3::json), \
+                     lease_until = NULL, updated_at = $1::bigint \
                  FROM picked WHERE d.id = picked.id \
                  RETURNING d.id"
             ),
@@ -1239,6 +1276,14 @@ impl Store for PgStore {
         .await
     }
 
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        let failure = to_json(&FailReason::Cancelled)?;
+        self.guarded(&self.sql.request_cancel, p.id, p.now, &[&failure], |now| {
+            Event::RequestCancel { now }
+        })
+        .await
+    }
+
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
@@ -1879,6 +1924,7 @@ mod tests {
             &sql.finish_many,
             &sql.notify,
             &sql.cancel,
+            &sql.request_cancel,
             &sql.read_at,
             &sql.get,
             &sql.list,
