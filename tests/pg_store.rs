@@ -790,6 +790,34 @@ async fn a_statement_timeout_is_unavailable() {
     store.heartbeat(&held, heartbeat_now()).await.unwrap();
 }
 
+/// A guard that keeps refusing what `fsm::apply` allows on the row as read back (here a
+/// foreign trigger swallows every update) is a defect, not a race: `Backend`, not retryable,
+/// as SQLite reports it, so a caller does not retry it for ever.
+#[tokio::test]
+async fn a_guard_that_keeps_refusing_a_legal_transition_is_a_backend_error() {
+    let Some((db, store)) = fresh_store().await else {
+        return;
+    };
+    let held = claimed_row(&store, "swallowed").await;
+    let admin = pg::client(&db.dsn).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".swallow() RETURNS trigger LANGUAGE plpgsql \
+               AS $$ BEGIN RETURN NULL; END $$; \
+             CREATE TRIGGER swallow BEFORE UPDATE ON \"{s}\".dispatch \
+               FOR EACH ROW EXECUTE FUNCTION \"{s}\".swallow()",
+            s = db.schema
+        ))
+        .await
+        .unwrap();
+    let err = store
+        .finish(held, FinishParams::new(Outcome::Complete(json!(1))))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(!err.is_retryable());
+}
+
 #[tokio::test]
 async fn bad_dsn_wrong_password_and_unreachable_server_are_typed() {
     let err = PgStore::connect("postgres://u@h:99999999/db", PgStoreOptions::default())

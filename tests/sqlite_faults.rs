@@ -352,3 +352,38 @@ async fn drop_stops_the_writer_and_closes_the_file() {
     );
     assert_eq!(raw_count(&path), 1);
 }
+
+/// A guard that refuses what `fsm::apply` allows on the row as read back (here a foreign
+/// trigger swallows every update) is a defect, not a race: `Backend`, not retryable, as
+/// Postgres reports it.
+#[tokio::test]
+async fn a_guard_that_refuses_a_legal_transition_is_a_backend_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = SqliteStore::open(&path).expect("open");
+    store.insert(new_dispatch(1)).await.expect("insert");
+    let held = store
+        .claim(claim_params("n1", 1))
+        .await
+        .expect("claim")
+        .pop()
+        .expect("one row");
+    Connection::open(&path)
+        .expect("foreign connection")
+        .execute_batch(
+            "CREATE TRIGGER swallow BEFORE UPDATE ON dispatch BEGIN SELECT RAISE(IGNORE); END",
+        )
+        .expect("trigger");
+    let err = store
+        .finish(
+            held,
+            broker_dispatch::store::FinishParams {
+                outcome: broker_dispatch::store::Outcome::Complete(serde_json::json!(1)),
+                now: Some(Timestamp::from_micros(T0 + 2_000_000)),
+            },
+        )
+        .await
+        .expect_err("the swallowed update cannot succeed");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(!err.is_retryable());
+}

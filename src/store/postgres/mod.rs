@@ -907,8 +907,13 @@ impl PgStore {
                 fsm::apply(&current, event(at))?;
                 // The guard holds now: the row changed between the update and the read. Again.
             }
-            Err(StoreError::Unavailable(
-                format!("dispatch {id} kept changing under concurrent writers").into(),
+            // Three times running, the statement's guard refused what `fsm::apply` allows on
+            // the row as read back. A race would need the row to change between the two
+            // statements every time; far likelier the SQL guard and the state machine disagree
+            // (a defect, or a foreign trigger or edit), which retrying the same call cannot
+            // fix. `Backend`, not retryable, as SQLite reports the same divergence.
+            Err(StoreError::Backend(
+                format!("the guard refused a legal transition of {id} three times").into(),
             ))
         }
         .await;
