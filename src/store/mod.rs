@@ -108,6 +108,44 @@ pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
     }
 }
 
+/// Checks a whole row before it is copied into a store as it is (an import, which applies no
+/// transition): the fields an insert checks ([`NewDispatch::validate`]) and the values a
+/// holder's writes check (result, progress detail, failure text), by the same rules, so a
+/// copied row is one every store could have written and can read back.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidInput`] naming the first field out of bounds.
+pub fn check_dispatch(d: &Dispatch) -> Result<(), StoreError> {
+    crate::fsm::check_op(&d.op)?;
+    if d.max_attempts == 0 {
+        return Err(StoreError::invalid("max_attempts must be at least 1"));
+    }
+    if let Some(k) = &d.idempotency_key {
+        crate::fsm::check_idempotency_key(k)?;
+    }
+    if let Some(k) = &d.key {
+        crate::fsm::check_key(k)?;
+    }
+    if d.released > d.attempt {
+        return Err(StoreError::invalid(format!(
+            "released {} exceeds attempt {}",
+            d.released, d.attempt
+        )));
+    }
+    check_json("args", &d.args, MAX_ARGS_BYTES)?;
+    if let Some(r) = &d.result {
+        check_json("result", r, MAX_RESULT_BYTES)?;
+    }
+    if let Some(p) = &d.progress {
+        check_json("progress detail", &p.detail, MAX_DETAIL_BYTES)?;
+    }
+    if let Some(crate::fsm::FailReason::Error(m)) = &d.failure {
+        check_outcome(&Outcome::Fail(m.clone()))?;
+    }
+    Ok(())
+}
+
 /// Checks a heartbeat before it is written (every store calls it): a lease of at least 1 ms,
 /// and the progress detail's depth and size.
 ///

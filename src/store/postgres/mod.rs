@@ -1704,11 +1704,26 @@ impl PgImport {
 
     /// Writes dispatches exactly as given (args through the store's codec, if any).
     ///
+    /// Every row is checked first with the rules every store applies to what it writes
+    /// ([`check_dispatch`](super::check_dispatch)); if any is out of bounds, none of them is
+    /// written.
+    ///
     /// # Errors
     ///
-    /// As any call; a row the schema's checks refuse is [`StoreError::Backend`] (the
-    /// transaction is then aborted: drop the import).
+    /// [`StoreError::InvalidInput`] for a row out of bounds (nothing of this call was written;
+    /// the import stays usable). As any call otherwise; a row the schema's checks refuse is
+    /// [`StoreError::Backend`] (the transaction is then aborted: drop the import).
     pub async fn dispatches(&mut self, rows: &[Dispatch]) -> Result<ImportOutcome, StoreError> {
+        // Before the first write: a row no store could have written (or could read back) must
+        // not reach the destination, whatever the source let through.
+        for d in rows {
+            super::check_dispatch(d).map_err(|e| match e {
+                StoreError::InvalidInput(m) => {
+                    StoreError::invalid(format!("dispatch {}: {m}", d.id))
+                }
+                other => other,
+            })?;
+        }
         let s = format!("\"{}\"", self.store.schema);
         let client = self.conn()?;
         let insert = client
