@@ -531,8 +531,12 @@ async fn fixture(store: &dyn Store) -> Fixture {
         )
         .await
         .expect("complete");
-    store.insert(new_row("b-stale", 2)).await.expect("insert");
-    let stale_holder = claim_one(store, "b-stale", Duration::from_micros(5), 10)
+    // The shortest lease a store takes, lapsed long before the current holder's claim.
+    store
+        .insert(new_row("b-stale", -5_000))
+        .await
+        .expect("insert");
+    let stale_holder = claim_one(store, "b-stale", Duration::from_millis(1), -4_000)
         .await
         .into_dispatch();
     let current_holder = claim_one(store, "b-stale", LONG_LEASE, 30)
@@ -767,6 +771,41 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
         st.claim(claim_on("b-pending", Duration::ZERO, 1_000)).await,
         Err(StoreError::InvalidInput(_))
     ));
+    case!(c, "claim: lease of 999 µs", |st, fx| expect!(
+        st.claim(claim_on("b-pending", Duration::from_micros(999), 1_000))
+            .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "claim: lease of 1 ns", |st, fx| expect!(
+        st.claim(claim_on("b-pending", Duration::from_nanos(1), 1_000))
+            .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: delay of 999 µs", |st, fx| expect!(
+        st.insert(NewDispatch {
+            delay: Some(Duration::from_micros(999)),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: ttl of 1 ns", |st, fx| expect!(
+        st.insert(NewDispatch {
+            ttl: Some(Duration::from_nanos(1)),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "sweep: retention of 999 µs", |st, fx| expect!(
+        st.sweep(SweepParams {
+            retention: Duration::from_micros(999),
+            limit: 10,
+            now: at(1_000)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
     case!(c, "claim: now = i64::MIN claims nothing", |st, fx| {
         let got = st
             .claim(ClaimParams {
@@ -780,6 +819,14 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
     case!(c, "heartbeat: zero lease", |st, fx| expect!(
         st.heartbeat(&forged(&fx.current_holder), hb(Duration::ZERO, at(1_000)))
             .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "heartbeat: lease of 999 µs", |st, fx| expect!(
+        st.heartbeat(
+            &forged(&fx.current_holder),
+            hb(Duration::from_micros(999), at(1_000))
+        )
+        .await,
         Err(StoreError::InvalidInput(_))
     ));
     case!(
@@ -1724,6 +1771,42 @@ async fn postgres_dsns_and_options_are_typed_within_a_bound() {
             closed.clone(),
             PgStoreOptions {
                 channel_prefix: "bad-prefix".into(),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: zero statement_timeout",
+            closed.clone(),
+            PgStoreOptions {
+                statement_timeout: Some(Duration::ZERO),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: statement_timeout under 1 ms",
+            closed.clone(),
+            PgStoreOptions {
+                statement_timeout: Some(Duration::from_micros(999)),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: zero connect_timeout",
+            closed.clone(),
+            PgStoreOptions {
+                connect_timeout: Duration::ZERO,
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: connect_timeout under 1 ms",
+            closed.clone(),
+            PgStoreOptions {
+                connect_timeout: Duration::from_micros(999),
                 ..quick()
             },
             |e| matches!(e, StoreError::InvalidInput(_)),

@@ -53,18 +53,20 @@ fn n(s: &str) -> NodeId {
     NodeId::new(s).unwrap()
 }
 
-fn at(micros: i64) -> Option<Timestamp> {
-    Some(Timestamp::from_micros(T0 + micros))
+/// `ms` milliseconds after `T0`: the scripted history counts in milliseconds, as leases and
+/// retention are at least 1 ms.
+fn at(ms: i64) -> Option<Timestamp> {
+    Some(Timestamp::from_micros(T0 + ms * 1_000))
 }
 
 const T0: i64 = 1_700_000_000_000_000;
 
-fn claim(broker: &str, node: &str, limit: u32, lease_us: u64, now: i64) -> ClaimParams {
+fn claim(broker: &str, node: &str, limit: u32, lease_ms: u64, now: i64) -> ClaimParams {
     ClaimParams {
         broker: b(broker),
         node: n(node),
         limit,
-        lease: Duration::from_micros(lease_us),
+        lease: Duration::from_millis(lease_ms),
         now: at(now),
     }
 }
@@ -157,7 +159,7 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
             .heartbeat(
                 &a1,
                 HeartbeatParams {
-                    lease: Duration::from_micros(20),
+                    lease: Duration::from_millis(20),
                     progress: Some(Progress {
                         seq: 1,
                         detail: json!("half"),
@@ -177,7 +179,7 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
     let mut stale = a1.dispatch().clone();
     stale.attempt = 0;
     let hb = HeartbeatParams {
-        lease: Duration::from_micros(5),
+        lease: Duration::from_millis(5),
         progress: None,
         now: at(16),
     };
@@ -224,7 +226,7 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
                 a2,
                 finish(
                     Outcome::Retry {
-                        after: Duration::from_micros(5)
+                        after: Duration::from_millis(5)
                     },
                     61
                 )
@@ -294,15 +296,15 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
     .unwrap_err();
     assert_eq!(released.state, DispatchState::Pending);
 
-    let sweep = |limit: u32, now: i64, retention_us: u64| SweepParams {
-        retention: Duration::from_micros(retention_us),
+    let sweep = |limit: u32, now: i64, retention_ms: u64| SweepParams {
+        retention: Duration::from_millis(retention_ms),
         limit,
         now: at(now),
     };
-    rec!("sweep limit 0", store.sweep(sweep(0, 200, 0)).await).unwrap_err();
+    rec!("sweep limit 0", store.sweep(sweep(0, 200, 1)).await).unwrap_err();
     rec!("sweep 1", store.sweep(sweep(1, 200, 50)).await).unwrap();
     rec!("sweep 2", store.sweep(sweep(10, 200, 50)).await).unwrap();
-    rec!("sweep 3", store.sweep(sweep(10, 300, 0)).await).unwrap();
+    rec!("sweep 3", store.sweep(sweep(10, 300, 1)).await).unwrap();
 
     rec!("list all", store.list(ListFilter::default()).await).unwrap();
     let first = rec!(
@@ -996,7 +998,7 @@ async fn unnamed_statements_leave_nothing_prepared_on_the_connection() {
         let claimed = store
             .claim(ClaimParams {
                 now: None,
-                ..claim("b", "n", 10, 30_000_000, 0)
+                ..claim("b", "n", 10, 30_000, 0)
             })
             .await
             .unwrap();

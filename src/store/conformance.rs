@@ -89,6 +89,7 @@ macro_rules! store_conformance_tests {
             insert_measures_delay_and_ttl_from_its_now,
             claims_agree_with_claim_order,
             values_no_store_can_read_back_are_refused_and_change_nothing,
+            durations_under_a_millisecond_are_refused_and_change_nothing,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -2244,4 +2245,65 @@ pub async fn values_no_store_can_read_back_are_refused_and_change_nothing(store:
     assert_eq!(get(s, id(1)).await, before);
     // Every row still reads back, one by one and in a list.
     assert_eq!(all_rows(s).await.len(), 3);
+}
+
+/// Every duration a store takes is at least [`MIN_DURATION`](super::MIN_DURATION): a lease
+/// under a millisecond (a row two nodes could claim at the same instant), a delay or TTL, a
+/// sweep's retention. Each is `InvalidInput` and changes nothing; exactly 1 ms is accepted.
+pub async fn durations_under_a_millisecond_are_refused_and_change_nothing(store: Arc<dyn Store>) {
+    let s = &*store;
+    let short = Duration::from_micros(999);
+    for new in [
+        NewDispatch {
+            delay: Some(short),
+            ..new_dispatch(9, "b", at(0))
+        },
+        NewDispatch {
+            ttl: Some(Duration::from_nanos(1)),
+            ..new_dispatch(9, "b", at(0))
+        },
+    ] {
+        assert_invalid(s.insert(new.clone()).await);
+        assert_invalid(s.insert_many(vec![new]).await);
+    }
+    assert!(all_rows(s).await.is_empty());
+    let row = insert(s, new_dispatch(1, "b", at(0))).await;
+    for lease in [Duration::ZERO, Duration::from_nanos(1), short] {
+        assert_invalid(
+            s.claim(ClaimParams {
+                lease,
+                ..claim_params("b", "n", 1, at(secs(1)))
+            })
+            .await,
+        );
+    }
+    assert_eq!(get(s, row.id).await, row, "a refused claim changed the row");
+    let held = s
+        .claim(ClaimParams {
+            lease: super::MIN_DURATION,
+            ..claim_params("b", "n", 1, at(secs(1)))
+        })
+        .await
+        .expect("a 1 ms lease is accepted")
+        .pop()
+        .expect("the row");
+    let before = get(s, held.id()).await;
+    let r = s
+        .heartbeat(
+            &held,
+            HeartbeatParams {
+                lease: short,
+                progress: None,
+                now: Some(at(secs(1))),
+            },
+        )
+        .await;
+    assert_invalid(r);
+    assert_eq!(
+        get(s, held.id()).await,
+        before,
+        "a refused heartbeat changed the row"
+    );
+    assert_invalid(s.sweep(sweep_params(10, short, at(secs(2)))).await);
+    assert_eq!(all_rows(s).await, vec![before]);
 }

@@ -410,7 +410,7 @@ impl Store for MemoryStore {
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
-        check_limit(p.limit)?;
+        p.validate()?;
         let now = p.now.unwrap_or_else(system_now);
         let limit = p.limit as usize;
         let mut guard = self.inner.lock();

@@ -54,6 +54,11 @@ pub const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
 /// The largest progress detail or failure message accepted, in bytes (of JSON, for progress).
 pub const MAX_DETAIL_BYTES: usize = 64 * 1024;
 
+/// The shortest duration any store parameter or hub knob accepts (leases, delays, TTLs,
+/// retention, timeouts): anything shorter would be a zero lease (two nodes holding one row at
+/// once), a busy loop, or, where the backend counts in milliseconds, silently rounded.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+
 /// The deepest nesting of arrays and objects accepted in any JSON value a row holds (args,
 /// result, progress). Every store reads back what it wrote: serde_json refuses to parse more
 /// than 128 levels, so a deeper value, once written, could never be read again.
@@ -153,7 +158,7 @@ pub fn check_dispatch(d: &Dispatch) -> Result<(), StoreError> {
 ///
 /// [`StoreError::InvalidInput`].
 pub fn check_heartbeat(p: &HeartbeatParams) -> Result<(), StoreError> {
-    check_positive("lease", p.lease)?;
+    check_duration("lease", p.lease)?;
     match &p.progress {
         Some(progress) => check_json("progress detail", &progress.detail, MAX_DETAIL_BYTES),
         None => Ok(()),
@@ -384,10 +389,11 @@ pub struct NewDispatch {
     /// (see [`fsm::claim_order`](crate::fsm::claim_order)).
     pub key: Option<String>,
     /// Not claimable until this long after the store's `now` (combined with `available_at`:
-    /// the later wins). Measured on the store's clock, so a node's skew cannot shift it.
+    /// the later wins). Measured on the store's clock, so a node's skew cannot shift it. At
+    /// least [`MIN_DURATION`] when given.
     pub delay: Option<Duration>,
     /// Never claimed at or after this long after the store's `now` (combined with `deadline`:
-    /// the earlier wins). Measured on the store's clock.
+    /// the earlier wins). Measured on the store's clock. At least [`MIN_DURATION`] when given.
     pub ttl: Option<Duration>,
     /// Executions already begun elsewhere (the local fast path's first attempt, whose retry
     /// this row is): the row starts at this attempt. Less than `max_attempts`.
@@ -427,6 +433,13 @@ impl NewDispatch {
         }
         if let Some(k) = &self.key {
             crate::fsm::check_key(k)?;
+        }
+        // `None` is "no delay" and "no TTL"; a duration given is a period like any other.
+        if let Some(d) = self.delay {
+            check_duration("delay", d)?;
+        }
+        if let Some(t) = self.ttl {
+            check_duration("ttl", t)?;
         }
         if self.executions >= self.max_attempts {
             return Err(StoreError::invalid(format!(
@@ -495,7 +508,7 @@ pub struct ClaimParams {
     pub node: NodeId,
     /// At most this many rows (1..=[`MAX_BATCH`]).
     pub limit: u32,
-    /// The lease each claimed row gets (> 0).
+    /// The lease each claimed row gets (at least [`MIN_DURATION`]).
     pub lease: Duration,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
@@ -503,16 +516,21 @@ pub struct ClaimParams {
 
 impl ClaimParams {
     /// Checks limit and lease.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a limit outside `1..=`[`MAX_BATCH`] or a lease under
+    /// [`MIN_DURATION`].
     pub fn validate(&self) -> Result<(), StoreError> {
         check_limit(self.limit)?;
-        check_positive("lease", self.lease)
+        check_duration("lease", self.lease)
     }
 }
 
 /// Parameters of [`Store::heartbeat`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeartbeatParams {
-    /// The new lease, from now (> 0).
+    /// The new lease, from now (at least [`MIN_DURATION`]).
     pub lease: Duration,
     /// New progress, if any.
     pub progress: Option<Progress>,
@@ -617,12 +635,26 @@ impl Default for ListFilter {
 /// Parameters of [`Store::sweep`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepParams {
-    /// Terminal rows last updated longer ago than this are deleted.
+    /// Terminal rows last updated longer ago than this are deleted (at least
+    /// [`MIN_DURATION`]).
     pub retention: Duration,
     /// At most this many rows per kind of work (1..=[`MAX_BATCH`]).
     pub limit: u32,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
+}
+
+impl SweepParams {
+    /// Checks limit and retention.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a limit outside `1..=`[`MAX_BATCH`] or a retention
+    /// under [`MIN_DURATION`].
+    pub fn validate(&self) -> Result<(), StoreError> {
+        check_limit(self.limit)?;
+        check_duration("retention", self.retention)
+    }
 }
 
 /// What a sweep did.
@@ -807,9 +839,12 @@ pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub(crate) fn check_positive(what: &str, d: Duration) -> Result<(), StoreError> {
-    if d.is_zero() {
-        return Err(StoreError::invalid(format!("{what} must be positive")));
+/// Checks a duration parameter: at least [`MIN_DURATION`].
+pub(crate) fn check_duration(what: &str, d: Duration) -> Result<(), StoreError> {
+    if d < MIN_DURATION {
+        return Err(StoreError::invalid(format!(
+            "{what} must be at least {MIN_DURATION:?}, got {d:?}"
+        )));
     }
     Ok(())
 }

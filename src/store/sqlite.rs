@@ -1242,7 +1242,7 @@ impl Store for SqliteStore {
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
-        check_limit(p.limit)?;
+        p.validate()?;
         let now = p.now.unwrap_or_else(system_now);
         let cutoff = now.saturating_sub(p.retention);
         self.call(move |w| {

@@ -83,13 +83,15 @@ pub struct PgStoreOptions {
     /// behind PgBouncer in transaction pooling mode): the hub then publishes every signal and
     /// event on its transport itself, and no NOTIFY is sent that nobody would hear.
     pub notify: bool,
-    /// How long to wait for a connection, new or pooled ([`PgStore::connect`] only).
+    /// How long to wait for a connection, new or pooled ([`PgStore::connect`] only; at least
+    /// 1 ms).
     pub connect_timeout: Duration,
     /// The server-side `statement_timeout` of every pooled connection, if any
     /// ([`PgStore::connect`] only). A statement that runs out is reported as
     /// [`StoreError::Unavailable`]: the same call may well succeed later. Sent as a startup
     /// parameter, which PgBouncer does not pass on: behind it, set `statement_timeout` on the
-    /// role or database instead (`ALTER ROLE … SET statement_timeout = …`).
+    /// role or database instead (`ALTER ROLE … SET statement_timeout = …`). At least 1 ms
+    /// (the server counts whole milliseconds).
     pub statement_timeout: Option<Duration>,
     /// Whether statements are prepared once per connection and cached (default `true`, the
     /// fastest). Set it to `false` behind PgBouncer in **transaction pooling** mode (any
@@ -612,11 +614,18 @@ impl PgStore {
     ///
     /// # Errors
     ///
-    /// [`StoreError::InvalidInput`] for a malformed DSN, schema or channel prefix;
+    /// [`StoreError::InvalidInput`] for a malformed DSN, schema or channel prefix, or a
+    /// `connect_timeout` or `statement_timeout` under 1 ms;
     /// [`StoreError::Unavailable`] if the server cannot be reached within
     /// `options.connect_timeout`; [`StoreError::Backend`] if it refuses the connection
     /// (authentication, unknown database).
     pub async fn connect(dsn: &str, options: PgStoreOptions) -> Result<Self, StoreError> {
+        // Checked, not rounded: a zero connect timeout gives up at once, and the server takes
+        // `statement_timeout` in whole milliseconds, where 0 means "no limit".
+        super::check_duration("PgStoreOptions::connect_timeout", options.connect_timeout)?;
+        if let Some(t) = options.statement_timeout {
+            super::check_duration("PgStoreOptions::statement_timeout", t)?;
+        }
         let mut config: tokio_postgres::Config = dsn
             .parse()
             .map_err(|e| StoreError::invalid(format!("bad postgres dsn: {e}")))?;
@@ -631,7 +640,7 @@ impl PgStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         if let Some(t) = options.statement_timeout {
-            let ms = t.as_millis().max(1);
+            let ms = t.as_millis();
             let opts = match config.get_options() {
                 Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={ms}"),
                 _ => format!("-c statement_timeout={ms}"),
@@ -1280,7 +1289,7 @@ impl Store for PgStore {
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
-        check_limit(p.limit)?;
+        p.validate()?;
         let limit = i64::from(p.limit);
         let mut client = self.client().await?;
         let r: Result<_, StoreError> = async {
