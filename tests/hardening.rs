@@ -209,3 +209,64 @@ async fn a_panicking_listener_is_restarted_and_the_hub_keeps_hearing_notices() {
         "the listener subscribed again after its panic"
     );
 }
+
+/// An executor's failure message larger than the store takes (64 KiB) is shortened before it is
+/// written: the dispatch ends `Failed(Error(..))` after exactly one execution, instead of the
+/// refused write being taken for fencing and the command run again when its lease lapsed.
+#[tokio::test(start_paused = true)]
+async fn an_oversized_failure_message_is_shortened_and_runs_once() {
+    use broker_dispatch::fsm::FailReason;
+    use broker_dispatch::store::MAX_DETAIL_BYTES;
+    use broker_dispatch::{Error, ExecError};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let bus = MemoryTransport::new();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&runs);
+    let owner = Hub::builder(NodeId::new("owner").unwrap())
+        .store(store.clone())
+        .transport(Arc::new(bus.clone()))
+        .executor(Arc::new(FnExecutor(move |_ctx, _d: Dispatch| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async move { Err::<serde_json::Value, _>(ExecError::fatal("x".repeat(100_000))) }
+        })))
+        .config(config())
+        .start()
+        .await
+        .unwrap();
+    let other = hub("other", store.clone(), Arc::new(bus.clone())).await;
+    let b = BrokerId::new("b").unwrap();
+    owner
+        .connect(b.clone(), SessionId::new("s").unwrap())
+        .await
+        .unwrap();
+    let shortened = |e: &Error| match e {
+        Error::Failed {
+            reason: FailReason::Error(m),
+            ..
+        } => m.len() <= MAX_DETAIL_BYTES && m.starts_with("xxx"),
+        _ => false,
+    };
+    // Forwarded: the owner claims the row, runs it, and writes the failure.
+    let err = other
+        .dispatch(Command::new(b.clone(), "op", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(shortened(&err), "{err:?}");
+    let rows = store.list(ListFilter::default()).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(
+        matches!(&rows[0].failure, Some(FailReason::Error(m)) if m.len() <= MAX_DETAIL_BYTES),
+        "{:?}",
+        rows[0].state
+    );
+    // Long enough for a lapsed lease to be re-claimed, had the write been refused.
+    tokio::time::sleep(config().lease * 3).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1, "the command ran again");
+    // The local fast path reports the same shortened text.
+    let err = owner
+        .dispatch(Command::new(b, "op", json!(2)))
+        .await
+        .unwrap_err();
+    assert!(shortened(&err), "{err:?}");
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+}

@@ -113,6 +113,26 @@ pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
     }
 }
 
+/// What [`fit_failure_text`] appends to a message it shortened.
+pub const TRUNCATION_MARKER: &str = " …[truncated]";
+
+/// Shortens a failure message to fit [`MAX_DETAIL_BYTES`]: cut on a char boundary and marked
+/// with [`TRUNCATION_MARKER`]; a message that fits is returned as it is. The hub passes every
+/// executor failure through it before writing it, since a message the store refused could not
+/// end the attempt at all (its lease would lapse and the command run again).
+pub fn fit_failure_text(mut message: String) -> String {
+    if message.len() <= MAX_DETAIL_BYTES {
+        return message;
+    }
+    let mut cut = MAX_DETAIL_BYTES - TRUNCATION_MARKER.len();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(TRUNCATION_MARKER);
+    message
+}
+
 /// Checks a whole row before it is copied into a store as it is (an import, which applies no
 /// transition): the fields an insert checks ([`NewDispatch::validate`]) and the values a
 /// holder's writes check (result, progress detail, failure text), by the same rules, so a
@@ -851,4 +871,27 @@ pub(crate) fn check_duration(what: &str, d: Duration) -> Result<(), StoreError> 
 
 pub(crate) fn system_now() -> Timestamp {
     Timestamp::from_system_time(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_text_is_cut_on_a_char_boundary_to_fit_the_limit() {
+        let fits = "é".repeat(MAX_DETAIL_BYTES / 2);
+        assert_eq!(fit_failure_text(fits.clone()), fits);
+        for long in [
+            "x".repeat(MAX_DETAIL_BYTES + 1),
+            "é".repeat(MAX_DETAIL_BYTES),
+            format!("x{}", "€".repeat(MAX_DETAIL_BYTES)),
+        ] {
+            let cut = fit_failure_text(long.clone());
+            assert!(cut.len() <= MAX_DETAIL_BYTES, "{}", cut.len());
+            assert!(cut.len() > MAX_DETAIL_BYTES - 8, "{}", cut.len());
+            assert!(cut.ends_with(TRUNCATION_MARKER));
+            assert!(long.starts_with(cut.trim_end_matches(TRUNCATION_MARKER)));
+            assert!(check_outcome(&Outcome::Fail(cut)).is_ok());
+        }
+    }
 }
