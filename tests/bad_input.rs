@@ -1645,6 +1645,12 @@ fn sqlite_open_refuses_what_is_not_a_database_and_touches_nothing() {
     let missing_dir = dir.path().join("no-such-dir");
     let missing_file = dir.path().join("missing.db");
 
+    let foreign = dir.path().join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep')")
+        .unwrap();
+    let fg = foreign.clone();
     let d = dir.path().to_path_buf();
     let nd = not_db.clone();
     let tr = truncated.clone();
@@ -1685,6 +1691,18 @@ fn sqlite_open_refuses_what_is_not_a_database_and_touches_nothing() {
                     Err(StoreError::Backend(_))
                 )?;
                 expect!(mf.exists(), false)
+            }),
+        ),
+        (
+            "open an empty path",
+            Box::new(|| expect!(SqliteStore::open(""), Err(StoreError::InvalidInput(_)))),
+        ),
+        (
+            "open another application's database",
+            Box::new(move || {
+                let before = std::fs::read(&fg).map_err(|e| e.to_string())?;
+                expect!(SqliteStore::open(&fg), Err(StoreError::InvalidInput(_)))?;
+                expect!(std::fs::read(&fg).ok() == Some(before), true)
             }),
         ),
         (

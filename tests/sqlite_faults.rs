@@ -387,3 +387,58 @@ async fn a_guard_that_refuses_a_legal_transition_is_a_backend_error() {
     assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
     assert!(!err.is_retryable());
 }
+
+/// `open("")` would be SQLite's private temporary database and `":memory:"` an in-memory one:
+/// a caller naming a file gets neither silently.
+#[test]
+fn an_empty_or_memory_path_is_invalid_input() {
+    for path in ["", ":memory:"] {
+        match SqliteStore::open(path) {
+            Err(StoreError::InvalidInput(_)) => {}
+            other => panic!("{path:?}: expected InvalidInput, got {other:?}"),
+        }
+    }
+}
+
+/// Another application's SQLite file is refused before anything is written to it, whether it
+/// has no `schema_version` table, one of another shape, or one of ours without our tables: the
+/// file stays byte for byte as it was (in particular, not switched to WAL), read-write or
+/// read-only.
+#[test]
+fn a_foreign_sqlite_file_is_refused_and_left_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schemas = [
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); \
+         INSERT INTO notes (body) VALUES ('keep me')",
+        "CREATE TABLE schema_version (version TEXT NOT NULL, note TEXT); \
+         INSERT INTO schema_version VALUES ('v9', 'theirs')",
+        "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, \
+           applied_at INTEGER NOT NULL); \
+         INSERT INTO schema_version VALUES (1, 0); \
+         CREATE TABLE accounts (id INTEGER PRIMARY KEY)",
+    ];
+    for (i, schema) in schemas.iter().enumerate() {
+        let path = dir.path().join(format!("foreign-{i}.db"));
+        Connection::open(&path)
+            .expect("foreign connection")
+            .execute_batch(schema)
+            .expect("foreign schema");
+        let before = std::fs::read(&path).expect("read");
+        for read_only in [false, true] {
+            match SqliteOptions::new().read_only(read_only).open(&path) {
+                Err(StoreError::InvalidInput(_)) => {}
+                other => {
+                    panic!("{schema} (read_only {read_only}): expected InvalidInput, got {other:?}")
+                }
+            }
+            assert_eq!(
+                std::fs::read(&path).expect("read"),
+                before,
+                "{schema}: the file was changed"
+            );
+            let mut wal = path.clone().into_os_string();
+            wal.push("-wal");
+            assert!(!Path::new(&wal).exists(), "{schema}: a WAL file appeared");
+        }
+    }
+}

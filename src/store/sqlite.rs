@@ -174,14 +174,26 @@ impl SqliteOptions {
 
     /// Opens (creating if needed) the database file at `path` and migrates it.
     ///
+    /// A SQLite database that holds tables but not this crate's (another application's file) is
+    /// refused before anything is written to it: its journal mode is left as it was.
+    ///
     /// # Errors
     ///
+    /// [`StoreError::InvalidInput`] for an empty path or `":memory:"`, or a SQLite database
+    /// that is not this crate's (it is left byte for byte as it was);
     /// [`StoreError::SchemaTooNew`] if a newer build wrote the schema; [`StoreError::Backend`] if
     /// the file is not a SQLite database or cannot be opened or written;
     /// [`StoreError::Unavailable`] if another connection held the write lock for longer than
     /// the busy timeout.
     pub fn open(self, path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
+        // SQLite reads "" as a private temporary database and ":memory:" as an in-memory one:
+        // neither is durable, which a caller naming a file cannot have meant.
+        if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" {
+            return Err(StoreError::invalid(format!(
+                "{path:?} names no database file (use open_in_memory for a private database)"
+            )));
+        }
         let flags = if self.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
@@ -346,10 +358,12 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         conn.busy_timeout(options.busy_timeout).map_err(db_err)?;
         conn.set_prepared_statement_cache_capacity(64);
+        // Before anything is written: a foreign database is refused as it is.
+        check_ours(&conn)?;
         if options.read_only {
             check_schema(&conn)?;
         } else {
-            // The first statement touching the file: a foreign file fails here, not later.
+            // The first statement writing to the file.
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
                 .map_err(db_err)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
@@ -457,6 +471,54 @@ fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
         |r| r.get(0),
     )
     .map_err(db_err)
+}
+
+/// Whether the database is this crate's, or empty (a new file): no tables at all, or a
+/// `schema_version` table of this crate's shape with a version recorded, and the `dispatch` and
+/// `affinity` tables. Reads only (a file that is not a database fails here with
+/// `Backend`), so a foreign file is refused unchanged.
+fn check_ours(conn: &Connection) -> Result<(), StoreError> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(db_err)?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let foreign = || {
+        StoreError::invalid(
+            "the database holds tables that are not broker-dispatch's; refusing to touch it",
+        )
+    };
+    if !tables.iter().any(|t| t == "schema_version") {
+        return Err(foreign());
+    }
+    let columns: Vec<(String, String)> = conn
+        .prepare("SELECT name, upper(type) FROM pragma_table_info('schema_version') ORDER BY cid")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(db_err)?;
+    let shape = [("version", "INTEGER"), ("applied_at", "INTEGER")];
+    let same_shape = columns.len() == shape.len()
+        && columns
+            .iter()
+            .zip(shape)
+            .all(|((name, ty), (n, t))| name == n && ty == t);
+    if !same_shape {
+        return Err(foreign());
+    }
+    // Our migrations create `schema_version` and record a version in one transaction, so a
+    // database of ours with tables always has both, and the tables of version 1.
+    let has = |name: &str| tables.iter().any(|t| t == name);
+    if schema_version(conn)? < 1 || !(has("dispatch") && has("affinity")) {
+        return Err(foreign());
+    }
+    Ok(())
 }
 
 fn check_too_new(found: i64) -> Result<(), StoreError> {
