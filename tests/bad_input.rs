@@ -1052,6 +1052,32 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
             Ok(ConnectOutcome::Superseded(_))
         )
     );
+    case!(c, "connect: connected_at 2 s after now", |st, fx| expect!(
+        st.connect(ConnectParams {
+            broker: b("b-aff"),
+            node: n("n2"),
+            session: s("s9"),
+            connected_at: Timestamp::from_micros(T0 + 1_000 + 2_000_000),
+            now: at(1_000),
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(
+        c,
+        "connect: connected_at = Timestamp::MAX by the store's clock",
+        |st, fx| expect!(
+            st.connect(ConnectParams {
+                broker: b("b-aff"),
+                node: n("n2"),
+                session: s("s9"),
+                connected_at: Timestamp::MAX,
+                now: None,
+            })
+            .await,
+            Err(StoreError::InvalidInput(_))
+        )
+    );
     case!(c, "connect: connected_at = i64::MIN", |st, fx| expect!(
         st.connect(ConnectParams {
             broker: b("b-aff"),
@@ -1311,9 +1337,9 @@ async fn run_extremes(
         .connect(params("s-now", Timestamp::from_micros(T0)))
         .await;
     check(
-        "connect at Timestamp::MAX wins and stays newest",
+        "connect at Timestamp::MAX is refused and pins nothing",
         match (&first, &later) {
-            (Ok(ConnectOutcome::Claimed(_)), Ok(ConnectOutcome::Superseded(_))) => Ok(()),
+            (Err(StoreError::InvalidInput(_)), Ok(ConnectOutcome::Claimed(_))) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     );
@@ -1458,6 +1484,13 @@ fn hub_cases() -> Vec<(&'static str, HubCase)> {
             .await,
         Err(Error::Superseded)
     ));
+    hub_case!(c, "connect_at: Timestamp::MAX cannot pin the broker", |h| {
+        let r = h
+            .connect_at(b("b-pinned"), s("s-max"), Timestamp::MAX)
+            .await;
+        expect!(r, Err(Error::Store(StoreError::InvalidInput(_))))?;
+        expect!(h.is_connected(&b("b-pinned")), false)
+    });
     hub_case!(c, "disconnect: mismatched session", |h| {
         expect!(h.disconnect(&b("b-local"), &s("s1")).await, Ok(false))?;
         expect!(h.is_connected(&b("b-local")), true)

@@ -90,6 +90,7 @@ macro_rules! store_conformance_tests {
             claims_agree_with_claim_order,
             values_no_store_can_read_back_are_refused_and_change_nothing,
             durations_under_a_millisecond_are_refused_and_change_nothing,
+            a_connected_at_in_the_future_is_refused_and_changes_nothing,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -2306,4 +2307,48 @@ pub async fn durations_under_a_millisecond_are_refused_and_change_nothing(store:
     );
     assert_invalid(s.sweep(sweep_params(10, short, at(secs(2)))).await);
     assert_eq!(all_rows(s).await, vec![before]);
+}
+
+/// A connect whose `connected_at` lies more than
+/// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) after the store's `now` (explicit, or the
+/// store's own clock: the database's on Postgres) is `InvalidInput` and writes nothing, so no
+/// caller can pin a broker with a `connected_at` that every later connection is older than.
+/// Exactly the lead is accepted.
+pub async fn a_connected_at_in_the_future_is_refused_and_changes_nothing(store: Arc<dyn Store>) {
+    let s = &*store;
+    let lead = i64::try_from(fsm::MAX_CONNECT_LEAD.as_micros()).expect("a small lead");
+    let params = |sess: &str, connected_at: Timestamp, now: Option<Timestamp>| ConnectParams {
+        broker: broker("b"),
+        node: node("n1"),
+        session: session(sess),
+        connected_at,
+        now,
+    };
+    for (connected_at, now) in [
+        (at(lead + 1), Some(at(0))),
+        (Timestamp::MAX, Some(at(0))),
+        (Timestamp::MAX, None),
+    ] {
+        let r = s.connect(params("s-future", connected_at, now)).await;
+        assert_invalid(r);
+    }
+    assert_eq!(s.affinity(&broker("b")).await.expect("affinity"), None);
+    match s.connect(params("s1", at(lead), Some(at(0)))).await {
+        Ok(ConnectOutcome::Claimed(a)) => assert_eq!(a.connected_at, at(lead)),
+        other => panic!("a connect exactly the lead ahead is claimed, got {other:?}"),
+    }
+    let held = s.affinity(&broker("b")).await.expect("affinity");
+    assert_invalid(
+        s.connect(params("s2", Timestamp::MAX, Some(at(secs(1)))))
+            .await,
+    );
+    assert_eq!(s.affinity(&broker("b")).await.expect("affinity"), held);
+    // Nothing was pinned: a later connection still wins.
+    match s
+        .connect(params("s3", at(secs(2)), Some(at(secs(2)))))
+        .await
+    {
+        Ok(ConnectOutcome::Claimed(_)) => {}
+        other => panic!("a newer connection is claimed, got {other:?}"),
+    }
 }

@@ -487,6 +487,7 @@ impl Store for MemoryStore {
 
     async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
         let now = p.now.unwrap_or_else(system_now);
+        p.check_connected_at(now)?;
         let mut inner = self.inner.lock();
         let current = inner.affinity.get(&p.broker);
         match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now)

@@ -705,7 +705,9 @@ pub struct ConnectParams {
     pub node: NodeId,
     /// The connection's session.
     pub session: SessionId,
-    /// When the connection was accepted (the ordering key: newest wins).
+    /// When the connection was accepted (the ordering key: newest wins). At most
+    /// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) after the store's `now` (on Postgres,
+    /// the database clock): a later one is refused, so no caller can pin a broker.
     pub connected_at: Timestamp,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
@@ -718,6 +720,24 @@ pub enum ConnectOutcome {
     Claimed(Affinity),
     /// A newer session holds (or held) it; the claim was refused.
     Superseded(Affinity),
+}
+
+impl ConnectParams {
+    /// Checks `connected_at` against the store's `now`: at most
+    /// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) ahead of it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a `connected_at` further in the future.
+    pub fn check_connected_at(&self, now: Timestamp) -> Result<(), StoreError> {
+        if Affinity::connected_in_future(self.connected_at, now) {
+            return Err(StoreError::invalid(format!(
+                "connected_at {} is in the future (the store's now is {now})",
+                self.connected_at
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Parameters of [`Store::disconnect`].

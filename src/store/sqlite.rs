@@ -1365,6 +1365,7 @@ impl Store for SqliteStore {
 
     async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
         let now = p.now.unwrap_or_else(system_now);
+        p.check_connected_at(now)?;
         self.call(move |w| {
             let tx = immediate(&mut w.conn)?;
             let current = read_affinity(&tx, &p.broker)?;

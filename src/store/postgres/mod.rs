@@ -396,18 +396,27 @@ impl Sql {
                  DELETE FROM {s}.dispatch AS d USING picked WHERE d.id = picked.id"
             ),
             // `decide_connect` in SQL: the claim wins unless (connected_at, session) is older
-            // than the row's, or this very session already released the broker.
+            // than the row's, or this very session already released the broker; and nothing is
+            // written for a `connected_at` in the future of the database clock
+            // (`Affinity::connected_in_future`). The clock is returned either way, so the
+            // store can tell that refusal from a superseded claim.
             connect: format!(
-                "{} INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
-                 SELECT $1::text, $2::text, $3::text, $4::bigint, clock.now FROM clock \
-                 ON CONFLICT (broker) DO UPDATE \
-                 SET node = EXCLUDED.node, session = EXCLUDED.session, \
-                     connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen \
-                 WHERE (a.connected_at, a.session) <= (EXCLUDED.connected_at, EXCLUDED.session) \
-                   AND NOT (a.session = EXCLUDED.session \
-                            AND a.connected_at = EXCLUDED.connected_at AND a.node IS NULL) \
-                 RETURNING a.broker, a.node, a.session, a.connected_at, a.last_seen",
-                clock(5)
+                "{}, ins AS ( \
+                   INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
+                   SELECT $1::text, $2::text, $3::text, $4::bigint, clock.now FROM clock \
+                   WHERE $4::bigint <= {s}.sat_add(clock.now, {lead}) \
+                   ON CONFLICT (broker) DO UPDATE \
+                   SET node = EXCLUDED.node, session = EXCLUDED.session, \
+                       connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen \
+                   WHERE (a.connected_at, a.session) <= (EXCLUDED.connected_at, EXCLUDED.session) \
+                     AND NOT (a.session = EXCLUDED.session \
+                              AND a.connected_at = EXCLUDED.connected_at AND a.node IS NULL) \
+                   RETURNING a.broker, a.node, a.session, a.connected_at, a.last_seen) \
+                 SELECT ins.broker, ins.node, ins.session, ins.connected_at, ins.last_seen, \
+                        clock.now \
+                 FROM clock LEFT JOIN ins ON true",
+                clock(5),
+                lead = micros(fsm::MAX_CONNECT_LEAD),
             ),
             affinity: format!(
                 "SELECT a.broker, a.node, a.session, a.connected_at, a.last_seen \
@@ -1387,9 +1396,18 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(map_pg)?;
-                if let Some(row) = claimed {
+                let row = claimed.ok_or_else(|| {
+                    StoreError::Backend("the connect statement returned no row".into())
+                })?;
+                if row
+                    .try_get::<_, Option<String>>(0)
+                    .map_err(map_pg)?
+                    .is_some()
+                {
                     return Ok(ConnectOutcome::Claimed(decode_affinity(&row)?));
                 }
+                let db_now = Timestamp::from_micros(row.try_get(5).map_err(map_pg)?);
+                p.check_connected_at(db_now)?;
                 if let Some(row) = db
                     .row(&self.sql.affinity, &[&p.broker.as_str()])
                     .await
