@@ -400,7 +400,7 @@ pub async fn sqlite_to_postgres(
 
     if opts.drop_source {
         // Close the source before deleting it: its connection must not outlive the files.
-        drop(source);
+        source.close().await;
         remove_sqlite_files(&path)?;
         report.source_removed = true;
     }

@@ -213,7 +213,7 @@ async fn copies_every_field_and_a_rerun_copies_nothing() {
     assert_eq!(expected.len(), 9);
     assert_eq!(expected_affinity.len(), 3);
     assert!(expected_affinity.iter().any(|a| a.node.is_none()));
-    drop(source);
+    source.close().await;
 
     let from = format!("sqlite://{}", file.display());
     let report = sqlite_to_postgres(&from, &db.dsn, &options(&db))
@@ -323,7 +323,7 @@ async fn a_conflicting_destination_is_refused_and_nothing_is_written() {
         }
         ids
     };
-    drop(source);
+    source.close().await;
     let before = all_dispatches(&pg).await;
 
     let err = sqlite_to_postgres(&from, &db.dsn, &options(&db))
@@ -386,7 +386,7 @@ async fn drop_source_closes_and_removes_the_files() {
     )
     .await
     .unwrap();
-    drop(source);
+    source.close().await;
     assert!(report.source_removed);
     assert_eq!(report.dispatches_copied, 9);
     for f in [&file, &wal, &shm] {

@@ -336,21 +336,68 @@ async fn the_args_codec_is_applied_on_write_and_read() {
 }
 
 #[tokio::test]
-async fn drop_stops_the_writer_and_closes_the_file() {
+async fn close_stops_the_writer_and_closes_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = db_path(&dir);
     let store = SqliteStore::open(&path).expect("open");
     store.insert(new_dispatch(1)).await.expect("insert");
     let wal = dir.path().join("dispatch.db-wal");
     assert!(wal.exists(), "WAL mode keeps a -wal file while open");
-    drop(store);
+    store.close().await;
     // The last connection to close checkpoints and removes the WAL: proof the writer thread
-    // has finished and closed its connection by the time drop returns.
+    // has finished and closed its connection by the time `close` returns.
     assert!(
         !wal.exists(),
-        "drop returned before the writer closed the database"
+        "close returned before the writer closed the database"
     );
     assert_eq!(raw_count(&path), 1);
+}
+
+/// Dropping a store does not wait for its writer thread: on a current-thread runtime, with a
+/// write queued behind a foreign lock the writer waits out for up to its busy timeout, the drop
+/// returns at once (the old join stalled the runtime's only thread that long), and the queued
+/// write still lands once the lock is gone.
+#[test]
+fn dropping_a_store_with_queued_work_returns_at_once_and_the_work_lands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let store = SqliteOptions::new()
+            .busy_timeout(Duration::from_secs(20))
+            .open(&path)
+            .expect("open");
+        store.insert(new_dispatch(1)).await.expect("insert");
+        let foreign = Connection::open(&path).expect("foreign connection");
+        foreign
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("foreign write lock");
+        // Polled once, each insert is queued for the writer (which blocks on the lock); the
+        // futures are then dropped, so only the queued jobs remain.
+        for n in 2..=4 {
+            let mut insert = Box::pin(store.insert(new_dispatch(n)));
+            assert!(futures::poll!(insert.as_mut()).is_pending());
+        }
+        let started = std::time::Instant::now();
+        drop(store);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "drop waited {:?} for the writer",
+            started.elapsed()
+        );
+        foreign.execute_batch("ROLLBACK").expect("release the lock");
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while raw_count(&path) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued writes never landed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A guard that refuses what `fsm::apply` allows on the row as read back (here a foreign

@@ -1,8 +1,7 @@
 //! [`SqliteStore`]: the embedded default store, one SQLite file (or an in-memory database).
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +9,7 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction,
     TransactionBehavior,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
@@ -219,15 +218,17 @@ impl SqliteOptions {
 
 /// The SQLite store: durable dispatches in one file, shared safely by several processes.
 ///
-/// All database work runs on one writer thread owned by the store; dropping the store finishes
-/// the queued calls and joins that thread.
+/// All database work runs on one writer thread owned by the store. Dropping the store does not
+/// wait for it: the thread finishes the calls already queued, then closes the database, on its
+/// own; [`close`](SqliteStore::close) waits for that.
 ///
 /// # Design
 ///
 /// - **One writer thread.** SQLite admits one writer at a time; a pool of writers would only
 ///   queue on the file lock. The store owns one connection on a dedicated thread that receives
-///   jobs over a channel and answers each over a oneshot, so async callers never block a runtime
-///   worker on file I/O or on the busy timeout.
+///   jobs over a bounded channel ([`SqliteStore::QUEUE`] jobs; a caller finding it full waits
+///   for room, it does not fail) and answers each over a oneshot, so async callers never block
+///   a runtime worker on file I/O or on the busy timeout.
 /// - **Reads run on the same thread.** Every statement here is a short indexed lookup, so a
 ///   separate reader connection would buy little while costing a second page cache and the
 ///   chance of reading a snapshot older than the caller's own last write. Other processes
@@ -253,7 +254,8 @@ impl SqliteOptions {
 #[derive(Debug)]
 pub struct SqliteStore {
     jobs: Option<mpsc::Sender<Job>>,
-    writer: Option<JoinHandle<()>>,
+    /// Resolves once the writer thread has closed the database and ended.
+    closed: Option<oneshot::Receiver<()>>,
     path: Option<PathBuf>,
 }
 
@@ -269,6 +271,26 @@ struct Writer {
 impl SqliteStore {
     /// The newest schema version this build knows (the `schema_version` table's latest row).
     pub const SCHEMA_VERSION: i64 = SCHEMA_VERSION;
+
+    /// How many calls may wait for the writer thread at once; a caller finding the queue full
+    /// waits for room.
+    pub const QUEUE: usize = 1024;
+
+    /// Closes the store and waits until the writer thread has finished the calls already
+    /// queued and closed the database (dropping the store does the same without waiting).
+    /// Use it before deleting or moving the file.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not stop the writer from finishing and closing; only the
+    /// wait is lost.
+    pub async fn close(mut self) {
+        drop(self.jobs.take());
+        if let Some(closed) = self.closed.take() {
+            // An error means the thread ended without saying so (it panicked): closed too.
+            let _ = closed.await;
+        }
+    }
 
     /// Opens (creating if needed) the database file at `path` with default options.
     ///
@@ -370,25 +392,31 @@ impl SqliteStore {
                 .map_err(db_err)?;
             migrate(&mut conn)?;
         }
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, mut rx) = mpsc::channel::<Job>(Self::QUEUE);
+        let (closed_tx, closed) = oneshot::channel();
         let mut writer = Writer {
             conn,
             codec: options.args_codec,
         };
-        let handle = std::thread::Builder::new()
+        // Detached: nothing joins the thread (a drop on a runtime thread must not block on
+        // the queued work); it ends when the last sender is gone and the queue is empty.
+        std::thread::Builder::new()
             .name("broker-dispatch-sqlite".into())
             .spawn(move || {
-                while let Ok(job) = rx.recv() {
+                while let Some(job) = rx.blocking_recv() {
                     // A panicking job drops its answer channel (its caller sees an error) and
                     // rolls back its transaction; the writer keeps serving the others.
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut writer)));
                 }
+                // Close the database before telling `close` it is closed.
+                drop(writer);
+                let _ = closed_tx.send(());
             })
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         Ok(SqliteStore {
             jobs: Some(tx),
-            writer: Some(handle),
+            closed: Some(closed),
             path,
         })
     }
@@ -408,6 +436,7 @@ impl SqliteStore {
             .as_ref()
             .ok_or_else(writer_gone)?
             .send(job)
+            .await
             .map_err(|_| writer_gone())?;
         answered.await.map_err(|_| writer_gone())?
     }
@@ -415,11 +444,10 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // Closing the channel ends the writer's loop once the queued jobs are done.
+        // Closing the channel ends the writer's loop once the queued jobs are done. No join:
+        // the thread may be busy for a whole busy timeout per queued job, and a drop on an
+        // async runtime's thread must not stall that thread meanwhile (`close` waits, async).
         drop(self.jobs.take());
-        if let Some(handle) = self.writer.take() {
-            let _ = handle.join();
-        }
     }
 }
 
