@@ -1020,3 +1020,90 @@ async fn unnamed_statements_leave_nothing_prepared_on_the_connection() {
         assert_eq!(count > 0, expect_some, "named={named}: {count} prepared");
     }
 }
+
+/// The shared test server's DSN in `key=value` form with one setting replaced.
+fn dsn_with(dsn: &str, key: &str, value: &str) -> String {
+    let config: tokio_postgres::Config = dsn.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let mut parts = vec![
+        ("host", host),
+        ("port", config.get_ports()[0].to_string()),
+        ("user", config.get_user().unwrap_or("postgres").to_owned()),
+        (
+            "dbname",
+            config.get_dbname().unwrap_or("postgres").to_owned(),
+        ),
+    ];
+    for (k, v) in &mut parts {
+        if *k == key {
+            *v = value.to_owned();
+        }
+    }
+    parts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the server says when it refuses a connection (a database or role that does not exist)
+/// is in the error's display, with its SQLSTATE, not only in its source. Matching text is the
+/// point here: the message must reach the operator.
+#[tokio::test]
+async fn a_refused_connection_shows_the_servers_message_and_sqlstate() {
+    let Some(db) = pg::fresh() else { return };
+    for (key, value, code) in [
+        ("dbname", "no_such_database_bdt", "3D000"),
+        ("user", "no_such_role_bdt", "28000"),
+    ] {
+        let err = PgStore::connect(&dsn_with(&db.dsn, key, value), PgStoreOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+        let shown = err.to_string();
+        assert!(shown.contains(value), "{shown}");
+        assert!(shown.contains("does not exist"), "{shown}");
+        assert!(shown.contains(code), "{shown}");
+    }
+}
+
+/// A row the database refuses during an import (here a foreign CHECK constraint) fails the
+/// import, and nothing of the row's args (which may be secrets) appears anywhere in the error:
+/// not its display, not its `Debug`, not in any source in its chain. The server's detail,
+/// which quotes the failing row, is dropped.
+#[tokio::test]
+async fn an_import_error_never_carries_the_rows_args() {
+    use std::error::Error as _;
+    let Some((db, store)) = fresh_store().await else {
+        return;
+    };
+    let admin = pg::client(&db.dsn).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE \"{}\".dispatch ADD CONSTRAINT no_refused CHECK (op <> 'refused')",
+            db.schema
+        ))
+        .await
+        .unwrap();
+    let secret = "hunter2-very-secret-token";
+    let row = NewDispatch::new(b("b1"), "refused", json!({ "password": secret }))
+        .into_dispatch(Timestamp::from_micros(T0));
+    let mut import = store.begin_import().await.unwrap();
+    let err = import.dispatches(&[row]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(err.to_string().contains("23514"), "{err}");
+    let mut chain: Vec<String> = vec![err.to_string(), format!("{err:?}")];
+    let mut source = err.source();
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        chain.push(format!("{s:?}"));
+        source = s.source();
+    }
+    for text in chain {
+        assert!(!text.contains(secret), "the secret leaked: {text}");
+    }
+}

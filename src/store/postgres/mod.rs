@@ -542,13 +542,44 @@ pub(crate) fn is_retryable_pg(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// An error the server reported, as the store passes it on: its severity, SQLSTATE and
+/// message, and nothing else. The driver's error would display as just `db error` (the server's
+/// words only in its source), and its `detail` may quote the row a statement was writing
+/// ("Failing row contains (…)"), args included; so neither the driver error nor the detail is
+/// kept, in the display, the `Debug` or the source chain.
+#[derive(Debug)]
+struct PgServerError {
+    severity: String,
+    code: String,
+    message: String,
+}
+
+impl fmt::Display for PgServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)
+    }
+}
+
+impl std::error::Error for PgServerError {}
+
 /// Classifies a driver error: what a retry may fix is [`StoreError::Unavailable`], the rest
-/// [`StoreError::Backend`]; the driver error is the boxed source.
+/// [`StoreError::Backend`]. An error from the server becomes a [`PgServerError`] (its message
+/// and SQLSTATE shown, no row data kept); any other driver error (I/O, connect, timeout) is
+/// the boxed source as it is.
 fn map_pg(e: tokio_postgres::Error) -> StoreError {
-    if is_retryable_pg(&e) {
-        StoreError::Unavailable(Box::new(e))
+    let retryable = is_retryable_pg(&e);
+    let boxed: crate::error::BoxError = match e.as_db_error() {
+        Some(db) => Box::new(PgServerError {
+            severity: db.severity().to_owned(),
+            code: db.code().code().to_owned(),
+            message: db.message().to_owned(),
+        }),
+        None => Box::new(e),
+    };
+    if retryable {
+        StoreError::Unavailable(boxed)
     } else {
-        StoreError::Backend(Box::new(e))
+        StoreError::Backend(boxed)
     }
 }
 
