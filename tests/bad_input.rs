@@ -401,6 +401,34 @@ async fn hub_configs_are_checked_before_anything_starts() {
             },
         ),
         (
+            "lease of 999 µs",
+            HubConfig {
+                lease: Duration::from_micros(999),
+                ..d()
+            },
+        ),
+        (
+            "poll_interval of 1 ns",
+            HubConfig {
+                poll_interval: Duration::from_nanos(1),
+                ..d()
+            },
+        ),
+        (
+            "store_timeout of 999 µs",
+            HubConfig {
+                store_timeout: Duration::from_micros(999),
+                ..d()
+            },
+        ),
+        (
+            "wait_hard_cap of 999 µs",
+            HubConfig {
+                wait_hard_cap: Some(Duration::from_micros(999)),
+                ..d()
+            },
+        ),
+        (
             "zero max_attempts",
             HubConfig {
                 max_attempts: 0,

@@ -1107,3 +1107,43 @@ async fn an_import_error_never_carries_the_rows_args() {
         assert!(!text.contains(secret), "the secret leaked: {text}");
     }
 }
+
+/// The claim never takes a row whose fencing token could not grow (attempt at `u32::MAX`), even
+/// when it has executions left (hand-backs do not count): the token would wrap or overflow the
+/// row's type. The row is left as it was.
+#[tokio::test]
+async fn a_row_at_the_last_attempt_token_is_never_claimed() {
+    let Some((db, store)) = fresh_store().await else {
+        return;
+    };
+    let d = store
+        .insert(NewDispatch::new(b("top"), "op", json!({})))
+        .await
+        .unwrap();
+    let admin = pg::client(&db.dsn).await;
+    admin
+        .execute(
+            &format!(
+                "UPDATE \"{}\".dispatch SET attempt = $2, released = $3 WHERE id = $1",
+                db.schema
+            ),
+            &[
+                d.id.as_uuid(),
+                &i64::from(u32::MAX),
+                &i64::from(u32::MAX - 1),
+            ],
+        )
+        .await
+        .unwrap();
+    let before = store.get(d.id).await.unwrap().unwrap();
+    assert_eq!(before.attempt, u32::MAX);
+    let got = store
+        .claim(ClaimParams {
+            now: None,
+            ..claim("top", "n1", 10, 30_000, 0)
+        })
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(store.get(d.id).await.unwrap().unwrap(), before);
+}
