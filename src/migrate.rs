@@ -76,8 +76,10 @@ fn percent_decode(s: &str) -> Result<String, DsnError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Exactly two hex digits: `from_str_radix` alone would also take a sign (`%+1`).
             let hex = bytes
                 .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| DsnError::BadEscape(s.to_owned()))?;
@@ -398,7 +400,7 @@ pub async fn sqlite_to_postgres(
 
     if opts.drop_source {
         // Close the source before deleting it: its connection must not outlive the files.
-        drop(source);
+        source.close().await;
         remove_sqlite_files(&path)?;
         report.source_removed = true;
     }
@@ -494,7 +496,14 @@ mod tests {
         }
         assert_eq!(path("file:hub.db?mode=memory"), Err(DsnError::InMemory));
         assert_eq!(path("sqlite::memory:"), Err(DsnError::InMemory));
-        for bad in ["file:///abs/%zz.db", "file:///abs/%4", "file:///abs/%ff.db"] {
+        for bad in [
+            "file:///abs/%zz.db",
+            "file:///abs/%4",
+            "file:///abs/%ff.db",
+            "file:///abs/%+1.db",
+            "file:///abs/%-1.db",
+            "file:%+f",
+        ] {
             assert!(matches!(path(bad), Err(DsnError::BadEscape(_))), "{bad}");
         }
     }

@@ -401,6 +401,34 @@ async fn hub_configs_are_checked_before_anything_starts() {
             },
         ),
         (
+            "lease of 999 µs",
+            HubConfig {
+                lease: Duration::from_micros(999),
+                ..d()
+            },
+        ),
+        (
+            "poll_interval of 1 ns",
+            HubConfig {
+                poll_interval: Duration::from_nanos(1),
+                ..d()
+            },
+        ),
+        (
+            "store_timeout of 999 µs",
+            HubConfig {
+                store_timeout: Duration::from_micros(999),
+                ..d()
+            },
+        ),
+        (
+            "wait_hard_cap of 999 µs",
+            HubConfig {
+                wait_hard_cap: Some(Duration::from_micros(999)),
+                ..d()
+            },
+        ),
+        (
             "zero max_attempts",
             HubConfig {
                 max_attempts: 0,
@@ -531,8 +559,12 @@ async fn fixture(store: &dyn Store) -> Fixture {
         )
         .await
         .expect("complete");
-    store.insert(new_row("b-stale", 2)).await.expect("insert");
-    let stale_holder = claim_one(store, "b-stale", Duration::from_micros(5), 10)
+    // The shortest lease a store takes, lapsed long before the current holder's claim.
+    store
+        .insert(new_row("b-stale", -5_000))
+        .await
+        .expect("insert");
+    let stale_holder = claim_one(store, "b-stale", Duration::from_millis(1), -4_000)
         .await
         .into_dispatch();
     let current_holder = claim_one(store, "b-stale", LONG_LEASE, 30)
@@ -767,6 +799,41 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
         st.claim(claim_on("b-pending", Duration::ZERO, 1_000)).await,
         Err(StoreError::InvalidInput(_))
     ));
+    case!(c, "claim: lease of 999 µs", |st, fx| expect!(
+        st.claim(claim_on("b-pending", Duration::from_micros(999), 1_000))
+            .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "claim: lease of 1 ns", |st, fx| expect!(
+        st.claim(claim_on("b-pending", Duration::from_nanos(1), 1_000))
+            .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: delay of 999 µs", |st, fx| expect!(
+        st.insert(NewDispatch {
+            delay: Some(Duration::from_micros(999)),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "insert: ttl of 1 ns", |st, fx| expect!(
+        st.insert(NewDispatch {
+            ttl: Some(Duration::from_nanos(1)),
+            ..new_row("b-new", 0)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "sweep: retention of 999 µs", |st, fx| expect!(
+        st.sweep(SweepParams {
+            retention: Duration::from_micros(999),
+            limit: 10,
+            now: at(1_000)
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
     case!(c, "claim: now = i64::MIN claims nothing", |st, fx| {
         let got = st
             .claim(ClaimParams {
@@ -780,6 +847,14 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
     case!(c, "heartbeat: zero lease", |st, fx| expect!(
         st.heartbeat(&forged(&fx.current_holder), hb(Duration::ZERO, at(1_000)))
             .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(c, "heartbeat: lease of 999 µs", |st, fx| expect!(
+        st.heartbeat(
+            &forged(&fx.current_holder),
+            hb(Duration::from_micros(999), at(1_000))
+        )
+        .await,
         Err(StoreError::InvalidInput(_))
     ));
     case!(
@@ -1003,6 +1078,32 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
             })
             .await,
             Ok(ConnectOutcome::Superseded(_))
+        )
+    );
+    case!(c, "connect: connected_at 2 s after now", |st, fx| expect!(
+        st.connect(ConnectParams {
+            broker: b("b-aff"),
+            node: n("n2"),
+            session: s("s9"),
+            connected_at: Timestamp::from_micros(T0 + 1_000 + 2_000_000),
+            now: at(1_000),
+        })
+        .await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    case!(
+        c,
+        "connect: connected_at = Timestamp::MAX by the store's clock",
+        |st, fx| expect!(
+            st.connect(ConnectParams {
+                broker: b("b-aff"),
+                node: n("n2"),
+                session: s("s9"),
+                connected_at: Timestamp::MAX,
+                now: None,
+            })
+            .await,
+            Err(StoreError::InvalidInput(_))
         )
     );
     case!(c, "connect: connected_at = i64::MIN", |st, fx| expect!(
@@ -1264,9 +1365,9 @@ async fn run_extremes(
         .connect(params("s-now", Timestamp::from_micros(T0)))
         .await;
     check(
-        "connect at Timestamp::MAX wins and stays newest",
+        "connect at Timestamp::MAX is refused and pins nothing",
         match (&first, &later) {
-            (Ok(ConnectOutcome::Claimed(_)), Ok(ConnectOutcome::Superseded(_))) => Ok(()),
+            (Err(StoreError::InvalidInput(_)), Ok(ConnectOutcome::Claimed(_))) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     );
@@ -1411,6 +1512,13 @@ fn hub_cases() -> Vec<(&'static str, HubCase)> {
             .await,
         Err(Error::Superseded)
     ));
+    hub_case!(c, "connect_at: Timestamp::MAX cannot pin the broker", |h| {
+        let r = h
+            .connect_at(b("b-pinned"), s("s-max"), (), Timestamp::MAX)
+            .await;
+        expect!(r, Err(Error::Store(StoreError::InvalidInput(_))))?;
+        expect!(h.is_connected(&b("b-pinned")), false)
+    });
     hub_case!(c, "disconnect: mismatched session", |h| {
         expect!(h.disconnect(&b("b-local"), &s("s1")).await, Ok(false))?;
         expect!(h.is_connected(&b("b-local")), true)
@@ -1598,6 +1706,12 @@ fn sqlite_open_refuses_what_is_not_a_database_and_touches_nothing() {
     let missing_dir = dir.path().join("no-such-dir");
     let missing_file = dir.path().join("missing.db");
 
+    let foreign = dir.path().join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep')")
+        .unwrap();
+    let fg = foreign.clone();
     let d = dir.path().to_path_buf();
     let nd = not_db.clone();
     let tr = truncated.clone();
@@ -1638,6 +1752,18 @@ fn sqlite_open_refuses_what_is_not_a_database_and_touches_nothing() {
                     Err(StoreError::Backend(_))
                 )?;
                 expect!(mf.exists(), false)
+            }),
+        ),
+        (
+            "open an empty path",
+            Box::new(|| expect!(SqliteStore::open(""), Err(StoreError::InvalidInput(_)))),
+        ),
+        (
+            "open another application's database",
+            Box::new(move || {
+                let before = std::fs::read(&fg).map_err(|e| e.to_string())?;
+                expect!(SqliteStore::open(&fg), Err(StoreError::InvalidInput(_)))?;
+                expect!(std::fs::read(&fg).ok() == Some(before), true)
             }),
         ),
         (
@@ -1724,6 +1850,42 @@ async fn postgres_dsns_and_options_are_typed_within_a_bound() {
             closed.clone(),
             PgStoreOptions {
                 channel_prefix: "bad-prefix".into(),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: zero statement_timeout",
+            closed.clone(),
+            PgStoreOptions {
+                statement_timeout: Some(Duration::ZERO),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: statement_timeout under 1 ms",
+            closed.clone(),
+            PgStoreOptions {
+                statement_timeout: Some(Duration::from_micros(999)),
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: zero connect_timeout",
+            closed.clone(),
+            PgStoreOptions {
+                connect_timeout: Duration::ZERO,
+                ..quick()
+            },
+            |e| matches!(e, StoreError::InvalidInput(_)),
+        ),
+        (
+            "store: connect_timeout under 1 ms",
+            closed.clone(),
+            PgStoreOptions {
+                connect_timeout: Duration::from_micros(999),
                 ..quick()
             },
             |e| matches!(e, StoreError::InvalidInput(_)),

@@ -213,3 +213,157 @@ async fn a_panicking_listener_is_restarted_and_the_hub_keeps_hearing_notices() {
         "the listener subscribed again after its panic"
     );
 }
+
+/// An executor's failure message larger than the store takes (64 KiB) is shortened before it is
+/// written: the dispatch ends `Failed(Error(..))` after exactly one execution, instead of the
+/// refused write being taken for fencing and the command run again when its lease lapsed.
+#[tokio::test(start_paused = true)]
+async fn an_oversized_failure_message_is_shortened_and_runs_once() {
+    use broker_dispatch::fsm::FailReason;
+    use broker_dispatch::store::MAX_DETAIL_BYTES;
+    use broker_dispatch::{Error, ExecError};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let bus = MemoryTransport::new();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&runs);
+    let owner = Hub::builder(NodeId::new("owner").unwrap())
+        .store(store.clone())
+        .transport(Arc::new(bus.clone()))
+        .executor(Arc::new(FnExecutor(move |_ctx, _d: Dispatch| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async move { Err::<serde_json::Value, _>(ExecError::fatal("x".repeat(100_000))) }
+        })))
+        .config(config())
+        .start()
+        .await
+        .unwrap();
+    let other = hub("other", store.clone(), Arc::new(bus.clone())).await;
+    let b = BrokerId::new("b").unwrap();
+    owner
+        .connect(b.clone(), SessionId::new("s").unwrap(), ())
+        .await
+        .unwrap();
+    let shortened = |e: &Error| match e {
+        Error::Failed {
+            reason: FailReason::Error(m),
+            ..
+        } => m.len() <= MAX_DETAIL_BYTES && m.starts_with("xxx"),
+        _ => false,
+    };
+    // Forwarded: the owner claims the row, runs it, and writes the failure.
+    let err = other
+        .dispatch(Command::new(b.clone(), "op", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(shortened(&err), "{err:?}");
+    let rows = store.list(ListFilter::default()).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(
+        matches!(&rows[0].failure, Some(FailReason::Error(m)) if m.len() <= MAX_DETAIL_BYTES),
+        "{:?}",
+        rows[0].state
+    );
+    // Long enough for a lapsed lease to be re-claimed, had the write been refused.
+    tokio::time::sleep(config().lease * 3).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1, "the command ran again");
+    // The local fast path reports the same shortened text.
+    let err = owner
+        .dispatch(Command::new(b, "op", json!(2)))
+        .await
+        .unwrap_err();
+    assert!(shortened(&err), "{err:?}");
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+}
+
+/// A memory store whose first `finish` applies the write and then answers `Unavailable`, as a
+/// call whose answer was lost (a timeout, a dropped connection) after it committed.
+#[derive(Debug, Default)]
+struct LostAnswer {
+    inner: MemoryStore,
+    finishes: AtomicU32,
+}
+
+#[async_trait]
+impl Store for LostAnswer {
+    fn name(&self) -> &'static str {
+        "lost-answer"
+    }
+    async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
+        self.inner.insert(new).await
+    }
+    async fn claim(&self, p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        self.inner.claim(p).await
+    }
+    async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
+        self.inner.heartbeat(c, p).await
+    }
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        let first = self.finishes.fetch_add(1, Ordering::Relaxed) == 0;
+        let r = self.inner.finish(c, p).await;
+        if first && r.is_ok() {
+            return Err(StoreError::Unavailable("the answer was lost".into()));
+        }
+        r
+    }
+    async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.cancel(p).await
+    }
+
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.request_cancel(p).await
+    }
+    async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
+        self.inner.list(f).await
+    }
+    async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
+        self.inner.sweep(p).await
+    }
+    async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
+        self.inner.connect(p).await
+    }
+    async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError> {
+        self.inner.disconnect(p).await
+    }
+    async fn touch(&self, p: TouchParams) -> Result<bool, StoreError> {
+        self.inner.touch(p).await
+    }
+    async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
+        self.inner.affinity(broker).await
+    }
+}
+
+/// A finish whose answer was lost, retried and refused because it already landed, counts as
+/// finished: its event goes out at once (waiters hear it without waiting for their poll), not
+/// as a fenced attempt that nobody announces.
+#[tokio::test(start_paused = true)]
+async fn a_retried_finish_that_had_landed_is_announced_not_fenced() {
+    let store = Arc::new(LostAnswer::default());
+    let bus = MemoryTransport::new();
+    let mut events = bus.subscribe().await.unwrap();
+    let owner = hub("owner", store.clone(), Arc::new(bus.clone())).await;
+    let b = BrokerId::new("b").unwrap();
+    owner
+        .connect(b.clone(), SessionId::new("s").unwrap(), ())
+        .await
+        .unwrap();
+    let receipt = owner.send(Command::new(b, "op", json!(1))).await.unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(n) = events.next().await {
+            if matches!(n, Notice::Event { id } if id == receipt.id) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        store.finishes.load(Ordering::Relaxed),
+        2,
+        "one lost answer, one retry"
+    );
+    assert!(announced.is_ok(), "the landed finish was never announced");
+    let row = store.get(receipt.id).await.unwrap().unwrap();
+    assert_eq!(row.result, Some(json!("op")));
+}

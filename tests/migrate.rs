@@ -213,7 +213,7 @@ async fn copies_every_field_and_a_rerun_copies_nothing() {
     assert_eq!(expected.len(), 9);
     assert_eq!(expected_affinity.len(), 3);
     assert!(expected_affinity.iter().any(|a| a.node.is_none()));
-    drop(source);
+    source.close().await;
 
     let from = format!("sqlite://{}", file.display());
     let report = sqlite_to_postgres(&from, &db.dsn, &options(&db))
@@ -323,7 +323,7 @@ async fn a_conflicting_destination_is_refused_and_nothing_is_written() {
         }
         ids
     };
-    drop(source);
+    source.close().await;
     let before = all_dispatches(&pg).await;
 
     let err = sqlite_to_postgres(&from, &db.dsn, &options(&db))
@@ -386,7 +386,7 @@ async fn drop_source_closes_and_removes_the_files() {
     )
     .await
     .unwrap();
-    drop(source);
+    source.close().await;
     assert!(report.source_removed);
     assert_eq!(report.dispatches_copied, 9);
     for f in [&file, &wal, &shm] {
@@ -411,4 +411,101 @@ async fn bad_dsns_fail_before_touching_anything() {
             .unwrap_err();
         assert!(matches!(err, MigrateError::Dsn(_)), "{from} {to}: {err:?}");
     }
+}
+
+/// `PgImport` checks every row with the rules a store applies to what it writes before it
+/// writes any row of the call: a row no store could have written (or read back) is
+/// `InvalidInput`, and the good row beside it is not written either.
+#[tokio::test]
+async fn an_import_refuses_rows_out_of_bounds_and_writes_nothing_of_the_call() {
+    use broker_dispatch::fsm::{DispatchState, FailReason};
+    use broker_dispatch::store::{MAX_ARGS_BYTES, MAX_DETAIL_BYTES};
+    use broker_dispatch::StoreError;
+    let Some(db) = pg::fresh() else { return };
+    let store = dest(&db).await;
+    let row = || new_dispatch("b1", 0, json!({})).into_dispatch(Timestamp::from_micros(T0));
+    let deep = (0..100).fold(json!(1), |v, _| json!([v]));
+    let done = || Dispatch {
+        state: DispatchState::Done,
+        attempt: 1,
+        ..row()
+    };
+    let cases: Vec<(&str, Dispatch)> = vec![
+        (
+            "max_attempts 0",
+            Dispatch {
+                max_attempts: 0,
+                ..row()
+            },
+        ),
+        (
+            "empty op",
+            Dispatch {
+                op: String::new(),
+                ..row()
+            },
+        ),
+        (
+            "args nested 100 levels",
+            Dispatch {
+                args: deep.clone(),
+                ..row()
+            },
+        ),
+        (
+            "args over MAX_ARGS_BYTES",
+            Dispatch {
+                args: json!("a".repeat(MAX_ARGS_BYTES)),
+                ..row()
+            },
+        ),
+        (
+            "result nested 100 levels",
+            Dispatch {
+                result: Some(deep.clone()),
+                ..done()
+            },
+        ),
+        (
+            "progress detail over MAX_DETAIL_BYTES",
+            Dispatch {
+                progress: Some(Progress {
+                    seq: 1,
+                    detail: json!("p".repeat(MAX_DETAIL_BYTES)),
+                }),
+                ..done()
+            },
+        ),
+        (
+            "failure text over MAX_DETAIL_BYTES",
+            Dispatch {
+                state: DispatchState::Failed,
+                failure: Some(FailReason::Error("f".repeat(MAX_DETAIL_BYTES + 1))),
+                ..done()
+            },
+        ),
+        (
+            "released beyond attempt",
+            Dispatch {
+                released: 2,
+                ..done()
+            },
+        ),
+    ];
+    for (name, bad) in cases {
+        let mut import = store.begin_import().await.unwrap();
+        let before = import.counts().await.unwrap();
+        let err = import.dispatches(&[row(), bad]).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidInput(_)),
+            "{name}: {err:?}"
+        );
+        assert_eq!(
+            import.counts().await.unwrap(),
+            before,
+            "{name}: a row was written"
+        );
+        import.commit().await.unwrap();
+    }
+    assert!(all_dispatches(&store).await.is_empty());
 }

@@ -53,18 +53,20 @@ fn n(s: &str) -> NodeId {
     NodeId::new(s).unwrap()
 }
 
-fn at(micros: i64) -> Option<Timestamp> {
-    Some(Timestamp::from_micros(T0 + micros))
+/// `ms` milliseconds after `T0`: the scripted history counts in milliseconds, as leases and
+/// retention are at least 1 ms.
+fn at(ms: i64) -> Option<Timestamp> {
+    Some(Timestamp::from_micros(T0 + ms * 1_000))
 }
 
 const T0: i64 = 1_700_000_000_000_000;
 
-fn claim(broker: &str, node: &str, limit: u32, lease_us: u64, now: i64) -> ClaimParams {
+fn claim(broker: &str, node: &str, limit: u32, lease_ms: u64, now: i64) -> ClaimParams {
     ClaimParams {
         broker: b(broker),
         node: n(node),
         limit,
-        lease: Duration::from_micros(lease_us),
+        lease: Duration::from_millis(lease_ms),
         now: at(now),
     }
 }
@@ -157,7 +159,7 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
             .heartbeat(
                 &a1,
                 HeartbeatParams {
-                    lease: Duration::from_micros(20),
+                    lease: Duration::from_millis(20),
                     progress: Some(Progress {
                         seq: 1,
                         detail: json!("half"),
@@ -177,7 +179,7 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
     let mut stale = a1.dispatch().clone();
     stale.attempt = 0;
     let hb = HeartbeatParams {
-        lease: Duration::from_micros(5),
+        lease: Duration::from_millis(5),
         progress: None,
         now: at(16),
     };
@@ -224,7 +226,7 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
                 a2,
                 finish(
                     Outcome::Retry {
-                        after: Duration::from_micros(5)
+                        after: Duration::from_millis(5)
                     },
                     61
                 )
@@ -294,15 +296,15 @@ async fn run_script(store: &dyn Store, s: &Script) -> Vec<String> {
     .unwrap_err();
     assert_eq!(released.state, DispatchState::Pending);
 
-    let sweep = |limit: u32, now: i64, retention_us: u64| SweepParams {
-        retention: Duration::from_micros(retention_us),
+    let sweep = |limit: u32, now: i64, retention_ms: u64| SweepParams {
+        retention: Duration::from_millis(retention_ms),
         limit,
         now: at(now),
     };
-    rec!("sweep limit 0", store.sweep(sweep(0, 200, 0)).await).unwrap_err();
+    rec!("sweep limit 0", store.sweep(sweep(0, 200, 1)).await).unwrap_err();
     rec!("sweep 1", store.sweep(sweep(1, 200, 50)).await).unwrap();
     rec!("sweep 2", store.sweep(sweep(10, 200, 50)).await).unwrap();
-    rec!("sweep 3", store.sweep(sweep(10, 300, 0)).await).unwrap();
+    rec!("sweep 3", store.sweep(sweep(10, 300, 1)).await).unwrap();
 
     rec!("list all", store.list(ListFilter::default()).await).unwrap();
     let first = rec!(
@@ -790,6 +792,34 @@ async fn a_statement_timeout_is_unavailable() {
     store.heartbeat(&held, heartbeat_now()).await.unwrap();
 }
 
+/// A guard that keeps refusing what `fsm::apply` allows on the row as read back (here a
+/// foreign trigger swallows every update) is a defect, not a race: `Backend`, not retryable,
+/// as SQLite reports it, so a caller does not retry it for ever.
+#[tokio::test]
+async fn a_guard_that_keeps_refusing_a_legal_transition_is_a_backend_error() {
+    let Some((db, store)) = fresh_store().await else {
+        return;
+    };
+    let held = claimed_row(&store, "swallowed").await;
+    let admin = pg::client(&db.dsn).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".swallow() RETURNS trigger LANGUAGE plpgsql \
+               AS $$ BEGIN RETURN NULL; END $$; \
+             CREATE TRIGGER swallow BEFORE UPDATE ON \"{s}\".dispatch \
+               FOR EACH ROW EXECUTE FUNCTION \"{s}\".swallow()",
+            s = db.schema
+        ))
+        .await
+        .unwrap();
+    let err = store
+        .finish(held, FinishParams::new(Outcome::Complete(json!(1))))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(!err.is_retryable());
+}
+
 #[tokio::test]
 async fn bad_dsn_wrong_password_and_unreachable_server_are_typed() {
     let err = PgStore::connect("postgres://u@h:99999999/db", PgStoreOptions::default())
@@ -968,7 +998,7 @@ async fn unnamed_statements_leave_nothing_prepared_on_the_connection() {
         let claimed = store
             .claim(ClaimParams {
                 now: None,
-                ..claim("b", "n", 10, 30_000_000, 0)
+                ..claim("b", "n", 10, 30_000, 0)
             })
             .await
             .unwrap();
@@ -989,4 +1019,131 @@ async fn unnamed_statements_leave_nothing_prepared_on_the_connection() {
             .unwrap();
         assert_eq!(count > 0, expect_some, "named={named}: {count} prepared");
     }
+}
+
+/// The shared test server's DSN in `key=value` form with one setting replaced.
+fn dsn_with(dsn: &str, key: &str, value: &str) -> String {
+    let config: tokio_postgres::Config = dsn.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let mut parts = vec![
+        ("host", host),
+        ("port", config.get_ports()[0].to_string()),
+        ("user", config.get_user().unwrap_or("postgres").to_owned()),
+        (
+            "dbname",
+            config.get_dbname().unwrap_or("postgres").to_owned(),
+        ),
+    ];
+    for (k, v) in &mut parts {
+        if *k == key {
+            *v = value.to_owned();
+        }
+    }
+    parts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the server says when it refuses a connection (a database or role that does not exist)
+/// is in the error's display, with its SQLSTATE, not only in its source. Matching text is the
+/// point here: the message must reach the operator.
+#[tokio::test]
+async fn a_refused_connection_shows_the_servers_message_and_sqlstate() {
+    let Some(db) = pg::fresh() else { return };
+    for (key, value, code) in [
+        ("dbname", "no_such_database_bdt", "3D000"),
+        ("user", "no_such_role_bdt", "28000"),
+    ] {
+        let err = PgStore::connect(&dsn_with(&db.dsn, key, value), PgStoreOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+        let shown = err.to_string();
+        assert!(shown.contains(value), "{shown}");
+        assert!(shown.contains("does not exist"), "{shown}");
+        assert!(shown.contains(code), "{shown}");
+    }
+}
+
+/// A row the database refuses during an import (here a foreign CHECK constraint) fails the
+/// import, and nothing of the row's args (which may be secrets) appears anywhere in the error:
+/// not its display, not its `Debug`, not in any source in its chain. The server's detail,
+/// which quotes the failing row, is dropped.
+#[tokio::test]
+async fn an_import_error_never_carries_the_rows_args() {
+    use std::error::Error as _;
+    let Some((db, store)) = fresh_store().await else {
+        return;
+    };
+    let admin = pg::client(&db.dsn).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE \"{}\".dispatch ADD CONSTRAINT no_refused CHECK (op <> 'refused')",
+            db.schema
+        ))
+        .await
+        .unwrap();
+    let secret = "hunter2-very-secret-token";
+    let row = NewDispatch::new(b("b1"), "refused", json!({ "password": secret }))
+        .into_dispatch(Timestamp::from_micros(T0));
+    let mut import = store.begin_import().await.unwrap();
+    let err = import.dispatches(&[row]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(err.to_string().contains("23514"), "{err}");
+    let mut chain: Vec<String> = vec![err.to_string(), format!("{err:?}")];
+    let mut source = err.source();
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        chain.push(format!("{s:?}"));
+        source = s.source();
+    }
+    for text in chain {
+        assert!(!text.contains(secret), "the secret leaked: {text}");
+    }
+}
+
+/// The claim never takes a row whose fencing token could not grow (attempt at `u32::MAX`), even
+/// when it has executions left (hand-backs do not count): the token would wrap or overflow the
+/// row's type. The row is left as it was.
+#[tokio::test]
+async fn a_row_at_the_last_attempt_token_is_never_claimed() {
+    let Some((db, store)) = fresh_store().await else {
+        return;
+    };
+    let d = store
+        .insert(NewDispatch::new(b("top"), "op", json!({})))
+        .await
+        .unwrap();
+    let admin = pg::client(&db.dsn).await;
+    admin
+        .execute(
+            &format!(
+                "UPDATE \"{}\".dispatch SET attempt = $2, released = $3 WHERE id = $1",
+                db.schema
+            ),
+            &[
+                d.id.as_uuid(),
+                &i64::from(u32::MAX),
+                &i64::from(u32::MAX - 1),
+            ],
+        )
+        .await
+        .unwrap();
+    let before = store.get(d.id).await.unwrap().unwrap();
+    assert_eq!(before.attempt, u32::MAX);
+    let got = store
+        .claim(ClaimParams {
+            now: None,
+            ..claim("top", "n1", 10, 30_000, 0)
+        })
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(store.get(d.id).await.unwrap().unwrap(), before);
 }

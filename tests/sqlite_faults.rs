@@ -336,19 +336,156 @@ async fn the_args_codec_is_applied_on_write_and_read() {
 }
 
 #[tokio::test]
-async fn drop_stops_the_writer_and_closes_the_file() {
+async fn close_stops_the_writer_and_closes_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = db_path(&dir);
     let store = SqliteStore::open(&path).expect("open");
     store.insert(new_dispatch(1)).await.expect("insert");
     let wal = dir.path().join("dispatch.db-wal");
     assert!(wal.exists(), "WAL mode keeps a -wal file while open");
-    drop(store);
+    store.close().await;
     // The last connection to close checkpoints and removes the WAL: proof the writer thread
-    // has finished and closed its connection by the time drop returns.
+    // has finished and closed its connection by the time `close` returns.
     assert!(
         !wal.exists(),
-        "drop returned before the writer closed the database"
+        "close returned before the writer closed the database"
     );
     assert_eq!(raw_count(&path), 1);
+}
+
+/// Dropping a store does not wait for its writer thread: on a current-thread runtime, with a
+/// write queued behind a foreign lock the writer waits out for up to its busy timeout, the drop
+/// returns at once (the old join stalled the runtime's only thread that long), and the queued
+/// write still lands once the lock is gone.
+#[test]
+fn dropping_a_store_with_queued_work_returns_at_once_and_the_work_lands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let store = SqliteOptions::new()
+            .busy_timeout(Duration::from_secs(20))
+            .open(&path)
+            .expect("open");
+        store.insert(new_dispatch(1)).await.expect("insert");
+        let foreign = Connection::open(&path).expect("foreign connection");
+        foreign
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("foreign write lock");
+        // Polled once, each insert is queued for the writer (which blocks on the lock); the
+        // futures are then dropped, so only the queued jobs remain.
+        for n in 2..=4 {
+            let mut insert = Box::pin(store.insert(new_dispatch(n)));
+            assert!(futures::poll!(insert.as_mut()).is_pending());
+        }
+        let started = std::time::Instant::now();
+        drop(store);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "drop waited {:?} for the writer",
+            started.elapsed()
+        );
+        foreign.execute_batch("ROLLBACK").expect("release the lock");
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while raw_count(&path) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued writes never landed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A guard that refuses what `fsm::apply` allows on the row as read back (here a foreign
+/// trigger swallows every update) is a defect, not a race: `Backend`, not retryable, as
+/// Postgres reports it.
+#[tokio::test]
+async fn a_guard_that_refuses_a_legal_transition_is_a_backend_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = SqliteStore::open(&path).expect("open");
+    store.insert(new_dispatch(1)).await.expect("insert");
+    let held = store
+        .claim(claim_params("n1", 1))
+        .await
+        .expect("claim")
+        .pop()
+        .expect("one row");
+    Connection::open(&path)
+        .expect("foreign connection")
+        .execute_batch(
+            "CREATE TRIGGER swallow BEFORE UPDATE ON dispatch BEGIN SELECT RAISE(IGNORE); END",
+        )
+        .expect("trigger");
+    let err = store
+        .finish(
+            held,
+            broker_dispatch::store::FinishParams {
+                outcome: broker_dispatch::store::Outcome::Complete(serde_json::json!(1)),
+                now: Some(Timestamp::from_micros(T0 + 2_000_000)),
+            },
+        )
+        .await
+        .expect_err("the swallowed update cannot succeed");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert!(!err.is_retryable());
+}
+
+/// `open("")` would be SQLite's private temporary database and `":memory:"` an in-memory one:
+/// a caller naming a file gets neither silently.
+#[test]
+fn an_empty_or_memory_path_is_invalid_input() {
+    for path in ["", ":memory:"] {
+        match SqliteStore::open(path) {
+            Err(StoreError::InvalidInput(_)) => {}
+            other => panic!("{path:?}: expected InvalidInput, got {other:?}"),
+        }
+    }
+}
+
+/// Another application's SQLite file is refused before anything is written to it, whether it
+/// has no `schema_version` table, one of another shape, or one of ours without our tables: the
+/// file stays byte for byte as it was (in particular, not switched to WAL), read-write or
+/// read-only.
+#[test]
+fn a_foreign_sqlite_file_is_refused_and_left_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schemas = [
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); \
+         INSERT INTO notes (body) VALUES ('keep me')",
+        "CREATE TABLE schema_version (version TEXT NOT NULL, note TEXT); \
+         INSERT INTO schema_version VALUES ('v9', 'theirs')",
+        "CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY, \
+           applied_at INTEGER NOT NULL); \
+         INSERT INTO schema_version VALUES (1, 0); \
+         CREATE TABLE accounts (id INTEGER PRIMARY KEY)",
+    ];
+    for (i, schema) in schemas.iter().enumerate() {
+        let path = dir.path().join(format!("foreign-{i}.db"));
+        Connection::open(&path)
+            .expect("foreign connection")
+            .execute_batch(schema)
+            .expect("foreign schema");
+        let before = std::fs::read(&path).expect("read");
+        for read_only in [false, true] {
+            match SqliteOptions::new().read_only(read_only).open(&path) {
+                Err(StoreError::InvalidInput(_)) => {}
+                other => {
+                    panic!("{schema} (read_only {read_only}): expected InvalidInput, got {other:?}")
+                }
+            }
+            assert_eq!(
+                std::fs::read(&path).expect("read"),
+                before,
+                "{schema}: the file was changed"
+            );
+            let mut wal = path.clone().into_os_string();
+            wal.push("-wal");
+            assert!(!Path::new(&wal).exists(), "{schema}: a WAL file appeared");
+        }
+    }
 }

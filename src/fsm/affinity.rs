@@ -28,6 +28,12 @@ pub struct Affinity {
     pub last_seen: Timestamp,
 }
 
+/// How far ahead of the store's clock a connect's `connected_at` may lie: enough for a caller
+/// that stamped the connection a moment before the store read its clock (or whose clock runs
+/// slightly ahead), far too little to pin a broker (a newer connection always wins, so a
+/// `connected_at` far in the future would refuse every later one).
+pub const MAX_CONNECT_LEAD: Duration = Duration::from_secs(1);
+
 /// The verdict on a connect claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectDecision {
@@ -73,8 +79,40 @@ impl Affinity {
         })
     }
 
+    /// Whether a connect stamped `connected_at` is in the future at the store's `now`, beyond
+    /// [`MAX_CONNECT_LEAD`]: such a claim is refused (invalid input), never decided.
+    pub fn connected_in_future(connected_at: Timestamp, now: Timestamp) -> bool {
+        connected_at > now.saturating_add(MAX_CONNECT_LEAD)
+    }
+
     /// Whether `node`/`session` is the current holder (the guard of release and touch).
     pub fn is_held_by(&self, node: &NodeId, session: &SessionId) -> bool {
         self.node.as_ref() == Some(node) && self.session == *session
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_connected_at_beyond_the_lead_is_in_the_future() {
+        let now = Timestamp::from_micros(1_700_000_000_000_000);
+        let lead = now.saturating_add(MAX_CONNECT_LEAD);
+        assert!(!Affinity::connected_in_future(now, now));
+        assert!(!Affinity::connected_in_future(lead, now));
+        assert!(Affinity::connected_in_future(
+            Timestamp::from_micros(lead.as_micros() + 1),
+            now
+        ));
+        assert!(Affinity::connected_in_future(Timestamp::MAX, now));
+        assert!(!Affinity::connected_in_future(
+            Timestamp::MAX,
+            Timestamp::MAX
+        ));
+        assert!(!Affinity::connected_in_future(
+            Timestamp::from_micros(i64::MIN),
+            now
+        ));
     }
 }

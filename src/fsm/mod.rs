@@ -13,7 +13,7 @@ mod state;
 mod transition;
 mod waiter;
 
-pub use affinity::{Affinity, ConnectDecision};
+pub use affinity::{Affinity, ConnectDecision, MAX_CONNECT_LEAD};
 pub use dispatch::{
     check_idempotency_key, check_key, check_op, Attempt, BrokerId, Dispatch, DispatchId, IdError,
     NodeId, Progress, SessionId, Timestamp, MAX_ID_LEN,

@@ -88,9 +88,9 @@ impl Default for HubConfig {
     }
 }
 
-/// The shortest duration any knob accepts: anything shorter would be a zero lease (two nodes
-/// holding one row at once) or a busy loop.
-pub(crate) const MIN_DURATION: Duration = Duration::from_millis(1);
+/// The shortest duration any knob accepts: the stores' own minimum, so a knob the hub accepts
+/// is never one the store then refuses.
+pub(crate) use crate::store::MIN_DURATION;
 
 /// Checks a count of rows or slots: `1..=MAX_BATCH`.
 pub(crate) fn check_slots(name: &str, n: u32) -> Result<(), Error> {

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::drain::{schedule, Runner};
 use super::{instant_after, Shared};
 use crate::error::StoreError;
-use crate::fsm::{Dispatch, DispatchState};
+use crate::fsm::{Dispatch, DispatchState, FailReason};
 use crate::store::{Claimed, FinishParams, Outcome};
 use crate::transport::Notice;
 
@@ -154,10 +154,16 @@ async fn finish_durably(sh: &Arc<Shared>, mut pending: Vec<(Claimed, Outcome)>) 
                     tracing::debug!(%id, error = %e, "finish failed; retrying");
                     retry.push((c, outcome));
                 }
-                Err(e) => {
-                    metrics::counter!("broker_dispatch_fenced_total").increment(1);
-                    tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
+                Err(e @ (StoreError::Fenced { .. } | StoreError::Illegal { .. })) => {
+                    // A batch retried after a timeout or a lost answer may have landed the
+                    // first time: then the row shows this very outcome, and the refusal is the
+                    // store refusing it twice, not another holder's work.
+                    match landed(sh, &c, &outcome).await {
+                        Some(d) => finished(sh, &d, announced).await,
+                        None => fenced(sh, id, &e),
+                    }
                 }
+                Err(e) => fenced(sh, id, &e),
             }
         }
         pending = retry;
@@ -165,6 +171,47 @@ async fn finish_durably(sh: &Arc<Shared>, mut pending: Vec<(Claimed, Outcome)>) 
     for (c, _) in pending {
         tracing::warn!(node = %sh.node, id = %c.id(), "could not record the outcome; the lease will run out and the dispatch be re-claimed");
     }
+}
+
+fn fenced(sh: &Shared, id: crate::fsm::DispatchId, e: &StoreError) {
+    metrics::counter!("broker_dispatch_fenced_total").increment(1);
+    tracing::warn!(node = %sh.node, %id, error = %e, "finish rejected: this node no longer holds the attempt");
+}
+
+/// The row as it is now, if it shows `outcome` applied by the holder of `c`'s attempt: same
+/// attempt, and the state, result, failure and hand-back count that outcome leaves. `None` if
+/// it shows anything else, or cannot be read.
+async fn landed(sh: &Shared, c: &Claimed, outcome: &Outcome) -> Option<Dispatch> {
+    let row = match sh.bounded(sh.store.get(c.id())).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::debug!(id = %c.id(), error = %e, "could not re-read a refused finish");
+            return None;
+        }
+    };
+    let held = c.dispatch();
+    if row.attempt != held.attempt {
+        return None;
+    }
+    let applied = match outcome {
+        Outcome::Complete(v) => row.state == DispatchState::Done && row.result.as_ref() == Some(v),
+        Outcome::Fail(m) => {
+            row.state == DispatchState::Failed
+                && matches!(&row.failure, Some(FailReason::Error(f)) if f == m)
+        }
+        Outcome::Late => {
+            row.state == DispatchState::Failed && row.failure == Some(FailReason::Expired)
+        }
+        Outcome::Retry { .. } => {
+            row.state == DispatchState::Pending && row.released == held.released
+        }
+        Outcome::Release => {
+            row.state == DispatchState::Pending
+                && Some(row.released) == held.released.checked_add(1)
+        }
+    };
+    applied.then_some(row)
 }
 
 /// What follows a durable finish: metrics, another look for a row handed back or retried, and

@@ -14,7 +14,8 @@ use super::{instant_after, run_guarded, ExecContext, Shared};
 use crate::error::{Error, ExecError, StoreError};
 use crate::fsm::{Progress, SessionId};
 use crate::store::{
-    check_json, Claimed, HeartbeatParams, Outcome, MAX_DETAIL_BYTES, MAX_RESULT_BYTES,
+    check_json, fit_failure_text, Claimed, HeartbeatParams, Outcome, MAX_DETAIL_BYTES,
+    MAX_RESULT_BYTES,
 };
 use crate::transport::Notice;
 
@@ -208,6 +209,12 @@ pub(crate) async fn execute(
             retry_or_fail(&c, after, message, start_by)
         }
         Err(_) => retry_or_fail(&c, Duration::ZERO, "executor timed out".into(), start_by),
+    };
+    // A message over the store's limit would be refused, the refusal taken for fencing, and
+    // the command run again once the lease lapsed: shorten it instead.
+    let outcome = match outcome {
+        Outcome::Fail(m) => Outcome::Fail(fit_failure_text(m)),
+        other => other,
     };
     let done = r.finisher.submit(c.renewal_handle(), outcome);
     r.slot_freed();

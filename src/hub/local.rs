@@ -15,7 +15,7 @@ use futures::FutureExt;
 use super::{run_guarded, Command, ExecContext, HttpFallback, Hub, Shared};
 use crate::error::{Error, ExecError};
 use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, FailReason, Timestamp};
-use crate::store::{check_json, MAX_RESULT_BYTES};
+use crate::store::{check_json, fit_failure_text, MAX_RESULT_BYTES};
 
 /// Runs `cmd` on the connection held here; see the module docs.
 pub(crate) async fn run_local(
@@ -56,10 +56,11 @@ pub(crate) async fn run_local(
             };
         }
         Ok(Err(ExecError::Fatal(m))) => {
+            // The same text a row would hold, whichever path ran the command.
             return Err(Error::Failed {
                 id,
-                reason: FailReason::Error(m),
-            })
+                reason: FailReason::Error(fit_failure_text(m)),
+            });
         }
         Ok(Err(ExecError::Retryable { after, message })) => (after, message),
         Err(_) => (Duration::ZERO, "executor timed out".to_owned()),
@@ -157,6 +158,6 @@ pub(crate) fn exec_failure(id: DispatchId, e: ExecError) -> Error {
     };
     Error::Failed {
         id,
-        reason: FailReason::Error(msg),
+        reason: FailReason::Error(fit_failure_text(msg)),
     }
 }

@@ -91,6 +91,8 @@ macro_rules! store_conformance_tests {
             insert_measures_delay_and_ttl_from_its_now,
             claims_agree_with_claim_order,
             values_no_store_can_read_back_are_refused_and_change_nothing,
+            durations_under_a_millisecond_are_refused_and_change_nothing,
+            a_connected_at_in_the_future_is_refused_and_changes_nothing,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -2408,4 +2410,109 @@ pub async fn a_cancel_request_is_never_reclaimed_and_the_sweeper_ends_it(store: 
         .await
         .expect("sweep");
     assert!(again.exhausted.is_empty());
+}
+
+/// Every duration a store takes is at least [`MIN_DURATION`](super::MIN_DURATION): a lease
+/// under a millisecond (a row two nodes could claim at the same instant), a delay or TTL, a
+/// sweep's retention. Each is `InvalidInput` and changes nothing; exactly 1 ms is accepted.
+pub async fn durations_under_a_millisecond_are_refused_and_change_nothing(store: Arc<dyn Store>) {
+    let s = &*store;
+    let short = Duration::from_micros(999);
+    for new in [
+        NewDispatch {
+            delay: Some(short),
+            ..new_dispatch(9, "b", at(0))
+        },
+        NewDispatch {
+            ttl: Some(Duration::from_nanos(1)),
+            ..new_dispatch(9, "b", at(0))
+        },
+    ] {
+        assert_invalid(s.insert(new.clone()).await);
+        assert_invalid(s.insert_many(vec![new]).await);
+    }
+    assert!(all_rows(s).await.is_empty());
+    let row = insert(s, new_dispatch(1, "b", at(0))).await;
+    for lease in [Duration::ZERO, Duration::from_nanos(1), short] {
+        assert_invalid(
+            s.claim(ClaimParams {
+                lease,
+                ..claim_params("b", "n", 1, at(secs(1)))
+            })
+            .await,
+        );
+    }
+    assert_eq!(get(s, row.id).await, row, "a refused claim changed the row");
+    let held = s
+        .claim(ClaimParams {
+            lease: super::MIN_DURATION,
+            ..claim_params("b", "n", 1, at(secs(1)))
+        })
+        .await
+        .expect("a 1 ms lease is accepted")
+        .pop()
+        .expect("the row");
+    let before = get(s, held.id()).await;
+    let r = s
+        .heartbeat(
+            &held,
+            HeartbeatParams {
+                lease: short,
+                progress: None,
+                now: Some(at(secs(1))),
+            },
+        )
+        .await;
+    assert_invalid(r);
+    assert_eq!(
+        get(s, held.id()).await,
+        before,
+        "a refused heartbeat changed the row"
+    );
+    assert_invalid(s.sweep(sweep_params(10, short, at(secs(2)))).await);
+    assert_eq!(all_rows(s).await, vec![before]);
+}
+
+/// A connect whose `connected_at` lies more than
+/// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) after the store's `now` (explicit, or the
+/// store's own clock: the database's on Postgres) is `InvalidInput` and writes nothing, so no
+/// caller can pin a broker with a `connected_at` that every later connection is older than.
+/// Exactly the lead is accepted.
+pub async fn a_connected_at_in_the_future_is_refused_and_changes_nothing(store: Arc<dyn Store>) {
+    let s = &*store;
+    let lead = i64::try_from(fsm::MAX_CONNECT_LEAD.as_micros()).expect("a small lead");
+    let params = |sess: &str, connected_at: Timestamp, now: Option<Timestamp>| ConnectParams {
+        broker: broker("b"),
+        node: node("n1"),
+        session: session(sess),
+        connected_at,
+        now,
+    };
+    for (connected_at, now) in [
+        (at(lead + 1), Some(at(0))),
+        (Timestamp::MAX, Some(at(0))),
+        (Timestamp::MAX, None),
+    ] {
+        let r = s.connect(params("s-future", connected_at, now)).await;
+        assert_invalid(r);
+    }
+    assert_eq!(s.affinity(&broker("b")).await.expect("affinity"), None);
+    match s.connect(params("s1", at(lead), Some(at(0)))).await {
+        Ok(ConnectOutcome::Claimed(a)) => assert_eq!(a.connected_at, at(lead)),
+        other => panic!("a connect exactly the lead ahead is claimed, got {other:?}"),
+    }
+    let held = s.affinity(&broker("b")).await.expect("affinity");
+    assert_invalid(
+        s.connect(params("s2", Timestamp::MAX, Some(at(secs(1)))))
+            .await,
+    );
+    assert_eq!(s.affinity(&broker("b")).await.expect("affinity"), held);
+    // Nothing was pinned: a later connection still wins.
+    match s
+        .connect(params("s3", at(secs(2)), Some(at(secs(2)))))
+        .await
+    {
+        Ok(ConnectOutcome::Claimed(_)) => {}
+        other => panic!("a newer connection is claimed, got {other:?}"),
+    }
 }

@@ -416,7 +416,7 @@ impl Store for MemoryStore {
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
-        check_limit(p.limit)?;
+        p.validate()?;
         let now = p.now.unwrap_or_else(system_now);
         let limit = p.limit as usize;
         let mut guard = self.inner.lock();
@@ -493,6 +493,7 @@ impl Store for MemoryStore {
 
     async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
         let now = p.now.unwrap_or_else(system_now);
+        p.check_connected_at(now)?;
         let mut inner = self.inner.lock();
         let current = inner.affinity.get(&p.broker);
         match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now)

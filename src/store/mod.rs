@@ -54,6 +54,11 @@ pub const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
 /// The largest progress detail or failure message accepted, in bytes (of JSON, for progress).
 pub const MAX_DETAIL_BYTES: usize = 64 * 1024;
 
+/// The shortest duration any store parameter or hub knob accepts (leases, delays, TTLs,
+/// retention, timeouts): anything shorter would be a zero lease (two nodes holding one row at
+/// once), a busy loop, or, where the backend counts in milliseconds, silently rounded.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+
 /// The deepest nesting of arrays and objects accepted in any JSON value a row holds (args,
 /// result, progress). Every store reads back what it wrote: serde_json refuses to parse more
 /// than 128 levels, so a deeper value, once written, could never be read again.
@@ -108,6 +113,64 @@ pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
     }
 }
 
+/// What [`fit_failure_text`] appends to a message it shortened.
+pub const TRUNCATION_MARKER: &str = " …[truncated]";
+
+/// Shortens a failure message to fit [`MAX_DETAIL_BYTES`]: cut on a char boundary and marked
+/// with [`TRUNCATION_MARKER`]; a message that fits is returned as it is. The hub passes every
+/// executor failure through it before writing it, since a message the store refused could not
+/// end the attempt at all (its lease would lapse and the command run again).
+pub fn fit_failure_text(mut message: String) -> String {
+    if message.len() <= MAX_DETAIL_BYTES {
+        return message;
+    }
+    let mut cut = MAX_DETAIL_BYTES - TRUNCATION_MARKER.len();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(TRUNCATION_MARKER);
+    message
+}
+
+/// Checks a whole row before it is copied into a store as it is (an import, which applies no
+/// transition): the fields an insert checks ([`NewDispatch::validate`]) and the values a
+/// holder's writes check (result, progress detail, failure text), by the same rules, so a
+/// copied row is one every store could have written and can read back.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidInput`] naming the first field out of bounds.
+pub fn check_dispatch(d: &Dispatch) -> Result<(), StoreError> {
+    crate::fsm::check_op(&d.op)?;
+    if d.max_attempts == 0 {
+        return Err(StoreError::invalid("max_attempts must be at least 1"));
+    }
+    if let Some(k) = &d.idempotency_key {
+        crate::fsm::check_idempotency_key(k)?;
+    }
+    if let Some(k) = &d.key {
+        crate::fsm::check_key(k)?;
+    }
+    if d.released > d.attempt {
+        return Err(StoreError::invalid(format!(
+            "released {} exceeds attempt {}",
+            d.released, d.attempt
+        )));
+    }
+    check_json("args", &d.args, MAX_ARGS_BYTES)?;
+    if let Some(r) = &d.result {
+        check_json("result", r, MAX_RESULT_BYTES)?;
+    }
+    if let Some(p) = &d.progress {
+        check_json("progress detail", &p.detail, MAX_DETAIL_BYTES)?;
+    }
+    if let Some(crate::fsm::FailReason::Error(m)) = &d.failure {
+        check_outcome(&Outcome::Fail(m.clone()))?;
+    }
+    Ok(())
+}
+
 /// Checks a heartbeat before it is written (every store calls it): a lease of at least 1 ms,
 /// and the progress detail's depth and size.
 ///
@@ -115,7 +178,7 @@ pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
 ///
 /// [`StoreError::InvalidInput`].
 pub fn check_heartbeat(p: &HeartbeatParams) -> Result<(), StoreError> {
-    check_positive("lease", p.lease)?;
+    check_duration("lease", p.lease)?;
     match &p.progress {
         Some(progress) => check_json("progress detail", &progress.detail, MAX_DETAIL_BYTES),
         None => Ok(()),
@@ -357,10 +420,11 @@ pub struct NewDispatch {
     /// (see [`fsm::claim_order`](crate::fsm::claim_order)).
     pub key: Option<String>,
     /// Not claimable until this long after the store's `now` (combined with `available_at`:
-    /// the later wins). Measured on the store's clock, so a node's skew cannot shift it.
+    /// the later wins). Measured on the store's clock, so a node's skew cannot shift it. At
+    /// least [`MIN_DURATION`] when given.
     pub delay: Option<Duration>,
     /// Never claimed at or after this long after the store's `now` (combined with `deadline`:
-    /// the earlier wins). Measured on the store's clock.
+    /// the earlier wins). Measured on the store's clock. At least [`MIN_DURATION`] when given.
     pub ttl: Option<Duration>,
     /// Executions already begun elsewhere (the local fast path's first attempt, whose retry
     /// this row is): the row starts at this attempt. Less than `max_attempts`.
@@ -400,6 +464,13 @@ impl NewDispatch {
         }
         if let Some(k) = &self.key {
             crate::fsm::check_key(k)?;
+        }
+        // `None` is "no delay" and "no TTL"; a duration given is a period like any other.
+        if let Some(d) = self.delay {
+            check_duration("delay", d)?;
+        }
+        if let Some(t) = self.ttl {
+            check_duration("ttl", t)?;
         }
         if self.executions >= self.max_attempts {
             return Err(StoreError::invalid(format!(
@@ -468,7 +539,7 @@ pub struct ClaimParams {
     pub node: NodeId,
     /// At most this many rows (1..=[`MAX_BATCH`]).
     pub limit: u32,
-    /// The lease each claimed row gets (> 0).
+    /// The lease each claimed row gets (at least [`MIN_DURATION`]).
     pub lease: Duration,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
@@ -476,16 +547,21 @@ pub struct ClaimParams {
 
 impl ClaimParams {
     /// Checks limit and lease.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a limit outside `1..=`[`MAX_BATCH`] or a lease under
+    /// [`MIN_DURATION`].
     pub fn validate(&self) -> Result<(), StoreError> {
         check_limit(self.limit)?;
-        check_positive("lease", self.lease)
+        check_duration("lease", self.lease)
     }
 }
 
 /// Parameters of [`Store::heartbeat`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeartbeatParams {
-    /// The new lease, from now (> 0).
+    /// The new lease, from now (at least [`MIN_DURATION`]).
     pub lease: Duration,
     /// New progress, if any.
     pub progress: Option<Progress>,
@@ -590,12 +666,26 @@ impl Default for ListFilter {
 /// Parameters of [`Store::sweep`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepParams {
-    /// Terminal rows last updated longer ago than this are deleted.
+    /// Terminal rows last updated longer ago than this are deleted (at least
+    /// [`MIN_DURATION`]).
     pub retention: Duration,
     /// At most this many rows per kind of work (1..=[`MAX_BATCH`]).
     pub limit: u32,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
+}
+
+impl SweepParams {
+    /// Checks limit and retention.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a limit outside `1..=`[`MAX_BATCH`] or a retention
+    /// under [`MIN_DURATION`].
+    pub fn validate(&self) -> Result<(), StoreError> {
+        check_limit(self.limit)?;
+        check_duration("retention", self.retention)
+    }
 }
 
 /// What a sweep did.
@@ -626,7 +716,9 @@ pub struct ConnectParams {
     pub node: NodeId,
     /// The connection's session.
     pub session: SessionId,
-    /// When the connection was accepted (the ordering key: newest wins).
+    /// When the connection was accepted (the ordering key: newest wins). At most
+    /// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) after the store's `now` (on Postgres,
+    /// the database clock): a later one is refused, so no caller can pin a broker.
     pub connected_at: Timestamp,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
@@ -639,6 +731,24 @@ pub enum ConnectOutcome {
     Claimed(Affinity),
     /// A newer session holds (or held) it; the claim was refused.
     Superseded(Affinity),
+}
+
+impl ConnectParams {
+    /// Checks `connected_at` against the store's `now`: at most
+    /// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) ahead of it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a `connected_at` further in the future.
+    pub fn check_connected_at(&self, now: Timestamp) -> Result<(), StoreError> {
+        if Affinity::connected_in_future(self.connected_at, now) {
+            return Err(StoreError::invalid(format!(
+                "connected_at {} is in the future (the store's now is {now})",
+                self.connected_at
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Parameters of [`Store::disconnect`].
@@ -780,13 +890,39 @@ pub(crate) fn check_limit(limit: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub(crate) fn check_positive(what: &str, d: Duration) -> Result<(), StoreError> {
-    if d.is_zero() {
-        return Err(StoreError::invalid(format!("{what} must be positive")));
+/// Checks a duration parameter: at least [`MIN_DURATION`].
+pub(crate) fn check_duration(what: &str, d: Duration) -> Result<(), StoreError> {
+    if d < MIN_DURATION {
+        return Err(StoreError::invalid(format!(
+            "{what} must be at least {MIN_DURATION:?}, got {d:?}"
+        )));
     }
     Ok(())
 }
 
 pub(crate) fn system_now() -> Timestamp {
     Timestamp::from_system_time(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_text_is_cut_on_a_char_boundary_to_fit_the_limit() {
+        let fits = "é".repeat(MAX_DETAIL_BYTES / 2);
+        assert_eq!(fit_failure_text(fits.clone()), fits);
+        for long in [
+            "x".repeat(MAX_DETAIL_BYTES + 1),
+            "é".repeat(MAX_DETAIL_BYTES),
+            format!("x{}", "€".repeat(MAX_DETAIL_BYTES)),
+        ] {
+            let cut = fit_failure_text(long.clone());
+            assert!(cut.len() <= MAX_DETAIL_BYTES, "{}", cut.len());
+            assert!(cut.len() > MAX_DETAIL_BYTES - 8, "{}", cut.len());
+            assert!(cut.ends_with(TRUNCATION_MARKER));
+            assert!(long.starts_with(cut.trim_end_matches(TRUNCATION_MARKER)));
+            assert!(check_outcome(&Outcome::Fail(cut)).is_ok());
+        }
+    }
 }

@@ -1,8 +1,7 @@
 //! [`SqliteStore`]: the embedded default store, one SQLite file (or an in-memory database).
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +9,7 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction,
     TransactionBehavior,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
@@ -182,14 +181,26 @@ impl SqliteOptions {
 
     /// Opens (creating if needed) the database file at `path` and migrates it.
     ///
+    /// A SQLite database that holds tables but not this crate's (another application's file) is
+    /// refused before anything is written to it: its journal mode is left as it was.
+    ///
     /// # Errors
     ///
+    /// [`StoreError::InvalidInput`] for an empty path or `":memory:"`, or a SQLite database
+    /// that is not this crate's (it is left byte for byte as it was);
     /// [`StoreError::SchemaTooNew`] if a newer build wrote the schema; [`StoreError::Backend`] if
     /// the file is not a SQLite database or cannot be opened or written;
     /// [`StoreError::Unavailable`] if another connection held the write lock for longer than
     /// the busy timeout.
     pub fn open(self, path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let path = path.as_ref().to_path_buf();
+        // SQLite reads "" as a private temporary database and ":memory:" as an in-memory one:
+        // neither is durable, which a caller naming a file cannot have meant.
+        if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" {
+            return Err(StoreError::invalid(format!(
+                "{path:?} names no database file (use open_in_memory for a private database)"
+            )));
+        }
         let flags = if self.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
@@ -215,15 +226,17 @@ impl SqliteOptions {
 
 /// The SQLite store: durable dispatches in one file, shared safely by several processes.
 ///
-/// All database work runs on one writer thread owned by the store; dropping the store finishes
-/// the queued calls and joins that thread.
+/// All database work runs on one writer thread owned by the store. Dropping the store does not
+/// wait for it: the thread finishes the calls already queued, then closes the database, on its
+/// own; [`close`](SqliteStore::close) waits for that.
 ///
 /// # Design
 ///
 /// - **One writer thread.** SQLite admits one writer at a time; a pool of writers would only
 ///   queue on the file lock. The store owns one connection on a dedicated thread that receives
-///   jobs over a channel and answers each over a oneshot, so async callers never block a runtime
-///   worker on file I/O or on the busy timeout.
+///   jobs over a bounded channel ([`SqliteStore::QUEUE`] jobs; a caller finding it full waits
+///   for room, it does not fail) and answers each over a oneshot, so async callers never block
+///   a runtime worker on file I/O or on the busy timeout.
 /// - **Reads run on the same thread.** Every statement here is a short indexed lookup, so a
 ///   separate reader connection would buy little while costing a second page cache and the
 ///   chance of reading a snapshot older than the caller's own last write. Other processes
@@ -249,7 +262,8 @@ impl SqliteOptions {
 #[derive(Debug)]
 pub struct SqliteStore {
     jobs: Option<mpsc::Sender<Job>>,
-    writer: Option<JoinHandle<()>>,
+    /// Resolves once the writer thread has closed the database and ended.
+    closed: Option<oneshot::Receiver<()>>,
     path: Option<PathBuf>,
 }
 
@@ -265,6 +279,26 @@ struct Writer {
 impl SqliteStore {
     /// The newest schema version this build knows (the `schema_version` table's latest row).
     pub const SCHEMA_VERSION: i64 = SCHEMA_VERSION;
+
+    /// How many calls may wait for the writer thread at once; a caller finding the queue full
+    /// waits for room.
+    pub const QUEUE: usize = 1024;
+
+    /// Closes the store and waits until the writer thread has finished the calls already
+    /// queued and closed the database (dropping the store does the same without waiting).
+    /// Use it before deleting or moving the file.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not stop the writer from finishing and closing; only the
+    /// wait is lost.
+    pub async fn close(mut self) {
+        drop(self.jobs.take());
+        if let Some(closed) = self.closed.take() {
+            // An error means the thread ended without saying so (it panicked): closed too.
+            let _ = closed.await;
+        }
+    }
 
     /// Opens (creating if needed) the database file at `path` with default options.
     ///
@@ -354,35 +388,43 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         conn.busy_timeout(options.busy_timeout).map_err(db_err)?;
         conn.set_prepared_statement_cache_capacity(64);
+        // Before anything is written: a foreign database is refused as it is.
+        check_ours(&conn)?;
         if options.read_only {
             check_schema(&conn)?;
         } else {
-            // The first statement touching the file: a foreign file fails here, not later.
+            // The first statement writing to the file.
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
                 .map_err(db_err)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(db_err)?;
             migrate(&mut conn)?;
         }
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, mut rx) = mpsc::channel::<Job>(Self::QUEUE);
+        let (closed_tx, closed) = oneshot::channel();
         let mut writer = Writer {
             conn,
             codec: options.args_codec,
         };
-        let handle = std::thread::Builder::new()
+        // Detached: nothing joins the thread (a drop on a runtime thread must not block on
+        // the queued work); it ends when the last sender is gone and the queue is empty.
+        std::thread::Builder::new()
             .name("broker-dispatch-sqlite".into())
             .spawn(move || {
-                while let Ok(job) = rx.recv() {
+                while let Some(job) = rx.blocking_recv() {
                     // A panicking job drops its answer channel (its caller sees an error) and
                     // rolls back its transaction; the writer keeps serving the others.
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut writer)));
                 }
+                // Close the database before telling `close` it is closed.
+                drop(writer);
+                let _ = closed_tx.send(());
             })
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         Ok(SqliteStore {
             jobs: Some(tx),
-            writer: Some(handle),
+            closed: Some(closed),
             path,
         })
     }
@@ -402,6 +444,7 @@ impl SqliteStore {
             .as_ref()
             .ok_or_else(writer_gone)?
             .send(job)
+            .await
             .map_err(|_| writer_gone())?;
         answered.await.map_err(|_| writer_gone())?
     }
@@ -409,11 +452,10 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // Closing the channel ends the writer's loop once the queued jobs are done.
+        // Closing the channel ends the writer's loop once the queued jobs are done. No join:
+        // the thread may be busy for a whole busy timeout per queued job, and a drop on an
+        // async runtime's thread must not stall that thread meanwhile (`close` waits, async).
         drop(self.jobs.take());
-        if let Some(handle) = self.writer.take() {
-            let _ = handle.join();
-        }
     }
 }
 
@@ -465,6 +507,54 @@ fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
         |r| r.get(0),
     )
     .map_err(db_err)
+}
+
+/// Whether the database is this crate's, or empty (a new file): no tables at all, or a
+/// `schema_version` table of this crate's shape with a version recorded, and the `dispatch` and
+/// `affinity` tables. Reads only (a file that is not a database fails here with
+/// `Backend`), so a foreign file is refused unchanged.
+fn check_ours(conn: &Connection) -> Result<(), StoreError> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(db_err)?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let foreign = || {
+        StoreError::invalid(
+            "the database holds tables that are not broker-dispatch's; refusing to touch it",
+        )
+    };
+    if !tables.iter().any(|t| t == "schema_version") {
+        return Err(foreign());
+    }
+    let columns: Vec<(String, String)> = conn
+        .prepare("SELECT name, upper(type) FROM pragma_table_info('schema_version') ORDER BY cid")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(db_err)?;
+    let shape = [("version", "INTEGER"), ("applied_at", "INTEGER")];
+    let same_shape = columns.len() == shape.len()
+        && columns
+            .iter()
+            .zip(shape)
+            .all(|((name, ty), (n, t))| name == n && ty == t);
+    if !same_shape {
+        return Err(foreign());
+    }
+    // Our migrations create `schema_version` and record a version in one transaction, so a
+    // database of ours with tables always has both, and the tables of version 1.
+    let has = |name: &str| tables.iter().any(|t| t == name);
+    if schema_version(conn)? < 1 || !(has("dispatch") && has("affinity")) {
+        return Err(foreign());
+    }
+    Ok(())
 }
 
 fn check_too_new(found: i64) -> Result<(), StoreError> {
@@ -1295,7 +1385,7 @@ impl Store for SqliteStore {
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
-        check_limit(p.limit)?;
+        p.validate()?;
         let now = p.now.unwrap_or_else(system_now);
         let cutoff = now.saturating_sub(p.retention);
         self.call(move |w| {
@@ -1356,6 +1446,7 @@ impl Store for SqliteStore {
 
     async fn connect(&self, p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
         let now = p.now.unwrap_or_else(system_now);
+        p.check_connected_at(now)?;
         self.call(move |w| {
             let tx = immediate(&mut w.conn)?;
             let current = read_affinity(&tx, &p.broker)?;

@@ -87,13 +87,15 @@ pub struct PgStoreOptions {
     /// behind PgBouncer in transaction pooling mode): the hub then publishes every signal and
     /// event on its transport itself, and no NOTIFY is sent that nobody would hear.
     pub notify: bool,
-    /// How long to wait for a connection, new or pooled ([`PgStore::connect`] only).
+    /// How long to wait for a connection, new or pooled ([`PgStore::connect`] only; at least
+    /// 1 ms).
     pub connect_timeout: Duration,
     /// The server-side `statement_timeout` of every pooled connection, if any
     /// ([`PgStore::connect`] only). A statement that runs out is reported as
     /// [`StoreError::Unavailable`]: the same call may well succeed later. Sent as a startup
     /// parameter, which PgBouncer does not pass on: behind it, set `statement_timeout` on the
-    /// role or database instead (`ALTER ROLE … SET statement_timeout = …`).
+    /// role or database instead (`ALTER ROLE … SET statement_timeout = …`). At least 1 ms
+    /// (the server counts whole milliseconds).
     pub statement_timeout: Option<Duration>,
     /// Whether statements are prepared once per connection and cached (default `true`, the
     /// fastest). Set it to `false` behind PgBouncer in **transaction pooling** mode (any
@@ -431,18 +433,27 @@ impl Sql {
                  DELETE FROM {s}.dispatch AS d USING picked WHERE d.id = picked.id"
             ),
             // `decide_connect` in SQL: the claim wins unless (connected_at, session) is older
-            // than the row's, or this very session already released the broker.
+            // than the row's, or this very session already released the broker; and nothing is
+            // written for a `connected_at` in the future of the database clock
+            // (`Affinity::connected_in_future`). The clock is returned either way, so the
+            // store can tell that refusal from a superseded claim.
             connect: format!(
-                "{} INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
-                 SELECT $1::text, $2::text, $3::text, $4::bigint, clock.now FROM clock \
-                 ON CONFLICT (broker) DO UPDATE \
-                 SET node = EXCLUDED.node, session = EXCLUDED.session, \
-                     connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen \
-                 WHERE (a.connected_at, a.session) <= (EXCLUDED.connected_at, EXCLUDED.session) \
-                   AND NOT (a.session = EXCLUDED.session \
-                            AND a.connected_at = EXCLUDED.connected_at AND a.node IS NULL) \
-                 RETURNING a.broker, a.node, a.session, a.connected_at, a.last_seen",
-                clock(5)
+                "{}, ins AS ( \
+                   INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
+                   SELECT $1::text, $2::text, $3::text, $4::bigint, clock.now FROM clock \
+                   WHERE $4::bigint <= {s}.sat_add(clock.now, {lead}) \
+                   ON CONFLICT (broker) DO UPDATE \
+                   SET node = EXCLUDED.node, session = EXCLUDED.session, \
+                       connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen \
+                   WHERE (a.connected_at, a.session) <= (EXCLUDED.connected_at, EXCLUDED.session) \
+                     AND NOT (a.session = EXCLUDED.session \
+                              AND a.connected_at = EXCLUDED.connected_at AND a.node IS NULL) \
+                   RETURNING a.broker, a.node, a.session, a.connected_at, a.last_seen) \
+                 SELECT ins.broker, ins.node, ins.session, ins.connected_at, ins.last_seen, \
+                        clock.now \
+                 FROM clock LEFT JOIN ins ON true",
+                clock(5),
+                lead = micros(fsm::MAX_CONNECT_LEAD),
             ),
             affinity: format!(
                 "SELECT a.broker, a.node, a.session, a.connected_at, a.last_seen \
@@ -568,13 +579,44 @@ pub(crate) fn is_retryable_pg(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// An error the server reported, as the store passes it on: its severity, SQLSTATE and
+/// message, and nothing else. The driver's error would display as just `db error` (the server's
+/// words only in its source), and its `detail` may quote the row a statement was writing
+/// ("Failing row contains (…)"), args included; so neither the driver error nor the detail is
+/// kept, in the display, the `Debug` or the source chain.
+#[derive(Debug)]
+struct PgServerError {
+    severity: String,
+    code: String,
+    message: String,
+}
+
+impl fmt::Display for PgServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)
+    }
+}
+
+impl std::error::Error for PgServerError {}
+
 /// Classifies a driver error: what a retry may fix is [`StoreError::Unavailable`], the rest
-/// [`StoreError::Backend`]; the driver error is the boxed source.
+/// [`StoreError::Backend`]. An error from the server becomes a [`PgServerError`] (its message
+/// and SQLSTATE shown, no row data kept); any other driver error (I/O, connect, timeout) is
+/// the boxed source as it is.
 fn map_pg(e: tokio_postgres::Error) -> StoreError {
-    if is_retryable_pg(&e) {
-        StoreError::Unavailable(Box::new(e))
+    let retryable = is_retryable_pg(&e);
+    let boxed: crate::error::BoxError = match e.as_db_error() {
+        Some(db) => Box::new(PgServerError {
+            severity: db.severity().to_owned(),
+            code: db.code().code().to_owned(),
+            message: db.message().to_owned(),
+        }),
+        None => Box::new(e),
+    };
+    if retryable {
+        StoreError::Unavailable(boxed)
     } else {
-        StoreError::Backend(Box::new(e))
+        StoreError::Backend(boxed)
     }
 }
 
@@ -649,11 +691,18 @@ impl PgStore {
     ///
     /// # Errors
     ///
-    /// [`StoreError::InvalidInput`] for a malformed DSN, schema or channel prefix;
+    /// [`StoreError::InvalidInput`] for a malformed DSN, schema or channel prefix, or a
+    /// `connect_timeout` or `statement_timeout` under 1 ms;
     /// [`StoreError::Unavailable`] if the server cannot be reached within
     /// `options.connect_timeout`; [`StoreError::Backend`] if it refuses the connection
     /// (authentication, unknown database).
     pub async fn connect(dsn: &str, options: PgStoreOptions) -> Result<Self, StoreError> {
+        // Checked, not rounded: a zero connect timeout gives up at once, and the server takes
+        // `statement_timeout` in whole milliseconds, where 0 means "no limit".
+        super::check_duration("PgStoreOptions::connect_timeout", options.connect_timeout)?;
+        if let Some(t) = options.statement_timeout {
+            super::check_duration("PgStoreOptions::statement_timeout", t)?;
+        }
         let mut config: tokio_postgres::Config = dsn
             .parse()
             .map_err(|e| StoreError::invalid(format!("bad postgres dsn: {e}")))?;
@@ -668,7 +717,7 @@ impl PgStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         if let Some(t) = options.statement_timeout {
-            let ms = t.as_millis().max(1);
+            let ms = t.as_millis();
             let opts = match config.get_options() {
                 Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={ms}"),
                 _ => format!("-c statement_timeout={ms}"),
@@ -944,8 +993,13 @@ impl PgStore {
                 fsm::apply(&current, event(at))?;
                 // The guard holds now: the row changed between the update and the read. Again.
             }
-            Err(StoreError::Unavailable(
-                format!("dispatch {id} kept changing under concurrent writers").into(),
+            // Three times running, the statement's guard refused what `fsm::apply` allows on
+            // the row as read back. A race would need the row to change between the two
+            // statements every time; far likelier the SQL guard and the state machine disagree
+            // (a defect, or a foreign trigger or edit), which retrying the same call cannot
+            // fix. `Backend`, not retryable, as SQLite reports the same divergence.
+            Err(StoreError::Backend(
+                format!("the guard refused a legal transition of {id} three times").into(),
             ))
         }
         .await;
@@ -1320,7 +1374,7 @@ impl Store for PgStore {
     }
 
     async fn sweep(&self, p: SweepParams) -> Result<SweepReport, StoreError> {
-        check_limit(p.limit)?;
+        p.validate()?;
         let limit = i64::from(p.limit);
         let mut client = self.client().await?;
         let r: Result<_, StoreError> = async {
@@ -1418,9 +1472,18 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(map_pg)?;
-                if let Some(row) = claimed {
+                let row = claimed.ok_or_else(|| {
+                    StoreError::Backend("the connect statement returned no row".into())
+                })?;
+                if row
+                    .try_get::<_, Option<String>>(0)
+                    .map_err(map_pg)?
+                    .is_some()
+                {
                     return Ok(ConnectOutcome::Claimed(decode_affinity(&row)?));
                 }
+                let db_now = Timestamp::from_micros(row.try_get(5).map_err(map_pg)?);
+                p.check_connected_at(db_now)?;
                 if let Some(row) = db
                     .row(&self.sql.affinity, &[&p.broker.as_str()])
                     .await
@@ -1744,11 +1807,26 @@ impl PgImport {
 
     /// Writes dispatches exactly as given (args through the store's codec, if any).
     ///
+    /// Every row is checked first with the rules every store applies to what it writes
+    /// ([`check_dispatch`](super::check_dispatch)); if any is out of bounds, none of them is
+    /// written.
+    ///
     /// # Errors
     ///
-    /// As any call; a row the schema's checks refuse is [`StoreError::Backend`] (the
-    /// transaction is then aborted: drop the import).
+    /// [`StoreError::InvalidInput`] for a row out of bounds (nothing of this call was written;
+    /// the import stays usable). As any call otherwise; a row the schema's checks refuse is
+    /// [`StoreError::Backend`] (the transaction is then aborted: drop the import).
     pub async fn dispatches(&mut self, rows: &[Dispatch]) -> Result<ImportOutcome, StoreError> {
+        // Before the first write: a row no store could have written (or could read back) must
+        // not reach the destination, whatever the source let through.
+        for d in rows {
+            super::check_dispatch(d).map_err(|e| match e {
+                StoreError::InvalidInput(m) => {
+                    StoreError::invalid(format!("dispatch {}: {m}", d.id))
+                }
+                other => other,
+            })?;
+        }
         let s = format!("\"{}\"", self.store.schema);
         let client = self.conn()?;
         let insert = client
