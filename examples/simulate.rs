@@ -1116,10 +1116,14 @@ impl Store for AuditStore {
     }
 
     async fn connect(&self, mut p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
-        let key = (p.connected_at, p.session.clone());
+        // The simulation's hubs run on explicit clocks, so they stamp every connect.
+        let key = (
+            p.connected_at.or(p.now).unwrap_or(Timestamp::EPOCH),
+            p.session.clone(),
+        );
         let (broker, node) = (p.broker.clone(), p.node.clone());
         if self.faulty(SimFault::ConnectStampedNow) {
-            p.connected_at = p.now.unwrap_or(p.connected_at);
+            p.connected_at = p.now.or(p.connected_at);
         }
         let res = self.inner.connect(p).await;
         let mut w = self.world.lock();

@@ -586,7 +586,7 @@ async fn fixture(store: &dyn Store) -> Fixture {
                 broker: b("b-aff"),
                 node: n("n1"),
                 session: s(session),
-                connected_at: Timestamp::from_micros(T0 + when),
+                connected_at: Some(Timestamp::from_micros(T0 + when)),
                 now: at(when),
             })
             .await
@@ -1073,7 +1073,9 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
                 broker: b("b-aff"),
                 node: n("n2"),
                 session: s("s9"),
-                connected_at: Timestamp::from_micros(fx.affinity.connected_at.as_micros() - 1),
+                connected_at: Some(Timestamp::from_micros(
+                    fx.affinity.connected_at.as_micros() - 1
+                )),
                 now: at(1_000),
             })
             .await,
@@ -1085,7 +1087,7 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
             broker: b("b-aff"),
             node: n("n2"),
             session: s("s9"),
-            connected_at: Timestamp::from_micros(T0 + 1_000 + 2_000_000),
+            connected_at: Some(Timestamp::from_micros(T0 + 1_000 + 2_000_000)),
             now: at(1_000),
         })
         .await,
@@ -1099,7 +1101,7 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
                 broker: b("b-aff"),
                 node: n("n2"),
                 session: s("s9"),
-                connected_at: Timestamp::MAX,
+                connected_at: Some(Timestamp::MAX),
                 now: None,
             })
             .await,
@@ -1111,7 +1113,7 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
             broker: b("b-aff"),
             node: n("n2"),
             session: s("s9"),
-            connected_at: Timestamp::from_micros(i64::MIN),
+            connected_at: Some(Timestamp::from_micros(i64::MIN)),
             now: at(1_000),
         })
         .await,
@@ -1125,7 +1127,7 @@ fn store_cases() -> Vec<(&'static str, StoreCase)> {
                 broker: b("b-aff"),
                 node: n("n1"),
                 session: s("s1"),
-                connected_at: Timestamp::from_micros(T0),
+                connected_at: Some(Timestamp::from_micros(T0)),
                 now: at(1_000),
             })
             .await,
@@ -1357,7 +1359,7 @@ async fn run_extremes(
         broker: b("b-aff"),
         node: n("n1"),
         session: s(session),
-        connected_at: when,
+        connected_at: Some(when),
         now: at(0),
     };
     let first = st.connect(params("s-max", max)).await;

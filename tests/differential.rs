@@ -400,7 +400,7 @@ async fn apply_op(store: &dyn Store, step: &Step, run: &Run) -> Answer {
                     broker: broker(b),
                     node: node(n),
                     session: session(s),
-                    connected_at: Timestamp::from_micros(T0 + i64::from(connected_at) * SEC),
+                    connected_at: Some(Timestamp::from_micros(T0 + i64::from(connected_at) * SEC)),
                     now,
                 })
                 .await,

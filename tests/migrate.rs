@@ -141,7 +141,7 @@ async fn populate(path: &Path) -> SqliteStore {
             broker: b(broker),
             node: n(node),
             session: SessionId::new(session).unwrap(),
-            connected_at: Timestamp::from_micros(T0 + t),
+            connected_at: Some(Timestamp::from_micros(T0 + t)),
             now: at(t + 1),
         })
         .await
@@ -255,7 +255,7 @@ async fn copies_every_field_and_a_rerun_copies_nothing() {
             broker: b("b3"),
             node: n("node-z"),
             session: SessionId::new("s0").unwrap(),
-            connected_at: Timestamp::from_micros(T0 + 29),
+            connected_at: Some(Timestamp::from_micros(T0 + 29)),
             now: at(700),
         })
         .await
@@ -351,7 +351,7 @@ async fn a_conflicting_destination_is_refused_and_nothing_is_written() {
         broker: b("b2"),
         node: n("node-new"),
         session: SessionId::new("s-new").unwrap(),
-        connected_at: Timestamp::from_micros(T0 + 10_000),
+        connected_at: Some(Timestamp::from_micros(T0 + 10_000)),
         now: at(10_001),
     })
     .await

@@ -505,8 +505,11 @@ impl Hub {
         session: SessionId,
         conn: C,
     ) -> Result<(), Error> {
-        let connected_at = self.shared.now();
-        self.connect_at(broker, session, conn, connected_at).await
+        // Stamped by the store's clock (the database's on Postgres) unless the hub runs on a
+        // clock of its own: a node whose clock is off cannot order connections wrongly.
+        let connected_at = self.shared.store_now();
+        self.connect_with(broker, session, Arc::new(conn), connected_at)
+            .await
     }
 
     /// [`connect`](Hub::connect) with an explicit `connected_at` (when the connection was
@@ -522,7 +525,17 @@ impl Hub {
         conn: C,
         connected_at: Timestamp,
     ) -> Result<(), Error> {
-        let handle: ConnHandle = Arc::new(conn);
+        self.connect_with(broker, session, Arc::new(conn), Some(connected_at))
+            .await
+    }
+
+    async fn connect_with(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        handle: ConnHandle,
+        connected_at: Option<Timestamp>,
+    ) -> Result<(), Error> {
         let sh = &self.shared;
         if sh.is_shutting_down() {
             return Err(Error::ShuttingDown);
@@ -537,7 +550,8 @@ impl Hub {
             }))
             .await?;
         match outcome {
-            ConnectOutcome::Claimed(_) => {
+            ConnectOutcome::Claimed(affinity) => {
+                let connected_at = affinity.connected_at;
                 let replaced = {
                     let mut conns = sh.conns.lock();
                     let newer = conns

@@ -93,6 +93,7 @@ macro_rules! store_conformance_tests {
             values_no_store_can_read_back_are_refused_and_change_nothing,
             durations_under_a_millisecond_are_refused_and_change_nothing,
             a_connected_at_in_the_future_is_refused_and_changes_nothing,
+            a_connect_without_connected_at_takes_the_stores_now,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1030,7 +1031,7 @@ fn connect_params(b: &str, n: &str, s: &str, connected_at: i64, now: i64) -> Con
         broker: broker(b),
         node: node(n),
         session: session(s),
-        connected_at: at(connected_at),
+        connected_at: Some(at(connected_at)),
         now: Some(at(now)),
     }
 }
@@ -2485,7 +2486,7 @@ pub async fn a_connected_at_in_the_future_is_refused_and_changes_nothing(store: 
         broker: broker("b"),
         node: node("n1"),
         session: session(sess),
-        connected_at,
+        connected_at: Some(connected_at),
         now,
     };
     for (connected_at, now) in [
@@ -2514,5 +2515,41 @@ pub async fn a_connected_at_in_the_future_is_refused_and_changes_nothing(store: 
     {
         Ok(ConnectOutcome::Claimed(_)) => {}
         other => panic!("a newer connection is claimed, got {other:?}"),
+    }
+}
+
+/// A connect without `connected_at` is stamped by the store's clock (the explicit `now`, or the
+/// database's), and orders against explicit ones as that instant would.
+pub async fn a_connect_without_connected_at_takes_the_stores_now(store: Arc<dyn Store>) {
+    let s = &*store;
+    let params = |sess: &str, connected_at: Option<Timestamp>, now: i64| ConnectParams {
+        broker: broker("b"),
+        node: node("n1"),
+        session: session(sess),
+        connected_at,
+        now: Some(at(now)),
+    };
+    match s
+        .connect(params("s1", None, secs(5)))
+        .await
+        .expect("connect")
+    {
+        ConnectOutcome::Claimed(a) => assert_eq!(a.connected_at, at(secs(5))),
+        other => panic!("claimed, got {other:?}"),
+    }
+    // An explicit older one is superseded by it; a stamped later one wins.
+    assert!(matches!(
+        s.connect(params("s0", Some(at(secs(4))), secs(6))).await,
+        Ok(ConnectOutcome::Superseded(_))
+    ));
+    match s
+        .connect(params("s2", None, secs(7)))
+        .await
+        .expect("connect")
+    {
+        ConnectOutcome::Claimed(a) => {
+            assert_eq!((a.session, a.connected_at), (session("s2"), at(secs(7))));
+        }
+        other => panic!("claimed, got {other:?}"),
     }
 }

@@ -496,8 +496,8 @@ impl Store for MemoryStore {
         p.check_connected_at(now)?;
         let mut inner = self.inner.lock();
         let current = inner.affinity.get(&p.broker);
-        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, p.connected_at, now)
-        {
+        let connected_at = p.connected_at.unwrap_or(now);
+        match Affinity::decide_connect(current, &p.broker, &p.node, &p.session, connected_at, now) {
             ConnectDecision::Claim(a) => {
                 inner.affinity.insert(p.broker, a.clone());
                 Ok(ConnectOutcome::Claimed(a))

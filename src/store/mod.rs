@@ -716,10 +716,11 @@ pub struct ConnectParams {
     pub node: NodeId,
     /// The connection's session.
     pub session: SessionId,
-    /// When the connection was accepted (the ordering key: newest wins). At most
-    /// [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD) after the store's `now` (on Postgres,
-    /// the database clock): a later one is refused, so no caller can pin a broker.
-    pub connected_at: Timestamp,
+    /// When the connection was accepted (the ordering key: newest wins); `None`: the store's
+    /// `now` (on Postgres, the database clock), so a node whose own clock is off cannot order
+    /// its connections wrongly. At most [`MAX_CONNECT_LEAD`](crate::fsm::MAX_CONNECT_LEAD)
+    /// after the store's `now`: a later one is refused, so no caller can pin a broker.
+    pub connected_at: Option<Timestamp>,
     /// The store's clock if `None`.
     pub now: Option<Timestamp>,
 }
@@ -741,13 +742,12 @@ impl ConnectParams {
     ///
     /// [`StoreError::InvalidInput`] for a `connected_at` further in the future.
     pub fn check_connected_at(&self, now: Timestamp) -> Result<(), StoreError> {
-        if Affinity::connected_in_future(self.connected_at, now) {
-            return Err(StoreError::invalid(format!(
-                "connected_at {} is in the future (the store's now is {now})",
-                self.connected_at
-            )));
+        match self.connected_at {
+            Some(at) if Affinity::connected_in_future(at, now) => Err(StoreError::invalid(
+                format!("connected_at {at} is in the future (the store's now is {now})"),
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -1455,7 +1455,7 @@ impl Store for SqliteStore {
                 &p.broker,
                 &p.node,
                 &p.session,
-                p.connected_at,
+                p.connected_at.unwrap_or(now),
                 now,
             );
             match decision {

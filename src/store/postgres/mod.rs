@@ -440,8 +440,9 @@ impl Sql {
             connect: format!(
                 "{}, ins AS ( \
                    INSERT INTO {s}.affinity AS a (broker, node, session, connected_at, last_seen) \
-                   SELECT $1::text, $2::text, $3::text, $4::bigint, clock.now FROM clock \
-                   WHERE $4::bigint <= {s}.sat_add(clock.now, {lead}) \
+                   SELECT $1::text, $2::text, $3::text, COALESCE($4::bigint, clock.now), \
+                     clock.now FROM clock \
+                   WHERE $4::bigint IS NULL OR $4::bigint <= {s}.sat_add(clock.now, {lead}) \
                    ON CONFLICT (broker) DO UPDATE \
                    SET node = EXCLUDED.node, session = EXCLUDED.session, \
                        connected_at = EXCLUDED.connected_at, last_seen = EXCLUDED.last_seen \
@@ -1466,7 +1467,7 @@ impl Store for PgStore {
                             &p.broker.as_str(),
                             &p.node.as_str(),
                             &p.session.as_str(),
-                            &p.connected_at.as_micros(),
+                            &p.connected_at.map(Timestamp::as_micros),
                             &now,
                         ],
                     )
