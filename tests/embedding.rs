@@ -429,6 +429,18 @@ async fn a_fast_path_execution_is_stopped_by_a_cancel_on_its_node() {
     assert_eq!(rx.recv().await.unwrap(), "wait s1");
     let out = c.hubs[0].cancel(id).await.unwrap();
     assert_eq!(out, CancelOutcome::Stopping);
-    assert!(call.await.unwrap().is_err());
+    let err = call.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            broker_dispatch::Error::Failed {
+                reason: broker_dispatch::fsm::FailReason::Cancelled,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Nothing was written to retry it.
+    assert_eq!(c.hubs[0].get(id).await.unwrap(), None);
     assert_eq!(*c.cancelled.lock(), vec!["s1".to_owned()]);
 }

@@ -182,6 +182,9 @@ pub(crate) struct Running {
     broker: BrokerId,
     session: SessionId,
     cancel: Cancel,
+    /// The dispatch itself was cancelled ([`Hub::cancel`](super::Hub::cancel)), not only its
+    /// connection or the hub.
+    requested: Arc<AtomicBool>,
 }
 
 /// The executions running on this node, by dispatch (an id runs at most once at a time here).
@@ -197,18 +200,21 @@ impl RunningSet {
         session: SessionId,
     ) -> RunningGuard {
         let cancel = Cancel::default();
+        let requested = Arc::new(AtomicBool::new(false));
         self.0.lock().insert(
             id,
             Running {
                 broker,
                 session,
                 cancel: cancel.clone(),
+                requested: Arc::clone(&requested),
             },
         );
         RunningGuard {
             set: Arc::clone(self),
             id,
             cancel,
+            requested,
         }
     }
 
@@ -217,6 +223,7 @@ impl RunningSet {
     pub(crate) fn cancel(&self, id: &DispatchId) -> bool {
         match self.0.lock().get(id) {
             Some(r) => {
+                r.requested.store(true, Ordering::Release);
                 r.cancel.fire();
                 true
             }
@@ -252,11 +259,17 @@ pub(crate) struct RunningGuard {
     set: Arc<RunningSet>,
     id: DispatchId,
     cancel: Cancel,
+    requested: Arc<AtomicBool>,
 }
 
 impl RunningGuard {
     pub(crate) fn cancel(&self) -> Cancel {
         self.cancel.clone()
+    }
+
+    /// Whether the dispatch itself was cancelled while it ran here.
+    pub(crate) fn was_cancelled(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
     }
 }
 

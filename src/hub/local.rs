@@ -43,6 +43,14 @@ pub(crate) async fn run_local(
         run_guarded(sh.executor.execute(ctx, &d)),
     )
     .await;
+    if running.was_cancelled() && !matches!(res, Ok(Ok(_))) {
+        // Cancelled while it ran (`Hub::cancel`): whatever it failed with, it is cancelled,
+        // and never retried as a row.
+        return Err(Error::Failed {
+            id,
+            reason: FailReason::Cancelled,
+        });
+    }
     let (after, message) = match res {
         Ok(Ok(v)) => {
             // The same rule as for a result written to a row, so a command's outcome does not
