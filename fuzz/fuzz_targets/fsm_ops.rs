@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use broker_dispatch::fsm::{
-    apply, BrokerId, Dispatch, DispatchId, DispatchState, Event, EventKind, NodeId, Progress,
-    Timestamp, TransitionError,
+    apply, BrokerId, Dispatch, DispatchId, DispatchState, Event, EventKind, FailReason, NodeId,
+    Progress, Timestamp, TransitionError,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -68,6 +68,9 @@ enum Op {
         at: When,
     },
     Cancel {
+        at: When,
+    },
+    RequestCancel {
         at: When,
     },
     Expire {
@@ -175,6 +178,9 @@ fuzz_target!(|input: Input| {
             Op::Cancel { at } => Event::Cancel {
                 now: advance(&mut clock, at),
             },
+            Op::RequestCancel { at } => Event::RequestCancel {
+                now: advance(&mut clock, at),
+            },
             Op::Expire { at } => Event::Expire {
                 now: advance(&mut clock, at),
             },
@@ -232,6 +238,29 @@ fuzz_target!(|input: Input| {
                 }
                 if next.state == DispatchState::Done {
                     assert!(next.result.is_some(), "done without a result");
+                    assert!(next.failure.is_none(), "done with a failure");
+                }
+                // A cancel request sticks until the row ends, and ends it cancelled unless
+                // it completed.
+                if d.cancel_requested() {
+                    assert!(
+                        next.cancel_requested()
+                            || next.state == DispatchState::Done
+                            || next.failure == Some(FailReason::Cancelled)
+                            || next.failure == Some(FailReason::Expired),
+                        "{kind} dropped a cancel request: {next:?}"
+                    );
+                    assert_ne!(
+                        next.state,
+                        DispatchState::Pending,
+                        "{kind} re-queued a cancelled row"
+                    );
+                }
+                if next.state == DispatchState::Pending {
+                    assert!(
+                        next.failure.is_none(),
+                        "{kind} left a pending row with a failure"
+                    );
                 }
                 d = next;
             }
