@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(path) = parse_source(text) {
-        assert!(!path.as_os_str().is_empty(), "accepted {text:?} as an empty path");
+        assert!(
+            !path.as_os_str().is_empty(),
+            "accepted {text:?} as an empty path"
+        );
     }
     if let Ok(url) = parse_destination(text) {
         assert!(
