@@ -246,6 +246,7 @@ impl Model {
                 FailReason::Expired => MFail::Expired,
                 FailReason::Cancelled => MFail::Cancelled,
                 FailReason::Undeliverable => panic!("apply never writes Undeliverable"),
+                FailReason::Corrupt(_) => panic!("apply never writes Corrupt (stores do)"),
             }),
             result: d.result.clone(),
             progress: d.progress.as_ref().map(|p| p.seq),

@@ -1163,3 +1163,81 @@ async fn a_row_at_the_last_attempt_token_is_never_claimed() {
     assert!(got.is_empty(), "{got:?}");
     assert_eq!(store.get(d.id).await.unwrap().unwrap(), before);
 }
+
+/// A codec that cannot decode one row's args (a rotated key, say): `{"poison": true}`.
+#[derive(Debug)]
+struct PoisonOnRead;
+
+impl ArgsCodec for PoisonOnRead {
+    fn encode(&self, args: &serde_json::Value) -> Result<serde_json::Value, StoreError> {
+        Ok(args.clone())
+    }
+
+    fn decode(&self, stored: serde_json::Value) -> Result<serde_json::Value, StoreError> {
+        if stored["poison"] == json!(true) {
+            return Err(StoreError::Backend("cannot decrypt these args".into()));
+        }
+        Ok(stored)
+    }
+}
+
+/// One row a claim cannot read back never poisons the broker's others: the claim returns the
+/// rest and quarantines that one as `Failed(Corrupt)` (fenced by the attempt it took), and
+/// reads (`get`, `list`) still show it, args as stored.
+#[tokio::test]
+async fn an_undecodable_row_is_quarantined_and_the_rest_of_the_broker_runs() {
+    let Some(db) = pg::fresh() else { return };
+    let store = store_on(
+        &db.dsn,
+        &db.schema,
+        PgStoreOptions {
+            args_codec: Some(Arc::new(PoisonOnRead)),
+            ..PgStoreOptions::default()
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let args = if n == 2 {
+            json!({ "poison": true })
+        } else {
+            json!({ "n": n })
+        };
+        ids.push(
+            store
+                .insert(NewDispatch::new(b("b"), "op", args))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let claimed = store
+        .claim(ClaimParams {
+            now: None,
+            ..claim("b", "n1", 10, 30_000_000, 0)
+        })
+        .await
+        .expect("the claim is not poisoned");
+    let got: Vec<_> = claimed.iter().map(|c| c.id()).collect();
+    assert_eq!(got, vec![ids[0], ids[1], ids[3], ids[4]]);
+    let poisoned = store.get(ids[2]).await.unwrap().expect("row");
+    assert_eq!(poisoned.state, DispatchState::Failed);
+    assert!(
+        matches!(
+            poisoned.failure,
+            Some(broker_dispatch::fsm::FailReason::Corrupt(_))
+        ),
+        "{poisoned:?}"
+    );
+    assert_eq!(poisoned.args, json!({ "poison": true }));
+    let listed = broker_dispatch::store::list_all(
+        &store,
+        ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .expect("a listing is not poisoned either");
+    assert_eq!(listed.len(), 5);
+}

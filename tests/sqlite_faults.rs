@@ -489,3 +489,61 @@ fn a_foreign_sqlite_file_is_refused_and_left_unchanged() {
         }
     }
 }
+
+/// A codec that cannot decode one row's args (a rotated key, say): `{"poison": true}`.
+#[derive(Debug)]
+struct PoisonOnRead;
+
+impl ArgsCodec for PoisonOnRead {
+    fn encode(&self, args: &serde_json::Value) -> Result<serde_json::Value, StoreError> {
+        Ok(args.clone())
+    }
+
+    fn decode(&self, stored: serde_json::Value) -> Result<serde_json::Value, StoreError> {
+        if stored["poison"] == serde_json::json!(true) {
+            return Err(StoreError::Backend("cannot decrypt these args".into()));
+        }
+        Ok(stored)
+    }
+}
+
+/// One row a claim cannot read back never poisons the broker's others: the claim returns the
+/// rest, quarantines that one as `Failed(Corrupt)` in the same transaction (it is never left
+/// `in_progress`), and reads (`get`, `list`) still show it, args as stored.
+#[tokio::test]
+async fn an_undecodable_row_is_quarantined_and_the_rest_of_the_broker_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteOptions::new()
+        .args_codec(Arc::new(PoisonOnRead))
+        .open(db_path(&dir))
+        .expect("open");
+    for n in 1..=5u128 {
+        let mut new = new_dispatch(n);
+        if n == 3 {
+            new.args = serde_json::json!({ "poison": true });
+        }
+        store.insert(new).await.expect("insert");
+    }
+    let claimed = store.claim(claim_params("n1", 10)).await.expect("claim");
+    let ids: Vec<u128> = claimed.iter().map(|c| c.id().as_uuid().as_u128()).collect();
+    assert_eq!(ids, vec![1, 2, 4, 5]);
+    let rows = all_rows(&store).await;
+    let poisoned = rows
+        .iter()
+        .find(|d| d.id.as_uuid().as_u128() == 3)
+        .expect("still listed");
+    assert_eq!(poisoned.state, broker_dispatch::fsm::DispatchState::Failed);
+    assert!(
+        matches!(
+            poisoned.failure,
+            Some(broker_dispatch::fsm::FailReason::Corrupt(_))
+        ),
+        "{poisoned:?}"
+    );
+    assert_eq!(poisoned.args, serde_json::json!({ "poison": true }));
+    assert!(store
+        .claim(claim_params("n1", 10))
+        .await
+        .expect("claim again")
+        .is_empty());
+}

@@ -99,6 +99,11 @@ pub enum FailReason {
     Cancelled,
     /// The hub refused it at the door: no route to the broker and the policy says fail fast.
     Undeliverable,
+    /// The store could not read the row back when it was claimed (an `ArgsCodec` that cannot
+    /// decode its args, a value written by another program): the claim quarantined it rather
+    /// than hold up the broker's other rows. The message says what could not be read (never
+    /// the row's args).
+    Corrupt(String),
 }
 
 impl FailReason {
@@ -110,6 +115,7 @@ impl FailReason {
             FailReason::Expired => "expired",
             FailReason::Cancelled => "cancelled",
             FailReason::Undeliverable => "undeliverable",
+            FailReason::Corrupt(_) => "corrupt",
         }
     }
 
@@ -125,6 +131,7 @@ impl FailReason {
             "expired" => FailReason::Expired,
             "cancelled" => FailReason::Cancelled,
             "undeliverable" => FailReason::Undeliverable,
+            "corrupt" => FailReason::Corrupt(message.unwrap_or_default()),
             other => {
                 return Err(ParseStateError {
                     what: "fail reason",
@@ -134,10 +141,11 @@ impl FailReason {
         })
     }
 
-    /// The message of an [`Error`](FailReason::Error), if any.
+    /// The message of an [`Error`](FailReason::Error) or a [`Corrupt`](FailReason::Corrupt)
+    /// row, if any.
     pub fn message(&self) -> Option<&str> {
         match self {
-            FailReason::Error(m) => Some(m),
+            FailReason::Error(m) | FailReason::Corrupt(m) => Some(m),
             _ => None,
         }
     }
@@ -151,9 +159,13 @@ impl FromStr for FailReason {
         if let Some(message) = s.strip_prefix("error: ") {
             return Ok(FailReason::Error(message.to_owned()));
         }
+        if let Some(message) = s.strip_prefix("corrupt: ") {
+            return Ok(FailReason::Corrupt(message.to_owned()));
+        }
         match s {
-            // A bare `error` is not a Display form; refuse it rather than invent an empty message.
-            "error" => Err(ParseStateError {
+            // A bare `error` or `corrupt` is not a Display form; refuse it rather than invent an
+            // empty message.
+            "error" | "corrupt" => Err(ParseStateError {
                 what: "fail reason",
                 value: s.to_owned(),
             }),
@@ -166,6 +178,7 @@ impl fmt::Display for FailReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FailReason::Error(m) => write!(f, "error: {m}"),
+            FailReason::Corrupt(m) => write!(f, "corrupt: {m}"),
             other => f.write_str(other.kind()),
         }
     }

@@ -476,6 +476,27 @@ fn db_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// Fails a claimed row that cannot be decoded (`Failed(Corrupt)`), in the claim's transaction.
+/// The reason names what could not be read, never the row's content.
+fn quarantine(
+    tx: &Connection,
+    id: &[u8],
+    error: &StoreError,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let reason = error.to_string();
+    tracing::error!(id = ?Uuid::from_slice(id).ok(), %reason, "a claimed row cannot be read back; quarantined as failed: corrupt");
+    metrics::counter!("broker_dispatch_corrupt_rows_total").increment(1);
+    tx.prepare_cached(
+        "UPDATE dispatch SET state = 'failed', failure_kind = 'corrupt', failure_message = ?2, \
+         lease_until = NULL, updated_at = ?3 WHERE id = ?1",
+    )
+    .map_err(db_err)?
+    .execute(params![id, reason, now.as_micros()])
+    .map_err(db_err)?;
+    Ok(())
+}
+
 fn corrupt(what: impl Into<String>) -> StoreError {
     let e: BoxError = format!("corrupt row: {}", what.into()).into();
     StoreError::Backend(e)
@@ -661,6 +682,17 @@ impl RawDispatch {
     }
 
     fn into_dispatch(self, codec: Option<&dyn ArgsCodec>) -> Result<Dispatch, StoreError> {
+        self.decode(codec, false)
+    }
+
+    /// For reads (`get`, `list`): args the codec cannot decode come back as stored, so one such
+    /// row neither hides its state nor breaks a listing. Only a claim, which hands args to an
+    /// executor, insists on decoding them (and quarantines the row when it cannot).
+    fn into_dispatch_for_read(self, codec: Option<&dyn ArgsCodec>) -> Result<Dispatch, StoreError> {
+        self.decode(codec, true)
+    }
+
+    fn decode(self, codec: Option<&dyn ArgsCodec>, lenient: bool) -> Result<Dispatch, StoreError> {
         let id = Uuid::from_slice(&self.id).map_err(|_| corrupt("id is not 16 bytes"))?;
         let attempt =
             Attempt::try_from(self.attempt).map_err(|_| corrupt("attempt out of range"))?;
@@ -674,6 +706,7 @@ impl RawDispatch {
             .map_err(|_| corrupt("unknown failure kind"))?;
         let stored: serde_json::Value = serde_json::from_str(&self.args).map_err(json_err)?;
         let args = match codec {
+            Some(c) if lenient => c.decode(stored.clone()).unwrap_or(stored),
             Some(c) => c.decode(stored)?,
             None => stored,
         };
@@ -1226,11 +1259,18 @@ impl Store for SqliteStore {
                 .map_err(db_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db_err)?;
+            // Decoded inside the transaction: a row that cannot be read back is quarantined
+            // (`Failed(Corrupt)`) in it, never committed as claimed and reported as an error,
+            // and the broker's other rows are claimed as if it were not there.
+            let mut claimed = Vec::with_capacity(raws.len());
+            for raw in raws {
+                let key = raw.id.clone();
+                match raw.into_dispatch(codec.as_deref()) {
+                    Ok(d) => claimed.push(d),
+                    Err(e) => quarantine(&tx, &key, &e, now)?,
+                }
+            }
             tx.commit().map_err(db_err)?;
-            let mut claimed = raws
-                .into_iter()
-                .map(|raw| raw.into_dispatch(codec.as_deref()))
-                .collect::<Result<Vec<_>, _>>()?;
             // RETURNING does not promise an order; callers get claim order.
             claimed.sort_by_key(|d| (d.created_at, d.id));
             Ok(claimed.into_iter().map(Claimed::new).collect())
@@ -1346,7 +1386,7 @@ impl Store for SqliteStore {
     async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
         self.call(move |w| {
             read_dispatch(&w.conn, id)?
-                .map(|raw| raw.into_dispatch(w.codec()))
+                .map(|raw| raw.into_dispatch_for_read(w.codec()))
                 .transpose()
         })
         .await
@@ -1378,7 +1418,7 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db_err)?;
             raws.into_iter()
-                .map(|raw| raw.into_dispatch(w.codec()))
+                .map(|raw| raw.into_dispatch_for_read(w.codec()))
                 .collect()
         })
         .await

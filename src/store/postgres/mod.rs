@@ -138,6 +138,7 @@ struct Sql {
     notify: String,
     cancel: String,
     request_cancel: String,
+    quarantine: String,
     read_at: String,
     get: String,
     list: String,
@@ -363,6 +364,12 @@ impl Sql {
                  SET state = 'failed', failure = $3::json, updated_at = clock.now FROM clock \
                  WHERE d.id = $1::uuid AND d.state = 'pending' RETURNING {COLS}",
                 clock(2)
+            ),
+            quarantine: format!(
+                "WITH clock AS MATERIALIZED (SELECT {s}.clock_micros() AS now) \
+                 UPDATE {s}.dispatch AS d SET state = 'failed', failure = $3::json, \
+                     lease_until = NULL, updated_at = clock.now FROM clock \
+                 WHERE d.id = $1::uuid AND d.attempt = $2::bigint AND d.state = 'in_progress'"
             ),
             // Pending: cancelled at once; in progress: marked (its `failure` set).
             request_cancel: format!(
@@ -938,7 +945,12 @@ impl PgStore {
                 .await
                 .map_err(map_pg)?;
             if let Some(row) = inserted {
-                return self.decode(&row);
+                // The row holds the caller's own args: hand those back rather than decode what
+                // was just encoded (a codec that cannot must not turn a committed insert into an
+                // error).
+                let mut d = self.decode_for_read(&row)?;
+                d.args = new.args;
+                return Ok(d);
             }
             let existing = db
                 .row(&self.sql.find_existing, &[id, &new.idempotency_key])
@@ -1008,6 +1020,17 @@ impl PgStore {
     }
 
     fn decode(&self, r: &Row) -> Result<Dispatch, StoreError> {
+        self.decode_with(r, false)
+    }
+
+    /// For reads (`get`, `list`): args the codec cannot decode come back as stored, so one such
+    /// row neither hides its state nor breaks a listing. Only a claim, which hands args to an
+    /// executor, insists on decoding them (and quarantines the row when it cannot).
+    fn decode_for_read(&self, r: &Row) -> Result<Dispatch, StoreError> {
+        self.decode_with(r, true)
+    }
+
+    fn decode_with(&self, r: &Row, lenient: bool) -> Result<Dispatch, StoreError> {
         let id: Uuid = r.try_get(0).map_err(map_pg)?;
         let broker: String = r.try_get(1).map_err(map_pg)?;
         let state: String = r.try_get(4).map_err(map_pg)?;
@@ -1026,6 +1049,7 @@ impl PgStore {
                 .map(Timestamp::from_micros))
         };
         let args = match &self.codec {
+            Some(codec) if lenient => codec.decode(stored_args.clone()).unwrap_or(stored_args),
             Some(codec) => codec.decode(stored_args)?,
             None => stored_args,
         };
@@ -1165,8 +1189,14 @@ impl Store for PgStore {
                 .await
                 .map_err(map_pg)?;
             let mut inserted = std::collections::HashMap::with_capacity(rows.len());
+            let given: std::collections::HashMap<DispatchId, &serde_json::Value> =
+                batch.iter().map(|n| (n.id, &n.args)).collect();
             for row in &rows {
-                let d = self.decode(row)?;
+                // As for one insert: the caller's own args, not a decode of what was stored.
+                let mut d = self.decode_for_read(row)?;
+                if let Some(args) = given.get(&d.id) {
+                    d.args = (*args).clone();
+                }
                 inserted.insert(d.id, d);
             }
             let mut out = Vec::with_capacity(batch.len());
@@ -1222,10 +1252,18 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(map_pg)?;
-            let mut out = rows
-                .iter()
-                .map(|r| self.decode(r))
-                .collect::<Result<Vec<_>, _>>()?;
+            // A row that cannot be read back is quarantined (`Failed(Corrupt)`), not returned
+            // as an error for the whole batch: the broker's other rows run. The claim is one
+            // statement (no transaction of its own, for speed), so the quarantine is a second
+            // one, fenced by the attempt this claim took: until it lands the row is held by
+            // this node's lease, and if this node dies first the next claimer quarantines it.
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                match self.decode(row) {
+                    Ok(d) => out.push(d),
+                    Err(e) => self.quarantine(&client, row, &e).await?,
+                }
+            }
             out.sort_by_key(|d| (d.created_at, d.id));
             Ok(out.into_iter().map(Claimed::new).collect())
         }
@@ -1346,7 +1384,7 @@ impl Store for PgStore {
                 .row(&self.sql.get, &[id.as_uuid()])
                 .await
                 .map_err(map_pg)?
-                .map(|r| self.decode(&r))
+                .map(|r| self.decode_for_read(&r))
                 .transpose()
         }
         .await;
@@ -1368,7 +1406,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(map_pg)?;
-            rows.iter().map(|r| self.decode(r)).collect()
+            rows.iter().map(|r| self.decode_for_read(r)).collect()
         }
         .await;
         settle(client, r)
@@ -1657,6 +1695,27 @@ impl PgStore {
 }
 
 impl PgStore {
+    /// Fails a row this claim took but cannot decode (`Failed(Corrupt)`), fenced by its attempt.
+    /// The reason names what could not be read, never the row's content.
+    async fn quarantine(
+        &self,
+        client: &deadpool_postgres::ClientWrapper,
+        row: &Row,
+        error: &StoreError,
+    ) -> Result<(), StoreError> {
+        let id: Uuid = row.try_get(0).map_err(map_pg)?;
+        let attempt: i64 = row.try_get(5).map_err(map_pg)?;
+        let reason = error.to_string();
+        tracing::error!(%id, %reason, "a claimed row cannot be read back; quarantined as failed: corrupt");
+        metrics::counter!("broker_dispatch_corrupt_rows_total").increment(1);
+        let failure = to_json(&FailReason::Corrupt(reason))?;
+        self.db(client)
+            .count(&self.sql.quarantine, &[&id, &attempt, &failure])
+            .await
+            .map_err(map_pg)?;
+        Ok(())
+    }
+
     async fn affinity_cas(&self, sql: &str, p: DisconnectParams) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let r: Result<_, StoreError> = async {
@@ -2004,6 +2063,7 @@ mod tests {
             &sql.notify,
             &sql.cancel,
             &sql.request_cancel,
+            &sql.quarantine,
             &sql.read_at,
             &sql.get,
             &sql.list,
