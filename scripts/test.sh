@@ -35,6 +35,12 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
 
+# The tests build the crate with its dev-dependency's features (Postgres, conformance,
+# store-impl); these check the library as a user with the default features, or none, builds it.
+step "cargo clippy (library, default features and none)"
+cargo clippy --lib -- -D warnings
+cargo clippy --no-default-features --lib -- -D warnings
+
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps --quiet
 

@@ -341,17 +341,31 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
 /// Proof that the caller holds one attempt of one dispatch.
 ///
-/// Minted by a store's [`claim`](Store::claim) (store implementations call [`Claimed::new`]);
-/// [`Store::finish`] consumes it, so one holder cannot finish twice by accident.
+/// Only a store's [`claim`](Store::claim) mints one: there is no public constructor (a reader
+/// of a row cannot build a handle and finish the row in its holder's place), except
+/// [`Claimed::new`] under the `store-impl` feature, for third-party [`Store`] implementations
+/// and their tests. [`Store::finish`] consumes it, so one holder cannot finish twice by
+/// accident; a handle of an older attempt is fenced by the store.
 #[derive(Debug)]
 pub struct Claimed {
     dispatch: Arc<Dispatch>,
 }
 
 impl Claimed {
-    /// Wraps a freshly claimed dispatch. For store implementations: anything else holding a
-    /// forged `Claimed` is simply fenced by the store.
+    /// Wraps a freshly claimed dispatch: what a [`Store::claim`] implementation returns.
+    /// Available with the `store-impl` feature only.
+    #[cfg(feature = "store-impl")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "store-impl")))]
     pub fn new(dispatch: Dispatch) -> Self {
+        Self::mint(dispatch)
+    }
+
+    /// Wraps a dispatch this crate's stores just claimed.
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "store-impl")),
+        allow(dead_code)
+    )]
+    pub(crate) fn mint(dispatch: Dispatch) -> Self {
         Claimed {
             dispatch: Arc::new(dispatch),
         }
@@ -797,6 +811,7 @@ fn json_size(v: &serde_json::Value) -> usize {
 /// The same failure for each of `n` entries of a batch that failed as a whole. Driver errors
 /// cannot be cloned, so the copies carry its message (and keep its variant, hence
 /// [`StoreError::is_retryable`]).
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn batch_failure(e: &StoreError, n: usize) -> Vec<Result<Dispatch, StoreError>> {
     (0..n)
         .map(|_| {
@@ -826,6 +841,7 @@ pub(crate) fn batch_failure(e: &StoreError, n: usize) -> Vec<Result<Dispatch, St
 /// Runs `write` on the entries of `batch` whose outcomes pass [`check_outcome`] and answers in
 /// input order: a refused entry gets its `InvalidInput` and is never written, the others get
 /// what `write` answered for them.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) async fn finish_checked<F, Fut>(
     batch: Vec<(Claimed, FinishParams)>,
     write: F,

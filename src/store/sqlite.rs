@@ -1273,7 +1273,7 @@ impl Store for SqliteStore {
             tx.commit().map_err(db_err)?;
             // RETURNING does not promise an order; callers get claim order.
             claimed.sort_by_key(|d| (d.created_at, d.id));
-            Ok(claimed.into_iter().map(Claimed::new).collect())
+            Ok(claimed.into_iter().map(Claimed::mint).collect())
         })
         .await
     }

@@ -1265,7 +1265,7 @@ impl Store for PgStore {
                 }
             }
             out.sort_by_key(|d| (d.created_at, d.id));
-            Ok(out.into_iter().map(Claimed::new).collect())
+            Ok(out.into_iter().map(Claimed::mint).collect())
         }
         .await;
         settle(client, r)
