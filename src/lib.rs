@@ -54,7 +54,12 @@
 //!   ([`hub::Command::key`]) run one at a time in insertion order across nodes; `max_attempts`
 //!   counts executions begun, not claims handed back unexecuted. See [`hub`].
 //! - **Newest connection wins**: broker affinity is ordered by `connected_at`, so a delayed claim
-//!   from an old connection cannot steal a broker from its newer owner.
+//!   from an old connection cannot steal a broker from its newer owner; the node holding the
+//!   older connection hears of the newer one at once and says so on [`hub::Hub::lost`].
+//! - **Cancel from anywhere**: [`hub::Hub::cancel`] on any node ends a pending dispatch before it
+//!   runs, and asks the holder of a running one to stop ([`hub::ExecContext::cancelled`]).
+//! - **One bad row never poisons the others**: a row a claim cannot read back is quarantined as
+//!   `Failed(Corrupt)` and the broker's other rows run.
 //!
 //! ## Quick start
 //!
