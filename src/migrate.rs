@@ -2,7 +2,9 @@
 //! every affinity row, field for field, from a SQLite file into a Postgres schema
 //! (`sqlite` and `postgres` features; `examples/migrate.rs` is the command-line front end).
 //!
-//! - **Exact**: ids, attempts, states, leases, timestamps, results, failure reasons, progress,
+//! - **Exact**: ids, attempts, states, leases, timestamps, args (decoded with
+//!   [`MigrateOptions::source_args_codec`], encoded with
+//!   [`MigrateOptions::destination_args_codec`]), results, failure reasons, progress,
 //!   idempotency keys and affinity high-water marks arrive unchanged; no transition is applied,
 //!   no signal sent. Rows in flight (claimed, with a lease) stay claimed: after the cut-over the
 //!   new cluster re-claims them once their leases run out, as after any crash.
@@ -22,10 +24,11 @@
 //! they can be checked without a database.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::StoreError;
 use crate::fsm::BrokerId;
-use crate::store::{ListFilter, PgStore, PgStoreOptions, SqliteOptions, Store};
+use crate::store::{ArgsCodec, ListFilter, PgStore, PgStoreOptions, SqliteOptions, Store};
 
 /// A DSN that cannot name a migration's source or destination.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -207,6 +210,20 @@ pub struct MigrateOptions {
     /// After a successful copy, close the source and delete it with its `-wal`, `-shm` and
     /// `-journal` files. Default `false`.
     pub drop_source: bool,
+    /// The codec the source's hubs wrote args with ([`SqliteOptions::args_codec`]); args are
+    /// decoded with it as they are read. Default none (args are read as stored).
+    ///
+    /// Both sides take their own codec because the copy goes through plain args: without the
+    /// source's codec, args still encoded for the source would be encoded a second time by the
+    /// destination's (or copied as opaque values the destination's hubs cannot decode); without
+    /// the destination's, plain args would land where its hubs expect encoded ones. Giving the
+    /// same codec to both keeps the encoding; giving different ones re-encodes (a new key, or
+    /// encryption added or removed). Only args are covered (see [`ArgsCodec`]).
+    pub source_args_codec: Option<Arc<dyn ArgsCodec>>,
+    /// The codec the destination's hubs will read args with
+    /// ([`PgStoreOptions::args_codec`]); args are encoded with it as they are written.
+    /// Default none (args are written plain). See `source_args_codec` for why both.
+    pub destination_args_codec: Option<Arc<dyn ArgsCodec>>,
 }
 
 impl Default for MigrateOptions {
@@ -215,6 +232,8 @@ impl Default for MigrateOptions {
             schema: PgStoreOptions::default().schema,
             batch: 500,
             drop_source: false,
+            source_args_codec: None,
+            destination_args_codec: None,
         }
     }
 }
@@ -307,12 +326,17 @@ pub async fn sqlite_to_postgres(
     if !path.is_file() {
         return Err(MigrateError::SourceMissing(path));
     }
-    let source = SqliteOptions::new().read_only(true).open(&path)?;
+    let mut source = SqliteOptions::new().read_only(true);
+    if let Some(codec) = &opts.source_args_codec {
+        source = source.args_codec(Arc::clone(codec));
+    }
+    let source = source.open(&path)?;
     let dest = PgStore::connect(
         &dsn,
         PgStoreOptions {
             schema: opts.schema.clone(),
             pool_size: 2,
+            args_codec: opts.destination_args_codec.clone(),
             ..PgStoreOptions::default()
         },
     )

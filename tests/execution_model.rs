@@ -898,6 +898,93 @@ async fn a_claim_answered_too_late_to_keep_its_lease_is_handed_back_unstarted() 
     assert_eq!((log[0].attempt, log[0].execution), (2, 1), "{log:?}");
 }
 
+/// A shutdown that reaches its timeout while a claim's answer is on its way hands that claim's
+/// rows back before it returns (they never began, so they use up no execution), and records
+/// nothing for an execution that began and still runs: its row waits for its lease.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_timeout_hands_back_the_claims_not_started() {
+    let store = Arc::new(GatedClaims {
+        inner: MemoryStore::new(),
+        gate: Notify::new(),
+        held: Mutex::new(false),
+    });
+    let cfg = HubConfig {
+        shutdown_timeout: Duration::from_secs(1),
+        // No store timeout cuts the held claim short.
+        store_timeout: Duration::from_secs(60),
+        ..config()
+    };
+    let c = cluster(2, cfg, store.clone()).await;
+    let b = broker("b");
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), ())
+        .await
+        .unwrap();
+    // One execution that began and ignores cancellation.
+    let hung = c.hubs[1].send(cmd(&b, "hang")).await.unwrap().id;
+    until(
+        Duration::from_secs(1),
+        "the hanging command started",
+        || c.log.lock().iter().any(|r| r.id == hung),
+    )
+    .await;
+    // Three rows claimed by node-0 whose claim's answer is held.
+    *store.held.lock() = true;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(c.hubs[1].send(cmd(&b, "once")).await.unwrap().id);
+    }
+    until(Duration::from_secs(1), "node-0 claimed them", || {
+        futures::executor::block_on(store.inner.list(ListFilter::default()))
+            .unwrap()
+            .iter()
+            .filter(|d| d.state == DispatchState::InProgress)
+            .count()
+            == 4
+    })
+    .await;
+    let stopping = tokio::spawn({
+        let hub = c.hubs[0].clone();
+        async move { hub.shutdown().await }
+    });
+    // The answer arrives only after the shutdown timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    *store.held.lock() = false;
+    store.gate.notify_one();
+    stopping.await.unwrap().unwrap();
+    for id in &ids {
+        let row = c.store.get(*id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.attempt, row.released, row.executions()),
+            (DispatchState::Pending, 1, 1, 0),
+            "{id} handed back unexecuted"
+        );
+    }
+    let row = c.store.get(hung).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.attempt, row.released),
+        (DispatchState::InProgress, 1, 0),
+        "nothing recorded for the execution that began"
+    );
+    // Another node runs them as their first execution.
+    c.hubs[1]
+        .connect(b.clone(), session("s2"), ())
+        .await
+        .unwrap();
+    for id in &ids {
+        assert_eq!(c.hubs[1].wait(*id).await.unwrap(), json!("once"));
+        let row = c.store.get(*id).await.unwrap().unwrap();
+        assert_eq!((row.attempt, row.released, row.executions()), (2, 1, 1));
+    }
+    let log = c.log.lock().clone();
+    assert!(
+        log.iter()
+            .filter(|r| ids.contains(&r.id))
+            .all(|r| (r.node.as_str(), r.execution) == ("node-1", 1)),
+        "{log:?}"
+    );
+}
+
 /// Counts the signals a hub publishes, per broker.
 #[derive(Debug, Clone)]
 struct CountingTransport {

@@ -1,20 +1,24 @@
 //! One fault stops nothing but itself: a panicking store call, a panicking transport stream, a
-//! burst of resyncs. Run on paused time.
+//! burst of resyncs, an HTTP fallback that hangs or panics. Run on paused time.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_dispatch::fsm::{Affinity, BrokerId, Dispatch, DispatchId, NodeId, SessionId};
-use broker_dispatch::hub::{Command, FnExecutor, Hub, HubConfig};
+use broker_dispatch::fsm::{
+    Affinity, BrokerId, Dispatch, DispatchId, FailReason, NodeId, SessionId,
+};
+use broker_dispatch::hub::{
+    Command, FnExecutor, HttpFallback, Hub, HubConfig, UndeliverablePolicy,
+};
 use broker_dispatch::store::{
     CancelParams, ClaimParams, Claimed, ConnectOutcome, ConnectParams, DisconnectParams,
     FinishParams, HeartbeatParams, ListFilter, MemoryStore, NewDispatch, Store, SweepParams,
     SweepReport, TouchParams,
 };
 use broker_dispatch::transport::{MemoryTransport, Notice, Subscription, Transport};
-use broker_dispatch::{StoreError, TransportError};
+use broker_dispatch::{Error, ExecError, StoreError, TransportError};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -366,4 +370,145 @@ async fn a_retried_finish_that_had_landed_is_announced_not_fenced() {
     assert!(announced.is_ok(), "the landed finish was never announced");
     let row = store.get(receipt.id).await.unwrap().unwrap();
     assert_eq!(row.result, Some(json!("op")));
+}
+
+/// An HTTP fallback that misbehaves by broker name: `hang-endpoint` / `panic-endpoint` in
+/// `has_endpoint`, `hang-call` / `panic-call` in `call`; any other broker has an endpoint that
+/// answers at once.
+#[derive(Debug)]
+struct BadHttp;
+
+#[async_trait]
+impl HttpFallback for BadHttp {
+    async fn has_endpoint(&self, broker: &BrokerId) -> bool {
+        match broker.as_str() {
+            "hang-endpoint" => std::future::pending().await,
+            "panic-endpoint" => panic!("has_endpoint bug"),
+            _ => true,
+        }
+    }
+    async fn call(&self, d: &Dispatch) -> Result<serde_json::Value, ExecError> {
+        match d.broker.as_str() {
+            "hang-call" => std::future::pending().await,
+            "panic-call" => panic!("call bug"),
+            _ => Ok(json!({"via": "http", "op": d.op})),
+        }
+    }
+}
+
+async fn http_hub(cfg: &HubConfig) -> Hub {
+    Hub::builder(NodeId::new("http").unwrap())
+        .store(Arc::new(MemoryStore::new()))
+        .executor(Arc::new(FnExecutor(|_ctx, d: Dispatch| async move {
+            Ok(json!(d.op))
+        })))
+        .http_fallback(Arc::new(BadHttp))
+        .config(cfg.clone())
+        .start()
+        .await
+        .unwrap()
+}
+
+fn http_config() -> HubConfig {
+    HubConfig {
+        store_timeout: Duration::from_secs(2),
+        execute_timeout: Duration::from_secs(3),
+        // A broker without an endpoint fails at once instead of waiting for an owner.
+        undeliverable: UndeliverablePolicy::FailFast,
+        ..config()
+    }
+}
+
+/// Dispatches to `broker` on `hub`; returns the error and how long it took. Then checks that
+/// the hub still serves an HTTP broker that behaves.
+async fn dispatch_bad(hub: &Hub, broker: &str) -> (Error, Duration) {
+    let started = tokio::time::Instant::now();
+    let call = hub.dispatch(Command::new(BrokerId::new(broker).unwrap(), "op", json!(1)));
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the dispatch is bounded")
+        .expect_err("the misbehaving fallback fails the dispatch");
+    let took = started.elapsed();
+    let out = hub
+        .dispatch(Command::new(
+            BrokerId::new("fine").unwrap(),
+            "later",
+            json!(2),
+        ))
+        .await
+        .expect("a later dispatch succeeds");
+    assert_eq!(out, json!({"via": "http", "op": "later"}));
+    (err, took)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_has_endpoint_counts_as_no_endpoint_after_store_timeout() {
+    let cfg = http_config();
+    let hub = http_hub(&cfg).await;
+    let (err, took) = dispatch_bad(&hub, "hang-endpoint").await;
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                reason: FailReason::Undeliverable,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took >= cfg.store_timeout, "gave up after {took:?}");
+    assert!(took < cfg.store_timeout * 2, "gave up after {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_has_endpoint_counts_as_no_endpoint() {
+    let hub = http_hub(&http_config()).await;
+    let (err, took) = dispatch_bad(&hub, "panic-endpoint").await;
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                reason: FailReason::Undeliverable,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_http_call_fails_after_execute_timeout() {
+    let cfg = http_config();
+    let hub = http_hub(&cfg).await;
+    let (err, took) = dispatch_bad(&hub, "hang-call").await;
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                reason: FailReason::Error(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took >= cfg.execute_timeout, "gave up after {took:?}");
+    assert!(took < cfg.execute_timeout * 2, "gave up after {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_http_call_fails_that_dispatch_only() {
+    let hub = http_hub(&http_config()).await;
+    let (err, took) = dispatch_bad(&hub, "panic-call").await;
+    assert!(
+        matches!(
+            err,
+            Error::Failed {
+                reason: FailReason::Error(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_millis(100), "took {took:?}");
 }

@@ -9,16 +9,20 @@
 mod pg;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use broker_dispatch::fsm::{
     Affinity, BrokerId, Dispatch, DispatchId, NodeId, Progress, SessionId, Timestamp,
 };
 use broker_dispatch::migrate::{sqlite_to_postgres, MigrateError, MigrateOptions};
+use broker_dispatch::store::ArgsCodec;
 use broker_dispatch::store::{
     list_all, CancelParams, ClaimParams, ConnectParams, DisconnectParams, FinishParams,
-    HeartbeatParams, ListFilter, NewDispatch, Outcome, PgStore, PgStoreOptions, SqliteStore, Store,
+    HeartbeatParams, ListFilter, NewDispatch, Outcome, PgStore, PgStoreOptions, SqliteOptions,
+    SqliteStore, Store,
 };
+use broker_dispatch::StoreError;
 use serde_json::json;
 
 const T0: i64 = 1_700_000_000_000_000;
@@ -199,6 +203,7 @@ fn options(db: &pg::TestDb) -> MigrateOptions {
         schema: db.schema.clone(),
         batch: 3, // several pages even for a handful of rows
         drop_source: false,
+        ..MigrateOptions::default()
     }
 }
 
@@ -508,4 +513,110 @@ async fn an_import_refuses_rows_out_of_bounds_and_writes_nothing_of_the_call() {
         import.commit().await.unwrap();
     }
     assert!(all_dispatches(&store).await.is_empty());
+}
+
+/// Wraps args in an envelope naming the codec, and refuses to decode another codec's.
+#[derive(Debug)]
+struct Tagged(&'static str);
+
+impl ArgsCodec for Tagged {
+    fn encode(&self, args: &serde_json::Value) -> Result<serde_json::Value, StoreError> {
+        Ok(json!({ "codec": self.0, "args": args }))
+    }
+    fn decode(&self, stored: serde_json::Value) -> Result<serde_json::Value, StoreError> {
+        if stored["codec"] != json!(self.0) {
+            return Err(StoreError::Backend(
+                format!("not sealed by {}", self.0).into(),
+            ));
+        }
+        Ok(stored["args"].clone())
+    }
+}
+
+/// Args are decoded with the source's codec and encoded with the destination's, so a copy
+/// between differently encoded deployments arrives readable and encoded once; results are not
+/// covered by any codec and arrive as they were.
+#[tokio::test]
+async fn args_are_decoded_with_the_source_codec_and_encoded_with_the_destinations() {
+    let Some(db) = pg::fresh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hub.db");
+    let source = SqliteOptions::new()
+        .args_codec(Arc::new(Tagged("old")))
+        .open(&file)
+        .unwrap();
+    let plain = source
+        .insert(new_dispatch("b1", 0, json!({ "token": "secret" })))
+        .await
+        .unwrap();
+    let done = source
+        .insert(new_dispatch("b1", 1, json!({ "n": 1 })))
+        .await
+        .unwrap();
+    let claimed = source
+        .claim(ClaimParams {
+            broker: b("b1"),
+            node: n("node-a"),
+            limit: 2,
+            lease: Duration::from_secs(30),
+            now: at(10),
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.id() == done.id)
+        .unwrap();
+    source
+        .finish(
+            claimed,
+            FinishParams {
+                outcome: Outcome::Complete(json!({ "ok": true })),
+                now: at(20),
+            },
+        )
+        .await
+        .unwrap();
+    source.close().await;
+
+    let report = sqlite_to_postgres(
+        &file.display().to_string(),
+        &db.dsn,
+        &MigrateOptions {
+            source_args_codec: Some(Arc::new(Tagged("old"))),
+            destination_args_codec: Some(Arc::new(Tagged("new"))),
+            ..options(&db)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.dispatches_copied, 2);
+
+    // Read through the destination's codec: the caller's args.
+    let decoded = PgStore::connect(
+        &db.dsn,
+        PgStoreOptions {
+            schema: db.schema.clone(),
+            channel_prefix: db.schema.clone(),
+            pool_size: 2,
+            args_codec: Some(Arc::new(Tagged("new"))),
+            ..PgStoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let row = decoded.get(plain.id).await.unwrap().unwrap();
+    assert_eq!(row.args, json!({ "token": "secret" }));
+    // At rest: encoded once, by the destination's codec.
+    let raw = dest(&db).await;
+    let row = raw.get(plain.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.args,
+        json!({ "codec": "new", "args": { "token": "secret" } })
+    );
+    let row = raw.get(done.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.result,
+        Some(json!({ "ok": true })),
+        "results are not encoded"
+    );
 }

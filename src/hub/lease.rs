@@ -125,6 +125,7 @@ pub(crate) async fn execute(
             Ok(tokio::time::timeout(sh.config.execute_timeout, run).await)
         }))
     };
+    let mut abandon = sh.abandon.subscribe();
     let mut renewal = Renewal::new(&sh, lease_until);
     let mut seq = d.progress.as_ref().map_or(0, |p| p.seq);
     let mut progress_open = true;
@@ -175,6 +176,22 @@ pub(crate) async fn execute(
                 }
                 metrics::counter!("broker_dispatch_abandoned_total").increment(1);
                 tracing::warn!(node = %sh.node, id = %d.id, "lease about to run out without a renewal; execution stopped");
+                r.slot_freed();
+                return;
+            }
+            () = async { let _ = abandon.wait_for(|a| *a).await; } => {
+                // Shutdown reached its timeout. A claim not yet begun is handed back while the
+                // claim still holds; an execution that began is stopped with nothing recorded
+                // (how far it got is unknown), and its row is re-claimed after the lease.
+                let called_off = started
+                    .compare_exchange(NOT_YET, CALLED_OFF, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+                drop(exec);
+                if called_off {
+                    break Err(NotStarted::Gone);
+                }
+                metrics::counter!("broker_dispatch_abandoned_total").increment(1);
+                tracing::warn!(node = %sh.node, id = %d.id, "shutdown timeout; execution stopped, its lease will run out");
                 r.slot_freed();
                 return;
             }

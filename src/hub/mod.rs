@@ -220,6 +220,7 @@ impl HubBuilder {
             ids: self.ids,
             accepting: AtomicBool::new(true),
             shutdown: shutdown_tx,
+            abandon: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             running: Arc::default(),
             lost: conn::lost_channel(),
@@ -290,6 +291,9 @@ pub(crate) struct Shared {
     pub(crate) ids: Option<IdSource>,
     pub(crate) accepting: AtomicBool,
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Set when [`Hub::shutdown`] reaches its timeout: executions that began stop where they
+    /// are, claims not yet started are handed back.
+    pub(crate) abandon: watch::Sender<bool>,
     pub(crate) tasks: Mutex<Vec<AbortHandle>>,
     pub(crate) seed: u64,
     /// Executions running here, for their cancellation signals.
@@ -982,10 +986,15 @@ impl Hub {
 
     /// Stops the hub gracefully: refuses new work, stops claiming, lets in-flight executions
     /// finish and their outcomes be written (up to `shutdown_timeout`), releases the affinity
-    /// of every broker connected here, and stops the background tasks. No claimed row waits
-    /// unstarted (drains start what they claim at once), so nothing needs handing back; an
-    /// execution still running at the timeout is stopped, and its row is re-claimed elsewhere
-    /// once its lease runs out.
+    /// of every broker connected here, and stops the background tasks.
+    ///
+    /// At `shutdown_timeout` it hands back, before returning, every row claimed here whose
+    /// execution never began (`Release`, fenced by its attempt, so it does not use up an
+    /// execution), including the rows of a claim whose answer is still on its way: that phase
+    /// lasts at most twice `store_timeout` (one for the claim's answer, one for the write). An
+    /// execution that did begin and is still running at the timeout is stopped and nothing is
+    /// recorded for it: the hub cannot know how far it got, so its row stays `in_progress` and
+    /// is re-claimed elsewhere once its lease runs out, as its next execution.
     ///
     /// # Errors
     ///
@@ -999,13 +1008,25 @@ impl Hub {
         for r in sh.drains.lock().values() {
             r.poke();
         }
-        let deadline = instant_after(tokio::time::Instant::now(), sh.config.shutdown_timeout);
+        let mut deadline = instant_after(tokio::time::Instant::now(), sh.config.shutdown_timeout);
+        let mut handing_back = false;
         loop {
             if sh.drains.lock().is_empty() {
                 break;
             }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(node = %sh.node, "shutdown timeout: stopping the executions still running");
+            let now = tokio::time::Instant::now();
+            if now >= deadline && !handing_back {
+                // Aborting the drains now would strand the claims that never started (and the
+                // answer of a claim still in flight) as `in_progress` until their leases ran
+                // out, each costing an execution: let the drains hand those back first.
+                tracing::warn!(node = %sh.node, "shutdown timeout: stopping the executions still running, handing back the claims not started");
+                handing_back = true;
+                sh.abandon.send_replace(true);
+                deadline = instant_after(now, sh.config.store_timeout.saturating_mul(2));
+                continue;
+            }
+            if now >= deadline {
+                tracing::warn!(node = %sh.node, "shutdown: the hand-back did not finish in time; the leases will run out");
                 for r in std::mem::take(&mut *sh.drains.lock()).values() {
                     r.abort();
                 }

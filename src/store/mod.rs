@@ -783,6 +783,12 @@ pub type TouchParams = DisconnectParams;
 
 /// Encodes `args` before they are written and decodes them after they are read: the hook to
 /// encrypt or redact secrets at rest. The default stores JSON as given.
+///
+/// Only args go through the codec. Executor results, progress details and failure text are
+/// stored as given, in the clear, whatever the codec: an executor must not put a secret in
+/// what it returns, reports or fails with (encrypt it itself if it must). Ids, ops, keys and
+/// idempotency keys are not covered either. Moving rows between stores with different codecs:
+/// `migrate::MigrateOptions` takes one for each side.
 pub trait ArgsCodec: Send + Sync + fmt::Debug + 'static {
     /// Turns the caller's args into what is stored.
     fn encode(&self, args: &serde_json::Value) -> Result<serde_json::Value, StoreError>;
