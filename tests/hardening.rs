@@ -512,3 +512,135 @@ async fn a_panicking_http_call_fails_that_dispatch_only() {
     );
     assert!(took < Duration::from_millis(100), "took {took:?}");
 }
+
+/// A memory store that keeps a clock of its own, `behind` the nodes' (as a database whose clock
+/// disagrees with a node's would): rows and affinity are written by that clock, and
+/// `affinity_at` reports it.
+#[derive(Debug)]
+struct ClockedStore {
+    inner: MemoryStore,
+    behind: Duration,
+}
+
+impl ClockedStore {
+    fn now(&self) -> broker_dispatch::fsm::Timestamp {
+        broker_dispatch::fsm::Timestamp::from_system_time(std::time::SystemTime::now())
+            .saturating_sub(self.behind)
+    }
+}
+
+#[async_trait]
+impl Store for ClockedStore {
+    fn name(&self) -> &'static str {
+        "clocked"
+    }
+    async fn insert(&self, mut new: NewDispatch) -> Result<Dispatch, StoreError> {
+        new.now = new.now.or(Some(self.now()));
+        self.inner.insert(new).await
+    }
+    async fn claim(&self, mut p: ClaimParams) -> Result<Vec<Claimed>, StoreError> {
+        p.now = p.now.or(Some(self.now()));
+        self.inner.claim(p).await
+    }
+    async fn heartbeat(&self, c: &Claimed, p: HeartbeatParams) -> Result<Dispatch, StoreError> {
+        self.inner.heartbeat(c, p).await
+    }
+    async fn finish(&self, c: Claimed, p: FinishParams) -> Result<Dispatch, StoreError> {
+        self.inner.finish(c, p).await
+    }
+    async fn cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.cancel(p).await
+    }
+    async fn request_cancel(&self, p: CancelParams) -> Result<Dispatch, StoreError> {
+        self.inner.request_cancel(p).await
+    }
+    async fn get(&self, id: DispatchId) -> Result<Option<Dispatch>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, f: ListFilter) -> Result<Vec<Dispatch>, StoreError> {
+        self.inner.list(f).await
+    }
+    async fn sweep(&self, mut p: SweepParams) -> Result<SweepReport, StoreError> {
+        p.now = p.now.or(Some(self.now()));
+        self.inner.sweep(p).await
+    }
+    async fn connect(&self, mut p: ConnectParams) -> Result<ConnectOutcome, StoreError> {
+        p.now = p.now.or(Some(self.now()));
+        self.inner.connect(p).await
+    }
+    async fn disconnect(&self, p: DisconnectParams) -> Result<bool, StoreError> {
+        self.inner.disconnect(p).await
+    }
+    async fn touch(&self, mut p: TouchParams) -> Result<bool, StoreError> {
+        p.now = p.now.or(Some(self.now()));
+        self.inner.touch(p).await
+    }
+    async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError> {
+        self.inner.affinity(broker).await
+    }
+    async fn affinity_at(
+        &self,
+        broker: &BrokerId,
+    ) -> Result<(Option<Affinity>, Option<broker_dispatch::fsm::Timestamp>), StoreError> {
+        Ok((self.inner.affinity(broker).await?, Some(self.now())))
+    }
+}
+
+/// Routing judges an owner's freshness by the store's clock, the one its `last_seen` was
+/// written with. With a store an hour behind this node, a live owner's row (refreshed just
+/// now by the store's clock) looks an hour stale to this node's clock; the command must still
+/// be forwarded to the owner (a row is written), not refused as undeliverable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_judges_an_owners_freshness_by_the_stores_clock() {
+    let store = Arc::new(ClockedStore {
+        inner: MemoryStore::new(),
+        behind: Duration::from_secs(3600),
+    });
+    let b = BrokerId::new("b").unwrap();
+    // The live owner's affinity, just refreshed by the store's clock.
+    let claimed = store
+        .connect(ConnectParams {
+            broker: b.clone(),
+            node: NodeId::new("owner").unwrap(),
+            session: SessionId::new("s").unwrap(),
+            connected_at: None,
+            now: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(claimed, ConnectOutcome::Claimed(_)));
+    let originator = Hub::builder(NodeId::new("originator").unwrap())
+        .store(store.clone())
+        .transport(Arc::new(MemoryTransport::new()))
+        .executor(Arc::new(FnExecutor(|_ctx, d: Dispatch| async move {
+            Ok(json!(d.op))
+        })))
+        .config(HubConfig {
+            undeliverable: UndeliverablePolicy::FailFast,
+            wait_window: Duration::from_millis(200),
+            ..config()
+        })
+        .start()
+        .await
+        .unwrap();
+    let err = originator
+        .dispatch(Command::new(b.clone(), "op", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(
+            err,
+            Error::Failed {
+                reason: FailReason::Undeliverable,
+                ..
+            }
+        ),
+        "a live owner was taken for dead: {err:?}"
+    );
+    assert_eq!(
+        store.list(ListFilter::default()).await.unwrap().len(),
+        1,
+        "the command was forwarded as a row"
+    );
+    originator.shutdown().await.unwrap();
+}

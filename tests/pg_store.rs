@@ -1241,3 +1241,32 @@ async fn an_undecodable_row_is_quarantined_and_the_rest_of_the_broker_runs() {
     .expect("a listing is not poisoned either");
     assert_eq!(listed.len(), 5);
 }
+
+/// `affinity_at` reads the row and the database clock in one statement, row or no row.
+#[tokio::test]
+async fn affinity_at_returns_the_row_and_the_database_clock() {
+    let Some((_db, store)) = fresh_store().await else {
+        return;
+    };
+    store
+        .connect(ConnectParams {
+            broker: b("b"),
+            node: n("n1"),
+            session: SessionId::new("s").unwrap(),
+            connected_at: None,
+            now: None,
+        })
+        .await
+        .unwrap();
+    let system = Timestamp::from_system_time(std::time::SystemTime::now());
+    for (broker, present) in [("b", true), ("unknown", false)] {
+        let (row, now) = store.affinity_at(&b(broker)).await.unwrap();
+        assert_eq!(row.is_some(), present, "{broker}");
+        let now = now.expect("the database clock");
+        let gap = now.duration_since(system).max(system.duration_since(now));
+        assert!(gap < Duration::from_secs(60), "{now:?} vs {system:?}");
+        if let Some(a) = row {
+            assert_eq!(a.node.as_ref().map(NodeId::as_str), Some("n1"));
+        }
+    }
+}

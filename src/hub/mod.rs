@@ -673,12 +673,14 @@ impl Hub {
             metrics::counter!("broker_dispatch_routed_total", "route" => "local").increment(1);
             return run_local(self, cmd, max_attempts).await;
         }
-        let affinity = sh.bounded(sh.store.affinity(&cmd.broker)).await?;
+        let (affinity, store_now) = sh.bounded(sh.store.affinity_at(&cmd.broker)).await?;
         let has_http = match &sh.http {
             Some(http) => local::has_endpoint(sh, http.as_ref(), &cmd.broker).await,
             None => false,
         };
-        let now = sh.now();
+        // Freshness by the store's clock (the database's on Postgres) unless the hub runs on an
+        // explicit clock of its own; `last_seen` was written by that same clock.
+        let now = sh.store_now().or(store_now).unwrap_or_else(|| sh.now());
         let connected_here = sh.conns.lock().contains_key(&cmd.broker);
         let route = fsm::route(&RouteInput {
             this_node: &sh.node,

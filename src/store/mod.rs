@@ -337,6 +337,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Reads a broker's affinity row.
     async fn affinity(&self, broker: &BrokerId) -> Result<Option<Affinity>, StoreError>;
+
+    /// Reads a broker's affinity row together with the store's clock at that read (`None`: the
+    /// store keeps no clock of its own, and the caller's is as good). Routing judges the row's
+    /// freshness by that clock, so a node whose clock is off does not take a live owner for
+    /// dead, or a dead one for live. The default reads [`affinity`](Self::affinity) and
+    /// returns `None`: right for stores that share the node's clock (memory, SQLite).
+    async fn affinity_at(
+        &self,
+        broker: &BrokerId,
+    ) -> Result<(Option<Affinity>, Option<Timestamp>), StoreError> {
+        Ok((self.affinity(broker).await?, None))
+    }
 }
 
 /// Proof that the caller holds one attempt of one dispatch.

@@ -150,6 +150,7 @@ struct Sql {
     sweep_purge: String,
     connect: String,
     affinity: String,
+    affinity_at: String,
     disconnect: String,
     touch: String,
 }
@@ -466,6 +467,13 @@ impl Sql {
             affinity: format!(
                 "SELECT a.broker, a.node, a.session, a.connected_at, a.last_seen \
                  FROM {s}.affinity AS a WHERE a.broker = $1::text"
+            ),
+            // The row (if any) and the database clock, in one statement.
+            affinity_at: format!(
+                "SELECT a.broker, a.node, a.session, a.connected_at, a.last_seen, \
+                        {s}.clock_micros() AS now \
+                 FROM (SELECT 1) AS one \
+                 LEFT JOIN {s}.affinity AS a ON a.broker = $1::text"
             ),
             disconnect: format!(
                 "{} UPDATE {s}.affinity AS a SET node = NULL, last_seen = clock.now FROM clock \
@@ -1560,6 +1568,27 @@ impl Store for PgStore {
         .await;
         settle(client, r)
     }
+
+    async fn affinity_at(
+        &self,
+        broker: &BrokerId,
+    ) -> Result<(Option<Affinity>, Option<Timestamp>), StoreError> {
+        let client = self.client().await?;
+        let r: Result<_, StoreError> = async {
+            let row = self
+                .db(&client)
+                .row(&self.sql.affinity_at, &[&broker.as_str()])
+                .await
+                .map_err(map_pg)?
+                .ok_or_else(|| StoreError::Backend("the affinity read returned no row".into()))?;
+            let now = Timestamp::from_micros(row.try_get(5).map_err(map_pg)?);
+            let held: Option<String> = row.try_get(0).map_err(map_pg)?;
+            let affinity = held.map(|_| decode_affinity(&row)).transpose()?;
+            Ok((affinity, Some(now)))
+        }
+        .await;
+        settle(client, r)
+    }
 }
 
 impl PgStore {
@@ -2075,6 +2104,7 @@ mod tests {
             &sql.sweep_purge,
             &sql.connect,
             &sql.affinity,
+            &sql.affinity_at,
             &sql.disconnect,
             &sql.touch,
         ];
