@@ -197,6 +197,9 @@ pub(crate) async fn execute(
             }
         }
     };
+    // The executor has returned: nothing is left to cancel, and dropping the registration now
+    // keeps the notice of its own finish from sending the listener to re-read the row.
+    drop(running);
     let result = match result {
         Ok(started) => started,
         Err(not_started) => {
