@@ -41,6 +41,16 @@ const NOT_YET: u8 = 0;
 const STARTED: u8 = 1;
 const CALLED_OFF: u8 = 2;
 
+/// Stops an execution's task; returns whether it had not begun (and now never will, so the
+/// claim can be handed back). One of this and the task's own start wins, never both.
+fn call_off<T>(started: &AtomicU8, exec: AbortOnDrop<T>) -> bool {
+    let called_off = started
+        .compare_exchange(NOT_YET, CALLED_OFF, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok();
+    drop(exec);
+    called_off
+}
+
 /// Whether the claimed row may start now: before its deadline (`start_by`, conservative), on
 /// the session it was claimed under, while the hub accepts work. Checked at the very instant
 /// the executor would be called, in the executor's own task: a check made earlier (when the row
@@ -165,11 +175,7 @@ pub(crate) async fn execute(
                 // moved on): stop the execution before the lease runs out, so it never runs
                 // beside the next holder of the row or of its ordering key. The row is
                 // re-claimed once the lease has lapsed.
-                let called_off = started
-                    .compare_exchange(NOT_YET, CALLED_OFF, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                drop(exec);
-                if called_off {
+                if call_off(&started, exec) {
                     // Never begun (the claim's answer came too late to start it): hand it back
                     // without using up an execution, while the claim still holds.
                     break Err(NotStarted::Gone);
@@ -183,11 +189,7 @@ pub(crate) async fn execute(
                 // Shutdown reached its timeout. A claim not yet begun is handed back while the
                 // claim still holds; an execution that began is stopped with nothing recorded
                 // (how far it got is unknown), and its row is re-claimed after the lease.
-                let called_off = started
-                    .compare_exchange(NOT_YET, CALLED_OFF, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                drop(exec);
-                if called_off {
+                if call_off(&started, exec) {
                     break Err(NotStarted::Gone);
                 }
                 metrics::counter!("broker_dispatch_abandoned_total").increment(1);
