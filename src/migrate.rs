@@ -6,7 +6,9 @@
 //!   [`MigrateOptions::source_args_codec`], encoded with
 //!   [`MigrateOptions::destination_args_codec`]), results, failure reasons, progress,
 //!   idempotency keys and affinity high-water marks arrive unchanged; no transition is applied,
-//!   no signal sent. Rows in flight (claimed, with a lease) stay claimed: after the cut-over the
+//!   no signal sent. The one exception: a row whose args the source's codec cannot decode is
+//!   copied with its args as stored and, if it could still run, as `failed: corrupt`
+//!   ([`MigrateReport::dispatches_quarantined`] names them); the copy does not abort on it. Rows in flight (claimed, with a lease) stay claimed: after the cut-over the
 //!   new cluster re-claims them once their leases run out, as after any crash.
 //! - **Idempotent**: a row the destination already holds with the same content is skipped, so
 //!   a rerun copies nothing new.
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::StoreError;
-use crate::fsm::BrokerId;
+use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, FailReason};
 use crate::store::{ArgsCodec, ListFilter, PgStore, PgStoreOptions, SqliteOptions, Store};
 
 /// A DSN that cannot name a migration's source or destination.
@@ -257,6 +259,10 @@ pub struct MigrateReport {
     pub affinity_present: u64,
     /// Whether the source files were deleted.
     pub source_removed: bool,
+    /// Rows whose args the source's codec could not decode. Each is copied with its args as
+    /// stored; one that was still pending or in progress arrives `failed: corrupt` (what the
+    /// source's own hubs do when they claim such a row), so no hub executes undecodable args.
+    pub dispatches_quarantined: Vec<DispatchId>,
 }
 
 /// Why a migration failed. Except for [`MigrateError::RemoveSource`], nothing was written.
@@ -326,11 +332,9 @@ pub async fn sqlite_to_postgres(
     if !path.is_file() {
         return Err(MigrateError::SourceMissing(path));
     }
-    let mut source = SqliteOptions::new().read_only(true);
-    if let Some(codec) = &opts.source_args_codec {
-        source = source.args_codec(Arc::clone(codec));
-    }
-    let source = source.open(&path)?;
+    // Opened without the codec: args are decoded here, row by row, so one the codec cannot
+    // decode is quarantined (see `decode_source_args`) instead of being copied as if plain.
+    let source = SqliteOptions::new().read_only(true).open(&path)?;
     let dest = PgStore::connect(
         &dsn,
         PgStoreOptions {
@@ -361,6 +365,7 @@ pub async fn sqlite_to_postgres(
         let Some(last) = page.last() else { break };
         after = Some(last.id);
         report.dispatches_read += page.len() as u64;
+        let page = decode_source_args(page, opts.source_args_codec.as_deref(), &mut report);
         let out = import.dispatches(&page).await?;
         if let Some(key) = out.conflicts.into_iter().next() {
             return Err(MigrateError::Conflict {
@@ -429,6 +434,36 @@ pub async fn sqlite_to_postgres(
         report.source_removed = true;
     }
     Ok(report)
+}
+
+/// Decodes each row's args with the source's codec. A row it cannot decode keeps its args as
+/// stored and, if it could still run, becomes `failed: corrupt`, as a claim on the source would
+/// have left it; terminal rows keep their outcome. Either way the row is named in the report.
+fn decode_source_args(
+    page: Vec<Dispatch>,
+    codec: Option<&dyn ArgsCodec>,
+    report: &mut MigrateReport,
+) -> Vec<Dispatch> {
+    let Some(codec) = codec else { return page };
+    page.into_iter()
+        .map(|mut d| {
+            match codec.decode(d.args.clone()) {
+                Ok(args) => d.args = args,
+                Err(e) => {
+                    tracing::error!(id = %d.id, error = %e, "source args cannot be decoded; copied as stored");
+                    report.dispatches_quarantined.push(d.id);
+                    if !d.state.is_terminal() {
+                        d.state = DispatchState::Failed;
+                        d.failure = Some(FailReason::Corrupt(format!(
+                            "args cannot be decoded with the source codec: {e}"
+                        )));
+                        d.lease_until = None;
+                    }
+                }
+            }
+            d
+        })
+        .collect()
 }
 
 /// Deletes a SQLite database and its companion files; missing companions are fine.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_dispatch::fsm::{
-    Affinity, BrokerId, Dispatch, DispatchId, NodeId, Progress, SessionId, Timestamp,
+    Affinity, BrokerId, Dispatch, DispatchId, DispatchState, FailReason, NodeId, Progress,
+    SessionId, Timestamp,
 };
 use broker_dispatch::migrate::{sqlite_to_postgres, MigrateError, MigrateOptions};
 use broker_dispatch::store::ArgsCodec;
@@ -619,4 +620,96 @@ async fn args_are_decoded_with_the_source_codec_and_encoded_with_the_destination
         Some(json!({ "ok": true })),
         "results are not encoded"
     );
+}
+
+/// A row the source's codec cannot decode (sealed by another key) neither aborts the copy nor
+/// arrives runnable: a live one is quarantined as `failed: corrupt` with its args as stored, a
+/// finished one keeps its outcome, and the report names both.
+#[tokio::test]
+async fn rows_the_source_codec_cannot_decode_are_quarantined_not_copied_as_plain() {
+    let Some(db) = pg::fresh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hub.db");
+    let source = SqliteOptions::new()
+        .args_codec(Arc::new(Tagged("old")))
+        .open(&file)
+        .unwrap();
+    let good = source
+        .insert(new_dispatch("b1", 0, json!({ "n": 0 })))
+        .await
+        .unwrap();
+    source.close().await;
+    // Rows written by a hub with another key.
+    let foreign = SqliteOptions::new()
+        .args_codec(Arc::new(Tagged("rotated")))
+        .open(&file)
+        .unwrap();
+    let live = foreign
+        .insert(new_dispatch("b1", 1, json!({ "n": 1 })))
+        .await
+        .unwrap();
+    let finished = foreign
+        .insert(new_dispatch("b2", 2, json!({ "n": 2 })))
+        .await
+        .unwrap();
+    let claimed = foreign
+        .claim(ClaimParams {
+            broker: b("b2"),
+            node: n("node-a"),
+            limit: 1,
+            lease: Duration::from_secs(30),
+            now: at(10),
+        })
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    foreign
+        .finish(
+            claimed,
+            FinishParams {
+                outcome: Outcome::Complete(json!({ "ok": true })),
+                now: at(20),
+            },
+        )
+        .await
+        .unwrap();
+    foreign.close().await;
+
+    let report = sqlite_to_postgres(
+        &file.display().to_string(),
+        &db.dsn,
+        &MigrateOptions {
+            source_args_codec: Some(Arc::new(Tagged("old"))),
+            ..options(&db)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.dispatches_copied, 3);
+    let mut quarantined = report.dispatches_quarantined.clone();
+    quarantined.sort();
+    let mut expected = vec![live.id, finished.id];
+    expected.sort();
+    assert_eq!(quarantined, expected);
+
+    let raw = dest(&db).await;
+    let row = raw.get(good.id).await.unwrap().unwrap();
+    assert_eq!(row.state, DispatchState::Pending);
+    assert_eq!(row.args, json!({ "n": 0 }), "decoded by the source codec");
+    let row = raw.get(live.id).await.unwrap().unwrap();
+    assert_eq!(row.state, DispatchState::Failed, "never runnable: {row:?}");
+    assert!(
+        matches!(&row.failure, Some(FailReason::Corrupt(m)) if m.contains("not sealed by old")),
+        "{:?}",
+        row.failure
+    );
+    assert_eq!(
+        row.args,
+        json!({ "codec": "rotated", "args": { "n": 1 } }),
+        "args as stored"
+    );
+    let row = raw.get(finished.id).await.unwrap().unwrap();
+    assert_eq!(row.state, DispatchState::Done);
+    assert_eq!(row.result, Some(json!({ "ok": true })));
 }
