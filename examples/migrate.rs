@@ -74,6 +74,9 @@ fn main() {
                     ""
                 }
             );
+            for id in &r.dispatches_quarantined {
+                println!("quarantined {id}: its args could not be decoded with the source codec");
+            }
         }
         Err(e) => {
             eprintln!("migration failed: {e}");
