@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_dispatch::fsm::{BrokerId, Dispatch, NodeId, SessionId, Timestamp};
+use broker_dispatch::fsm::{BrokerId, Dispatch, NodeId, Route, SessionId, Timestamp};
 use broker_dispatch::hub::{
     Clock, Command, ExecContext, Executor, Hub, HubConfig, Lost, LostReason,
 };
@@ -54,6 +54,12 @@ impl Executor for SocketExecutor {
         socket
             .send(format!("{} {session}", d.op))
             .map_err(|_| ExecError::fatal("socket closed"))?;
+        if d.op == "flaky" && ctx.attempt() == 1 {
+            return Err(ExecError::Retryable {
+                after: Duration::ZERO,
+                message: "first try fails".into(),
+            });
+        }
         if d.op == "wait" {
             tokio::select! {
                 () = ctx.cancelled() => {
@@ -443,4 +449,56 @@ async fn a_fast_path_execution_is_stopped_by_a_cancel_on_its_node() {
     // Nothing was written to retry it.
     assert_eq!(c.hubs[0].get(id).await.unwrap(), None);
     assert_eq!(*c.cancelled.lock(), vec!["s1".to_owned()]);
+}
+
+/// `dispatch_detailed` says how a command was carried out: the route routing chose, the node
+/// and attempt that completed it, and whether a row carried it.
+#[tokio::test(start_paused = true)]
+async fn the_detailed_outcome_names_the_route_node_and_attempt() {
+    let c = cluster(2).await;
+    let b = broker("b");
+    let (tx, _rx) = socket();
+    c.hubs[0]
+        .connect(b.clone(), session("s1"), tx)
+        .await
+        .unwrap();
+
+    // On the holder: the fast path, no row.
+    let out = c.hubs[0]
+        .dispatch_detailed(Command::new(b.clone(), "ping", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(out.route, Route::Local);
+    assert_eq!(out.node.as_ref(), Some(c.hubs[0].node()));
+    assert_eq!((out.attempt, out.durable), (1, false));
+    assert_eq!(out.value, json!("s1"));
+    assert!(c.store.get(out.id).await.unwrap().is_none(), "no row");
+
+    // From another node: forwarded to the holder, carried by a row.
+    let out = c.hubs[1]
+        .dispatch_detailed(Command::new(b.clone(), "ping", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.route,
+        Route::Forward {
+            owner: c.hubs[0].node().clone()
+        }
+    );
+    assert_eq!(out.node.as_ref(), Some(c.hubs[0].node()));
+    assert_eq!((out.attempt, out.durable), (1, true));
+    let row = c.store.get(out.id).await.unwrap().unwrap();
+    assert_eq!(row.result, Some(out.value.clone()));
+
+    // A fast-path failure retried as a row: the second attempt completed it.
+    let out = c.hubs[0]
+        .dispatch_detailed(Command::new(b.clone(), "flaky", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(out.route, Route::Local);
+    assert_eq!((out.attempt, out.durable), (2, true));
+    assert_eq!(out.node.as_ref(), Some(c.hubs[0].node()));
+    for hub in &c.hubs {
+        hub.shutdown().await.unwrap();
+    }
 }

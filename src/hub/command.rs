@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::fsm::{BrokerId, Dispatch, DispatchId, Timestamp};
+use crate::fsm::{Attempt, BrokerId, Dispatch, DispatchId, NodeId, Route, Timestamp};
 
 /// A command for a broker.
 ///
@@ -138,4 +138,42 @@ pub struct Receipt {
     pub id: DispatchId,
     /// The row as written.
     pub dispatch: Dispatch,
+}
+
+/// How a command was carried out, for callers who want more than its result
+/// ([`Hub::dispatch_detailed`](super::Hub::dispatch_detailed)).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Dispatched {
+    /// The dispatch's id (the command's own [`id`](Command::id) if it set one).
+    pub id: DispatchId,
+    /// The attempt whose execution completed it (1 on the fast path and over HTTP).
+    pub attempt: Attempt,
+    /// The node that ran that execution: this node on the fast path, the holder of the row's
+    /// claim otherwise, `None` over HTTP (no node ran it).
+    pub node: Option<NodeId>,
+    /// What routing decided when the command arrived ([`Route::Local`] for the fast path and
+    /// for a row written here for a broker held here). The execution may have happened
+    /// elsewhere: a fast-path retry or a parked row runs on whichever node holds the broker
+    /// by then; `node` says which.
+    pub route: Route,
+    /// Whether a durable row carried it (everything but a first-time fast-path success and
+    /// the HTTP fallback).
+    pub durable: bool,
+    /// The executor's result.
+    pub value: serde_json::Value,
+}
+
+impl Dispatched {
+    /// From a `done` row.
+    pub(crate) fn of_row(d: Dispatch, route: Route) -> Self {
+        Dispatched {
+            id: d.id,
+            attempt: d.attempt,
+            node: d.claimed_by,
+            route,
+            durable: true,
+            value: d.result.unwrap_or(serde_json::Value::Null),
+        }
+    }
 }

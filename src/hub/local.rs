@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
-use super::{run_guarded, Command, ExecContext, HttpFallback, Hub, Shared};
+use super::{run_guarded, Command, Dispatched, ExecContext, HttpFallback, Hub, Shared};
 use crate::error::{Error, ExecError};
-use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, FailReason, Timestamp};
+use crate::fsm::{BrokerId, Dispatch, DispatchId, DispatchState, FailReason, Route, Timestamp};
 use crate::store::{check_json, fit_failure_text, MAX_RESULT_BYTES};
 
 /// Runs `cmd` on the connection held here; see the module docs.
@@ -22,7 +22,7 @@ pub(crate) async fn run_local(
     hub: &Hub,
     cmd: Command,
     max_attempts: u32,
-) -> Result<serde_json::Value, Error> {
+) -> Result<Dispatched, Error> {
     let sh = &hub.shared;
     let id = sh.id_for(&cmd);
     let Some((session, handle)) = sh
@@ -30,7 +30,9 @@ pub(crate) async fn run_local(
         .and_then(|s| sh.conn_handle(&cmd.broker, &s).map(|h| (s, h)))
     else {
         // The broker left between the routing decision and now: the row finds it.
-        return hub.write_and_wait(cmd, id, max_attempts, 0).await;
+        return hub
+            .write_and_wait(cmd, id, max_attempts, 0, Route::Local)
+            .await;
     };
     // The command's window opens now: a retry row inherits what is left of it, not a new one.
     let started = tokio::time::Instant::now();
@@ -56,7 +58,14 @@ pub(crate) async fn run_local(
             // The same rule as for a result written to a row, so a command's outcome does not
             // depend on which node took it.
             return match check_json("result", &v, MAX_RESULT_BYTES) {
-                Ok(()) => Ok(v),
+                Ok(()) => Ok(Dispatched {
+                    id,
+                    attempt: 1,
+                    node: Some(sh.node.clone()),
+                    route: Route::Local,
+                    durable: false,
+                    value: v,
+                }),
                 Err(e) => Err(Error::Failed {
                     id,
                     reason: FailReason::Error(format!("executor result refused: {e}")),
@@ -95,7 +104,8 @@ pub(crate) async fn run_local(
     let mut retry = cmd;
     retry.delay = (!after.is_zero()).then_some(after);
     retry.timeout = Some(left);
-    hub.write_and_wait(retry, id, max_attempts, 1).await
+    hub.write_and_wait(retry, id, max_attempts, 1, Route::Local)
+        .await
 }
 
 /// Calls the broker over HTTP, bounded by `execute_timeout`; a panic fails the call.
@@ -105,10 +115,19 @@ pub(crate) async fn run_http(
     cmd: Command,
     max_attempts: u32,
     now: Timestamp,
-) -> Result<serde_json::Value, Error> {
+) -> Result<Dispatched, Error> {
     let d = adhoc_dispatch(sh.id_for(&cmd), &cmd, max_attempts, now);
     match tokio::time::timeout(sh.config.execute_timeout, run_guarded(http.call(&d))).await {
-        Ok(r) => r.map_err(|e| exec_failure(d.id, e)),
+        Ok(r) => r
+            .map(|value| Dispatched {
+                id: d.id,
+                attempt: 1,
+                node: None,
+                route: Route::Http,
+                durable: false,
+                value,
+            })
+            .map_err(|e| exec_failure(d.id, e)),
         Err(_) => Err(exec_failure(
             d.id,
             ExecError::fatal("http fallback timed out"),

@@ -59,7 +59,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-pub use command::{Command, Receipt};
+pub use command::{Command, Dispatched, Receipt};
 pub use config::{HubConfig, UndeliverablePolicy};
 pub use conn::{Lost, LostReason, LostStream, LOST_BUFFER};
 
@@ -664,6 +664,45 @@ impl Hub {
     /// wait window): it may still run, or it expires. Use the id from the error or
     /// [`send`](Hub::send) plus [`wait`](Hub::wait) to keep a handle.
     pub async fn dispatch(&self, cmd: Command) -> Result<serde_json::Value, Error> {
+        self.dispatch_detailed(cmd).await.map(|d| d.value)
+    }
+
+    /// [`dispatch`](Hub::dispatch), reporting how the command was carried out: its id, the
+    /// attempt and node that completed it, the route it took and whether a row carried it.
+    /// To know the id before the result, set the command's [`id`](Command::id) (or use
+    /// [`send`](Hub::send) and [`wait`](Hub::wait)).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use broker_dispatch::fsm::{BrokerId, Dispatch, NodeId, Route, SessionId};
+    /// use broker_dispatch::hub::{Command, FnExecutor, Hub};
+    /// use broker_dispatch::store::MemoryStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let hub = Hub::builder(NodeId::new("node-a")?)
+    ///     .store(Arc::new(MemoryStore::new()))
+    ///     .executor(Arc::new(FnExecutor(|_ctx, d: Dispatch| async move { Ok(d.args) })))
+    ///     .start()
+    ///     .await?;
+    /// let broker = BrokerId::new("broker-1")?;
+    /// hub.connect(broker.clone(), SessionId::new("ws-1")?, ()).await?;
+    /// let out = hub
+    ///     .dispatch_detailed(Command::new(broker, "echo", serde_json::json!({ "n": 1 })))
+    ///     .await?;
+    /// assert_eq!(out.value, serde_json::json!({ "n": 1 }));
+    /// assert_eq!(out.route, Route::Local);
+    /// assert_eq!(out.node.as_ref(), Some(hub.node()));
+    /// assert!(!out.durable, "the fast path writes no row");
+    /// hub.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`dispatch`](Hub::dispatch).
+    pub async fn dispatch_detailed(&self, cmd: Command) -> Result<Dispatched, Error> {
         let sh = &self.shared;
         if !sh.accepting.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -694,19 +733,18 @@ impl Hub {
             .increment(1);
         match route {
             Route::Local if cmd.takes_fast_path() => run_local(self, cmd, max_attempts).await,
-            Route::Local => {
+            Route::Local | Route::Forward { .. } => {
                 let id = sh.id_for(&cmd);
-                self.write_and_wait(cmd, id, max_attempts, 0).await
+                self.write_and_wait(cmd, id, max_attempts, 0, route).await
             }
             Route::Http => match &sh.http {
                 Some(http) => run_http(sh, http.as_ref(), cmd, max_attempts, now).await,
-                None => self.park_or_fail(cmd, max_attempts).await,
+                None => self.park_or_fail(cmd, max_attempts, Route::Http).await,
             },
-            Route::Forward { .. } => {
-                let id = sh.id_for(&cmd);
-                self.write_and_wait(cmd, id, max_attempts, 0).await
+            Route::Undeliverable => {
+                self.park_or_fail(cmd, max_attempts, Route::Undeliverable)
+                    .await
             }
-            Route::Undeliverable => self.park_or_fail(cmd, max_attempts).await,
         }
     }
 
@@ -714,11 +752,12 @@ impl Hub {
         &self,
         cmd: Command,
         max_attempts: u32,
-    ) -> Result<serde_json::Value, Error> {
+        route: Route,
+    ) -> Result<Dispatched, Error> {
         match self.shared.config.undeliverable {
             UndeliverablePolicy::Park => {
                 let id = self.shared.id_for(&cmd);
-                self.write_and_wait(cmd, id, max_attempts, 0).await
+                self.write_and_wait(cmd, id, max_attempts, 0, route).await
             }
             UndeliverablePolicy::FailFast => Err(Error::Failed {
                 id: self.shared.id_for(&cmd),
@@ -728,14 +767,15 @@ impl Hub {
     }
 
     /// Writes the command as dispatch `id` (whose first `executions` executions already began
-    /// elsewhere: the fast path's) and waits for it.
+    /// elsewhere: the fast path's) and waits for it; `route` is what routing decided.
     pub(crate) async fn write_and_wait(
         &self,
         cmd: Command,
         id: DispatchId,
         max_attempts: u32,
         executions: u32,
-    ) -> Result<serde_json::Value, Error> {
+        route: Route,
+    ) -> Result<Dispatched, Error> {
         let sh = &self.shared;
         let span = tracing::debug_span!("dispatch", node = %sh.node, broker = %cmd.broker, op = %cmd.op, %id);
         async move {
@@ -747,9 +787,11 @@ impl Hub {
             if d.id != id {
                 // The idempotency key named an existing dispatch: wait for that one instead.
                 drop(waiter);
-                return wait::Registration::new(sh, d.id).wait(d).await;
+                let done = wait::Registration::new(sh, d.id).wait(d).await?;
+                return Ok(Dispatched::of_row(done, route));
             }
-            waiter.wait(d).await
+            let done = waiter.wait(d).await?;
+            Ok(Dispatched::of_row(done, route))
         }
         .instrument(span)
         .await
@@ -888,7 +930,8 @@ impl Hub {
             .bounded(sh.store.get(id))
             .await?
             .ok_or(Error::Store(StoreError::NotFound(id)))?;
-        waiter.wait(d).await
+        let done = waiter.wait(d).await?;
+        Ok(done.result.unwrap_or(serde_json::Value::Null))
     }
 
     /// Cancels dispatch `id`, from any node: a pending one ends `Failed(Cancelled)` at once and
@@ -1100,17 +1143,18 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-/// The outcome a finished row reports to its originator.
-pub(crate) fn outcome_of(d: &Dispatch) -> Option<Result<serde_json::Value, Error>> {
+/// The outcome a row reports to its originator: the `done` row itself, the failure of a
+/// `failed` one; one not yet finished (the wait gave up) is [`Error::TimedOut`].
+pub(crate) fn outcome_of_row(d: Dispatch) -> Result<Dispatch, Error> {
     match d.state {
-        DispatchState::Done => Some(Ok(d.result.clone().unwrap_or(serde_json::Value::Null))),
-        DispatchState::Failed => Some(Err(Error::Failed {
+        DispatchState::Done => Ok(d),
+        DispatchState::Failed => Err(Error::Failed {
             id: d.id,
-            reason: d
-                .failure
-                .clone()
-                .unwrap_or(FailReason::Error(String::new())),
-        })),
-        DispatchState::Pending | DispatchState::InProgress => None,
+            reason: d.failure.unwrap_or(FailReason::Error(String::new())),
+        }),
+        DispatchState::Pending | DispatchState::InProgress => Err(Error::TimedOut {
+            id: d.id,
+            last_state: d.state,
+        }),
     }
 }

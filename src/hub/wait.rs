@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{outcome_of, Shared};
+use super::{outcome_of_row, Shared};
 use crate::error::{Error, StoreError};
 use crate::fsm::{Dispatch, DispatchId, DispatchState, RollingDeadline, Timestamp};
 use crate::store::CancelParams;
@@ -49,8 +49,9 @@ impl<'a> Registration<'a> {
         self
     }
 
-    /// Waits for `d` (as just written or read) to reach a terminal state.
-    pub(crate) async fn wait(self, mut d: Dispatch) -> Result<serde_json::Value, Error> {
+    /// Waits for `d` (as just written or read) to reach a terminal state: the `done` row, or
+    /// the error its failure (or the wait's end) means.
+    pub(crate) async fn wait(self, mut d: Dispatch) -> Result<Dispatch, Error> {
         let sh = self.sh;
         // Time is measured on tokio's monotonic clock (pausable in tests) and expressed as
         // timestamps for the pure deadline.
@@ -60,8 +61,8 @@ impl<'a> Registration<'a> {
             RollingDeadline::new(elapsed_ts(), sh.config.wait_window, sh.config.wait_hard_cap);
         let mut seen = Seen::of(&d);
         loop {
-            if let Some(out) = outcome_of(&d) {
-                return out;
+            if d.state.is_terminal() {
+                return outcome_of_row(d);
             }
             if deadline.is_expired(elapsed_ts()) {
                 return self.give_up(d).await;
@@ -96,7 +97,7 @@ impl<'a> Registration<'a> {
     }
 
     /// The wait ran out: re-read once; cancel a row nobody claimed so it never runs later.
-    async fn give_up(self, d: Dispatch) -> Result<serde_json::Value, Error> {
+    async fn give_up(self, d: Dispatch) -> Result<Dispatch, Error> {
         let sh = self.sh;
         let id = self.id;
         if !self.cancel_on_give_up || d.state != DispatchState::Pending {
@@ -125,10 +126,7 @@ impl<'a> Registration<'a> {
                 // Claimed (or finished) between the last read and the cancel: report what it is.
                 let row = sh.bounded(sh.store.get(id)).await?;
                 match row {
-                    Some(row) => outcome_of(&row).unwrap_or(Err(Error::TimedOut {
-                        id,
-                        last_state: row.state,
-                    })),
+                    Some(row) => outcome_of_row(row),
                     None => Err(Error::Store(StoreError::NotFound(id))),
                 }
             }
