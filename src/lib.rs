@@ -125,5 +125,18 @@ pub mod transport;
 
 pub use error::{BoxError, Error, ExecError, StoreError, TransportError};
 
+/// The Postgres driver, re-exported: its types appear in this crate's public signatures
+/// ([`store::PgStore::insert_in`], [`hub::Hub::send_in`]), so code using them needs the same
+/// version.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use tokio_postgres;
+
+/// The connection pool [`store::PgStore`] and [`transport::PgTransport`] use, re-exported
+/// ([`store::PgStore::from_pool`] takes one built by the caller, e.g. with TLS).
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

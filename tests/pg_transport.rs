@@ -264,3 +264,122 @@ async fn connect_to_a_server_that_never_answers_is_bounded() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     hold.abort();
 }
+
+/// `Hub::send_in`: a command written in the caller's transaction exists (and runs) if and only
+/// if that transaction commits; the owner on another node runs it and the sender waits for it.
+#[tokio::test]
+async fn a_command_sent_in_the_callers_transaction_runs_only_if_it_commits() {
+    use broker_dispatch::fsm::{Dispatch, NodeId, SessionId};
+    use broker_dispatch::hub::{Command, FnExecutor, Hub, HubConfig};
+    use std::sync::Arc;
+
+    let Some(db) = pg::fresh() else { return };
+    let store = PgStore::connect(
+        &db.dsn,
+        PgStoreOptions {
+            schema: db.schema.clone(),
+            channel_prefix: db.schema.clone(),
+            ..PgStoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let store = Arc::new(store);
+    let ran = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut hubs = Vec::new();
+    for name in ["owner", "sender"] {
+        let t = PgTransport::connect(&db.dsn, options(&db.schema))
+            .await
+            .unwrap();
+        let ran = Arc::clone(&ran);
+        hubs.push(
+            Hub::builder(NodeId::new(name).unwrap())
+                .store(store.clone())
+                .transport(Arc::new(t))
+                .executor(Arc::new(FnExecutor(move |_ctx, d: Dispatch| {
+                    let ran = Arc::clone(&ran);
+                    async move {
+                        ran.lock().push(d.id);
+                        Ok(serde_json::json!({ "ran": d.args }))
+                    }
+                })))
+                .config(HubConfig {
+                    // Long enough that a prompt run is the transaction's NOTIFY, not the poll.
+                    poll_interval: Duration::from_secs(30),
+                    ..HubConfig::default()
+                })
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    let broker = BrokerId::new("b1").unwrap();
+    hubs[0]
+        .connect(broker.clone(), SessionId::new("s1").unwrap(), ())
+        .await
+        .unwrap();
+    let sender = &hubs[1];
+
+    // Rolled back: the command never existed.
+    let mut client = store.pool().get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let ghost = sender
+        .send_in(
+            &*tx,
+            Command::new(broker.clone(), "start", serde_json::json!(1)),
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(store.get(ghost.id).await.unwrap(), None);
+
+    // Committed with the caller's own write: runs on the owner; the sender waits for it.
+    let tx = client.transaction().await.unwrap();
+    tx.execute("CREATE TEMP TABLE caller_write (n int)", &[])
+        .await
+        .unwrap();
+    let receipt = sender
+        .send_in(
+            &*tx,
+            Command::new(broker.clone(), "start", serde_json::json!(2)),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sender.announce(&receipt).await;
+    let out = tokio::time::timeout(Duration::from_secs(10), sender.wait(receipt.id))
+        .await
+        .expect("the committed command ran promptly")
+        .unwrap();
+    assert_eq!(out, serde_json::json!({ "ran": 2 }));
+    assert_eq!(
+        *ran.lock(),
+        vec![receipt.id],
+        "the rolled-back one never ran"
+    );
+
+    // A hub on another store has no transaction to join.
+    let memory = Hub::builder(NodeId::new("memory").unwrap())
+        .store(Arc::new(broker_dispatch::store::MemoryStore::new()))
+        .executor(Arc::new(FnExecutor(|_ctx, _d: Dispatch| async {
+            Ok(serde_json::Value::Null)
+        })))
+        .start()
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    let err = memory
+        .send_in(&*tx, Command::new(broker, "start", serde_json::json!(3)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, broker_dispatch::Error::InvalidInput(_)),
+        "{err:?}"
+    );
+    tx.rollback().await.unwrap();
+    memory.shutdown().await.unwrap();
+    for hub in &hubs {
+        hub.shutdown().await.unwrap();
+    }
+}

@@ -834,13 +834,13 @@ impl Hub {
         let broker = new.broker.clone();
         let d = sh.bounded(sh.store.insert(new)).await?;
         metrics::counter!("broker_dispatch_published_total").increment(1);
-        self.announce(&broker).await;
+        self.announce_broker(&broker).await;
         Ok(d)
     }
 
     /// Tells `broker`'s owner there is work: a drain here, or a signal (unless the store's
     /// insert already signalled).
-    async fn announce(&self, broker: &BrokerId) {
+    async fn announce_broker(&self, broker: &BrokerId) {
         let sh = &self.shared;
         if sh.conns.lock().contains_key(broker) {
             drain::schedule(sh, broker);
@@ -880,6 +880,77 @@ impl Hub {
         })
     }
 
+    /// [`send`](Hub::send) inside the caller's own Postgres transaction (`postgres` feature):
+    /// the row is written through `client` (e.g. a `tokio_postgres::Transaction`, or a
+    /// `deadpool_postgres` one from [`PgStore::pool`](crate::store::PgStore::pool)), so it
+    /// exists if and only if the caller's transaction commits, together with the caller's own
+    /// writes. After the commit, [`announce`](Hub::announce) the receipt (a no-op when the
+    /// store's NOTIFY, sent in the transaction, already woke the owner) and
+    /// [`wait`](Hub::wait) for its id if the result is wanted.
+    ///
+    /// The hub's store must be a [`PgStore`](crate::store::PgStore), and `client` connected to
+    /// its database.
+    ///
+    /// ```no_run
+    /// # use broker_dispatch::{fsm::BrokerId, hub::{Command, Hub}, store::PgStore};
+    /// # async fn f(hub: Hub, pg: PgStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut conn = pg.pool().get().await?;
+    /// let tx = conn.transaction().await?;
+    /// tx.execute("UPDATE accounts SET state = 'restarting' WHERE id = 7", &[]).await?;
+    /// let receipt = hub
+    ///     .send_in(&*tx, Command::new(BrokerId::new("b1")?, "restart", serde_json::json!({})))
+    ///     .await?;
+    /// tx.commit().await?; // the command exists only if the update does
+    /// hub.announce(&receipt).await;
+    /// let result = hub.wait(receipt.id).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for an invalid command or a hub whose store is not Postgres;
+    /// as [`PgStore::insert_in`](crate::store::PgStore::insert_in). After an error the
+    /// caller's transaction is aborted (Postgres semantics): roll it back.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub async fn send_in<C>(&self, client: &C, cmd: Command) -> Result<Receipt, Error>
+    where
+        C: tokio_postgres::GenericClient + Sync,
+    {
+        let sh = &self.shared;
+        if !sh.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let Some(pg) = sh
+            .store
+            .as_any()
+            .and_then(|s| s.downcast_ref::<crate::store::PgStore>())
+        else {
+            return Err(Error::InvalidInput(format!(
+                "send_in needs a Postgres store; this hub's is {}",
+                sh.store.name()
+            )));
+        };
+        let max_attempts = self.validate(&cmd)?;
+        let id = sh.id_for(&cmd);
+        let new = self.new_dispatch(cmd, id, max_attempts, 0, sh.config.send_ttl);
+        let d = sh.bounded(pg.insert_in(client, new)).await?;
+        Ok(Receipt {
+            id: d.id,
+            dispatch: d,
+        })
+    }
+
+    /// Tells the broker's owner about a dispatch written outside the hub's own calls (by
+    /// [`send_in`](Hub::send_in) in a transaction now committed): a drain here if the broker
+    /// is connected here, otherwise a signal on the transport unless the store's insert already
+    /// sent one. Harmless to repeat; skipping it costs latency (the owner's poll finds the
+    /// row), never the row.
+    pub async fn announce(&self, receipt: &Receipt) {
+        metrics::counter!("broker_dispatch_published_total").increment(1);
+        self.announce_broker(&receipt.dispatch.broker).await;
+    }
+
     /// [`send`](Hub::send) for many commands at once: every row is written atomically (all or
     /// none; one transaction on SQLite, one statement on Postgres), then each broker's owner is
     /// told once. The receipts are in input order.
@@ -904,7 +975,7 @@ impl Hub {
         metrics::counter!("broker_dispatch_published_total").increment(rows.len() as u64);
         let brokers: BTreeSet<BrokerId> = rows.iter().map(|d| d.broker.clone()).collect();
         for broker in &brokers {
-            self.announce(broker).await;
+            self.announce_broker(broker).await;
         }
         Ok(rows
             .into_iter()

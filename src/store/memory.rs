@@ -349,6 +349,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         self.insert_sync(new)
     }

@@ -210,6 +210,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         false
     }
 
+    /// This store as [`Any`](std::any::Any), so code holding a `dyn Store` can reach the
+    /// backend's own API: [`Hub::send_in`](crate::hub::Hub::send_in) finds the
+    /// [`PgStore`] this way. The default is `None`; a wrapper around another store should
+    /// forward it.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Writes a new pending dispatch.
     ///
     /// Idempotent: inserting an id (or idempotency key) that exists with the same broker, op and

@@ -1206,6 +1206,10 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         new.validate()?;
         self.call(move |w| {

@@ -1122,6 +1122,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     async fn insert(&self, new: NewDispatch) -> Result<Dispatch, StoreError> {
         new.validate()?;
         let client = self.client().await?;
