@@ -17,7 +17,7 @@ use broker_dispatch::transport::conformance::{
     expect_all, expect_silence, Capabilities, TransportHarness,
 };
 use broker_dispatch::transport::{Notice, PgTransport, PgTransportOptions, Transport};
-use broker_dispatch::TransportError;
+use broker_dispatch::{StoreError, TransportError};
 
 fn options(prefix: &str) -> PgTransportOptions {
     PgTransportOptions {
@@ -382,4 +382,73 @@ async fn a_command_sent_in_the_callers_transaction_runs_only_if_it_commits() {
     for hub in &hubs {
         hub.shutdown().await.unwrap();
     }
+}
+
+/// With only the schema given, a store and a transport agree on their channels, and two
+/// deployments in different schemas of one database never hear each other's notices.
+#[tokio::test]
+async fn store_and_transport_name_their_channels_after_the_schema_by_default() {
+    let Some(db) = pg::fresh() else { return };
+    let other = pg::unique_name("other");
+    let mut subs = Vec::new();
+    let mut stores = Vec::new();
+    for schema in [db.schema.clone(), other.clone()] {
+        let store = PgStore::connect(
+            &db.dsn,
+            PgStoreOptions {
+                schema: schema.clone(),
+                ..PgStoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let t = PgTransport::connect(
+            &db.dsn,
+            PgTransportOptions {
+                schema,
+                ..PgTransportOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        subs.push((t.subscribe().await.unwrap(), t));
+        stores.push(store);
+    }
+    let broker = BrokerId::new("b1").unwrap();
+    stores[0]
+        .insert(NewDispatch::new(
+            broker.clone(),
+            "start",
+            serde_json::json!({}),
+        ))
+        .await
+        .unwrap();
+    expect_all(&mut subs[0].0, [Notice::Signal { broker }]).await;
+    expect_silence(&mut subs[1].0).await;
+    stores[1].drop_schema().await.unwrap();
+
+    // A schema too long to name channels needs an explicit prefix: a typed error, not a
+    // silently truncated channel.
+    let long = format!("s{}", "x".repeat(50));
+    let err = PgStore::connect(
+        &db.dsn,
+        PgStoreOptions {
+            schema: long.clone(),
+            ..PgStoreOptions::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    let err = PgTransport::connect(
+        &db.dsn,
+        PgTransportOptions {
+            schema: long,
+            ..PgTransportOptions::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, TransportError::Payload(_)), "{err:?}");
 }

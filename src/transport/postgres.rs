@@ -46,6 +46,22 @@ pub(crate) fn check_channel_prefix(prefix: &str) -> Result<(), TransportError> {
     Ok(())
 }
 
+/// The channel prefix a store or transport uses: `prefix` if set, else the schema's name, so
+/// a store and a transport built for the same schema agree without being told, and two
+/// deployments in different schemas of one database never hear each other.
+pub(crate) fn resolve_channel_prefix(prefix: &str, schema: &str) -> Result<String, TransportError> {
+    if prefix.is_empty() {
+        check_channel_prefix(schema).map_err(|_| {
+            TransportError::Payload(format!(
+                "the channel prefix defaults to the schema's name, and {schema:?} is not a                  valid one (at most {MAX_PREFIX_LEN} bytes of [a-z_][a-z0-9_]*): set                  channel_prefix explicitly"
+            ))
+        })?;
+        return Ok(schema.to_owned());
+    }
+    check_channel_prefix(prefix)?;
+    Ok(prefix.to_owned())
+}
+
 /// The channel carrying signals (payload: broker id; empty payload: resync).
 pub(crate) fn signal_channel(prefix: &str) -> String {
     format!("{prefix}_signal")
@@ -59,8 +75,14 @@ pub(crate) fn event_channel(prefix: &str) -> String {
 /// How a [`PgTransport`] connects.
 #[derive(Debug, Clone)]
 pub struct PgTransportOptions {
-    /// The prefix of the channels; must match the store's
-    /// ([`PgStoreOptions::channel_prefix`](crate::store::PgStoreOptions::channel_prefix)).
+    /// The schema of the store whose notices this transport carries
+    /// ([`PgStoreOptions::schema`](crate::store::PgStoreOptions::schema)); it names the
+    /// channels unless `channel_prefix` is set. Default `broker_dispatch`, the store's default.
+    pub schema: String,
+    /// The prefix of the channels (`{prefix}_signal`, `{prefix}_event`); empty (the default)
+    /// means the schema's name. It must match the store's
+    /// ([`PgStoreOptions::channel_prefix`](crate::store::PgStoreOptions::channel_prefix)),
+    /// which defaults the same way, so give both the same `schema` and leave this empty.
     pub channel_prefix: String,
     /// The most pooled connections for publishing ([`PgTransport::connect`] only).
     pub pool_size: usize,
@@ -79,7 +101,8 @@ pub struct PgTransportOptions {
 impl Default for PgTransportOptions {
     fn default() -> Self {
         PgTransportOptions {
-            channel_prefix: "broker_dispatch".to_owned(),
+            schema: "broker_dispatch".to_owned(),
+            channel_prefix: String::new(),
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
             keepalive_idle: Duration::from_secs(15),
@@ -189,7 +212,7 @@ impl PgTransport {
         pool: Pool,
         options: PgTransportOptions,
     ) -> Result<Self, TransportError> {
-        check_channel_prefix(&options.channel_prefix)?;
+        let prefix = resolve_channel_prefix(&options.channel_prefix, &options.schema)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
@@ -197,8 +220,8 @@ impl PgTransport {
         config.keepalives_idle(options.keepalive_idle);
         config.keepalives_interval(Duration::from_secs(5));
         config.keepalives_retries(3);
-        let signal = signal_channel(&options.channel_prefix);
-        let event = event_channel(&options.channel_prefix);
+        let signal = signal_channel(&prefix);
+        let event = event_channel(&prefix);
         let bus = MemoryTransport::new();
         let (state_tx, mut state) = watch::channel(Listen::Connecting);
         let task = tokio::spawn(listen_loop(Listener {

@@ -30,7 +30,7 @@ use crate::fsm::{
     self, Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, Event, FailReason,
     NodeId, SessionId, Timestamp,
 };
-use crate::transport::postgres::{check_channel_prefix, event_channel, signal_channel};
+use crate::transport::postgres::{event_channel, resolve_channel_prefix, signal_channel};
 
 mod statements;
 
@@ -74,9 +74,11 @@ pub struct PgStoreOptions {
     pub schema: String,
     /// The most pooled connections ([`PgStore::connect`] only).
     pub pool_size: usize,
-    /// The prefix of the notification channels (`{prefix}_signal`, `{prefix}_event`). It must
-    /// match the [`PgTransport`](crate::transport::PgTransport)'s. Same alphabet as `schema`, at
-    /// most 40 bytes.
+    /// The prefix of the notification channels (`{prefix}_signal`, `{prefix}_event`); empty
+    /// (the default) means the schema's name, so two deployments in different schemas of one
+    /// database never hear each other. It must match the
+    /// [`PgTransport`](crate::transport::PgTransport)'s, which defaults the same way from its
+    /// own `schema`. Same alphabet as `schema`, at most 40 bytes.
     pub channel_prefix: String,
     /// Encodes args at rest (encryption, redaction); `None` stores them as given.
     pub args_codec: Option<Arc<dyn ArgsCodec>>,
@@ -111,7 +113,7 @@ impl Default for PgStoreOptions {
         PgStoreOptions {
             schema: "broker_dispatch".to_owned(),
             pool_size: 16,
-            channel_prefix: "broker_dispatch".to_owned(),
+            channel_prefix: String::new(),
             args_codec: None,
             notify: true,
             connect_timeout: Duration::from_secs(5),
@@ -768,7 +770,7 @@ impl PgStore {
     /// [`StoreError::InvalidInput`] for a malformed schema name or channel prefix.
     pub fn from_pool(pool: Pool, options: PgStoreOptions) -> Result<Self, StoreError> {
         check_schema(&options.schema)?;
-        check_channel_prefix(&options.channel_prefix)
+        let prefix = resolve_channel_prefix(&options.channel_prefix, &options.schema)
             .map_err(|e| StoreError::invalid(e.to_string()))?;
         let quoted = format!("\"{}\"", options.schema);
         Ok(PgStore {
@@ -776,8 +778,8 @@ impl PgStore {
             sql: Arc::new(Sql::new(&quoted)),
             sweep_key: lock_key("sweep", &options.schema),
             schema: options.schema.into(),
-            signal_channel: signal_channel(&options.channel_prefix).into(),
-            event_channel: event_channel(&options.channel_prefix).into(),
+            signal_channel: signal_channel(&prefix).into(),
+            event_channel: event_channel(&prefix).into(),
             codec: options.args_codec,
             notify: options.notify,
             named: options.prepared_statements,
