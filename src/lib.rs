@@ -103,6 +103,37 @@
 //!
 //! See `docs/guarantees.md` in the repository for each guarantee, the behaviour under each fault,
 //! and the test that proves it.
+//!
+//! ## Metrics
+//!
+//! Recorded through the [`metrics`](https://docs.rs/metrics) facade: install any recorder
+//! (e.g. a Prometheus exporter) and they appear; without one they cost nothing.
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `broker_dispatch_routed_total` | counter | `route`: `local`, `forward`, `http`, `undeliverable` | commands routed by `dispatch` |
+//! | `broker_dispatch_published_total` | counter | | dispatch rows written by this node |
+//! | `broker_dispatch_claimed_total` | counter | | rows this node claimed |
+//! | `broker_dispatch_claim_seconds` | histogram | | one claim call's duration |
+//! | `broker_dispatch_started_total` | counter | | executions begun (rows and fast path) |
+//! | `broker_dispatch_done_total` | counter | | rows this node completed |
+//! | `broker_dispatch_failed_total` | counter | `reason`: the [`fsm::FailReason`] kind (`error`, `expired`, `cancelled`, `attempts_exhausted`, `undeliverable`, `corrupt`) | rows that ended failed |
+//! | `broker_dispatch_intent_to_done_seconds` | histogram | | from a row's creation to its completion |
+//! | `broker_dispatch_late_total` | counter | | claims handed back unstarted because their deadline passed first |
+//! | `broker_dispatch_abandoned_total` | counter | | executions stopped before their outcome (lease about to lapse, shutdown timeout) |
+//! | `broker_dispatch_fenced_total` | counter | | writes refused because a newer attempt holds the row |
+//! | `broker_dispatch_cancel_requested_total` | counter | | running dispatches asked to stop by [`hub::Hub::cancel`] |
+//! | `broker_dispatch_corrupt_rows_total` | counter | | claimed rows that could not be read back, quarantined |
+//! | `broker_dispatch_lost_total` | counter | `reason`: `superseded`, `released`, `stale` | brokers this node lost ([`hub::Hub::lost`]) |
+//! | `broker_dispatch_waiting` | gauge | | originators waiting on this node |
+//! | `broker_dispatch_pending` | gauge | | pending rows, as of the last sweep |
+//! | `broker_dispatch_oldest_pending_seconds` | gauge | | age of the oldest pending row, as of the last sweep |
+//! | `broker_dispatch_purged_total` | counter | | finished rows deleted after their retention |
+//! | `broker_dispatch_resyncs_total` | counter | | resyncs (re-drain every owned broker) |
+//! | `broker_dispatch_task_panics_total` | counter | `task`: `listener`, `sweeper`, `catch-up`, `affinity refresh` | background task panics (each task is restarted) |
+//! | `broker_dispatch_transport_reconnects_total` | counter | `transport`: `postgres`, `nats`, `redis` (none for the hub's own re-subscribe) | transport reconnects |
+//! | `broker_dispatch_transport_errors_total` | counter | `transport`: `sqlite` | transport read errors |
+//! | `broker_dispatch_transport_gaps_total` | counter | `transport`: `sqlite` | notices skipped by an outbox reader that fell behind |
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -137,6 +168,11 @@ pub use tokio_postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use deadpool_postgres;
+
+/// The README's Rust examples, compiled and run as doctests so the quick start stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1106,3 +1106,57 @@ async fn an_execution_never_starts_after_its_deadline_even_on_a_busy_runtime() {
         );
     }
 }
+
+/// The crate docs' metrics table names exactly the metrics the source records: a metric added
+/// without a row (or a row left after its metric was removed) fails here.
+#[test]
+fn the_metrics_table_lists_every_metric_recorded() {
+    fn names_in(text: &str, after: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for (i, _) in text.match_indices(after) {
+            let rest = &text[i + after.len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.insert(format!("broker_dispatch_{name}"));
+            }
+        }
+        out
+    }
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    walk(&root.join("src"), &mut files);
+    let mut recorded = std::collections::BTreeSet::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        // A macro call, possibly with its name on the next line.
+        let compact: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        for kind in ["counter", "gauge", "histogram"] {
+            for prefix in [
+                format!("{kind}!(\"broker_dispatch_"),
+                format!("{kind}!( \"broker_dispatch_"),
+            ] {
+                recorded.extend(names_in(&compact, &prefix));
+            }
+        }
+    }
+    let docs = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let documented = names_in(&docs, "//! | `broker_dispatch_");
+    assert!(recorded.len() > 10, "found too few metrics: {recorded:?}");
+    assert_eq!(
+        documented, recorded,
+        "the metrics table in src/lib.rs is out of date"
+    );
+}

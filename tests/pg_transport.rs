@@ -426,7 +426,30 @@ async fn store_and_transport_name_their_channels_after_the_schema_by_default() {
         .unwrap();
     expect_all(&mut subs[0].0, [Notice::Signal { broker }]).await;
     expect_silence(&mut subs[1].0).await;
-    stores[1].drop_schema().await.unwrap();
+
+    // A hub given a store and a transport of different schemas would never be woken: refused.
+    use broker_dispatch::fsm::{Dispatch, NodeId};
+    use broker_dispatch::hub::{FnExecutor, Hub};
+    use std::sync::Arc;
+    let mut stores = stores.into_iter();
+    let first = stores.next().unwrap();
+    let second = stores.next().unwrap();
+    let crossed = Hub::builder(NodeId::new("crossed").unwrap())
+        .store(Arc::new(first))
+        .transport(Arc::new(subs[1].1.clone()))
+        .executor(Arc::new(FnExecutor(|_ctx, _d: Dispatch| async {
+            Ok(serde_json::Value::Null)
+        })))
+        .start()
+        .await;
+    let Err(err) = crossed else {
+        panic!("a hub with crossed channels started")
+    };
+    assert!(
+        matches!(&err, broker_dispatch::Error::InvalidInput(m) if m.contains("same schema")),
+        "{err:?}"
+    );
+    second.drop_schema().await.unwrap();
 
     // A schema too long to name channels needs an explicit prefix: a typed error, not a
     // silently truncated channel.

@@ -46,6 +46,32 @@ pub enum Route {
 }
 
 /// Decides the route (the module's table, in order).
+///
+/// ```
+/// use std::time::Duration;
+/// use broker_dispatch::fsm::{route, Affinity, BrokerId, NodeId, Route, RouteInput, SessionId, Timestamp};
+///
+/// let me = NodeId::new("a").unwrap();
+/// let owner = Affinity {
+///     broker: BrokerId::new("b1").unwrap(),
+///     node: Some(NodeId::new("b").unwrap()),
+///     session: SessionId::new("ws-1").unwrap(),
+///     connected_at: Timestamp::from_micros(0),
+///     last_seen: Timestamp::from_micros(0),
+/// };
+/// let input = |now_s: i64| RouteInput {
+///     this_node: &me,
+///     connected_here: false,
+///     affinity: Some(&owner),
+///     now: Timestamp::from_micros(now_s * 1_000_000),
+///     freshness: Duration::from_secs(30),
+///     has_http_endpoint: false,
+/// };
+/// // Node b refreshed its claim 10 s ago: forward to it.
+/// assert_eq!(route(&input(10)), Route::Forward { owner: NodeId::new("b").unwrap() });
+/// // 60 s without a refresh: b may be dead, and nothing else reaches the broker.
+/// assert_eq!(route(&input(60)), Route::Undeliverable);
+/// ```
 pub fn route(input: &RouteInput<'_>) -> Route {
     if input.connected_here {
         return Route::Local;

@@ -257,6 +257,28 @@ pub enum TransitionError {
 /// This is the specification of the dispatch life cycle (see the module table). It never panics,
 /// and on error the input is unchanged (it is borrowed).
 ///
+/// ```
+/// use std::time::Duration;
+/// use broker_dispatch::fsm::{apply, BrokerId, DispatchState, Event, NodeId, Timestamp, TransitionError};
+/// use broker_dispatch::store::NewDispatch;
+///
+/// let t = |s: i64| Timestamp::from_micros(s * 1_000_000);
+/// let d = NewDispatch::new(BrokerId::new("b1").unwrap(), "restart", serde_json::json!({}))
+///     .into_dispatch(t(0));
+/// let lease = Duration::from_secs(10);
+/// // Node a claims attempt 1; its lease runs out; node b claims attempt 2.
+/// let a = apply(&d, Event::Claim { node: NodeId::new("a").unwrap(), now: t(1), lease }).unwrap();
+/// assert_eq!((a.state, a.attempt), (DispatchState::InProgress, 1));
+/// let b = apply(&a, Event::Claim { node: NodeId::new("b").unwrap(), now: t(20), lease }).unwrap();
+/// assert_eq!(b.attempt, 2);
+/// // a's late result is fenced out; b's lands.
+/// let late = Event::Complete { attempt: 1, now: t(21), result: serde_json::json!("a") };
+/// assert!(matches!(apply(&b, late), Err(TransitionError::Fenced { presented: 1, current: 2 })));
+/// let done = apply(&b, Event::Complete { attempt: 2, now: t(22), result: serde_json::json!("b") })
+///     .unwrap();
+/// assert_eq!(done.state, DispatchState::Done);
+/// ```
+///
 /// # Errors
 ///
 /// [`TransitionError::Fenced`] when a holder's event carries a stale attempt;

@@ -10,6 +10,20 @@ use std::time::Duration;
 use super::dispatch::Timestamp;
 
 /// A deadline that moves forward on progress, bounded by an optional hard cap.
+///
+/// ```
+/// use std::time::Duration;
+/// use broker_dispatch::fsm::{RollingDeadline, Timestamp};
+///
+/// let t = |s: i64| Timestamp::from_micros(s * 1_000_000);
+/// let mut wait = RollingDeadline::new(t(0), Duration::from_secs(30), Some(Duration::from_secs(60)));
+/// assert_eq!(wait.poll_timeout(), t(30));
+/// wait.touch(t(20)); // real progress at 20 s: 30 s more
+/// assert!(!wait.is_expired(t(45)));
+/// wait.touch(t(50)); // ... but never past the hard cap
+/// assert_eq!(wait.poll_timeout(), t(60));
+/// assert!(wait.is_expired(t(60)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RollingDeadline {
     window: Duration,

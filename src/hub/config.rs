@@ -17,7 +17,23 @@ pub enum UndeliverablePolicy {
 }
 
 /// The hub's timing and sizing knobs. Every field has a default suited to a production hub;
-/// tests shrink them.
+/// tests shrink them. [`validate`](HubConfig::validate) (run by
+/// [`HubBuilder::start`](super::HubBuilder::start)) refuses inconsistent values.
+///
+/// ```
+/// use std::time::Duration;
+/// use broker_dispatch::hub::HubConfig;
+///
+/// let config = HubConfig {
+///     lease: Duration::from_secs(10),           // a dead holder's claims return within 10 s
+///     wait_window: Duration::from_secs(60),     // callers wait 60 s past the last progress
+///     max_in_flight: 32,                        // per broker, on this node
+///     ..HubConfig::default()
+/// };
+/// assert!(config.validate().is_ok());
+/// let bad = HubConfig { lease: Duration::from_micros(10), ..HubConfig::default() };
+/// assert!(bad.validate().is_err(), "durations under 1 ms are refused");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubConfig {
     /// How long a claim holds without renewal (default 30 s). Leases are renewed every

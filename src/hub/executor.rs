@@ -24,6 +24,53 @@ use crate::fsm::{Attempt, BrokerId, Dispatch, DispatchId, SessionId};
 /// - A panic fails that dispatch (`executor panicked: …`), never the hub.
 /// - The future may be dropped (shutdown timeout, process death): the lease then runs out and
 ///   another attempt may run.
+///
+/// An executor that writes the command to the broker's socket (the handle given to
+/// [`Hub::connect`](super::Hub::connect)) and stops when the dispatch is cancelled:
+///
+/// ```
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use broker_dispatch::fsm::Dispatch;
+/// use broker_dispatch::hub::{ExecContext, Executor};
+/// use broker_dispatch::ExecError;
+/// use tokio::sync::mpsc;
+///
+/// /// The application's handle for one connection: its socket's writer.
+/// type Socket = mpsc::Sender<String>;
+///
+/// struct ToSocket;
+///
+/// #[async_trait]
+/// impl Executor for ToSocket {
+///     async fn execute(&self, ctx: ExecContext, d: &Dispatch) -> Result<serde_json::Value, ExecError> {
+///         let socket = ctx.conn::<Socket>().ok_or_else(|| ExecError::fatal("no socket"))?;
+///         // (id, attempt) lets the broker drop a duplicate of an execution it already ran.
+///         let line = format!("{} {} {}", d.id, ctx.attempt(), d.op);
+///         if socket.send(line).await.is_err() {
+///             // The socket closed: another attempt may find the broker on its new connection.
+///             return Err(ExecError::Retryable { after: Duration::from_secs(1), message: "socket closed".into() });
+///         }
+///         tokio::select! {
+///             () = ctx.cancelled() => Err(ExecError::fatal("cancelled")),
+///             () = tokio::time::sleep(Duration::from_millis(10)) => Ok(serde_json::json!("sent")),
+///         }
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use broker_dispatch::{fsm::BrokerId, store::NewDispatch, fsm::Timestamp};
+///
+/// // A unit test of the executor, outside any hub.
+/// let d = NewDispatch::new(BrokerId::new("b1").unwrap(), "restart", serde_json::json!({}))
+///     .into_dispatch(Timestamp::EPOCH);
+/// let (socket, mut wire) = mpsc::channel::<String>(8);
+/// let ctx = ExecContext::detached(d.id, 1).with_conn(socket);
+/// assert_eq!(ToSocket.execute(ctx, &d).await, Ok(serde_json::json!("sent")));
+/// assert_eq!(wire.recv().await, Some(format!("{} 1 restart", d.id)));
+/// # }
+/// ```
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
     /// Executes one dispatch.
@@ -101,6 +148,14 @@ impl ExecContext {
     /// directly, in tests or benchmarks.
     pub fn detached(id: DispatchId, attempt: Attempt) -> Self {
         ExecContext::new(id, attempt, attempt, None, None)
+    }
+
+    /// This context with `conn` as its connection handle (what [`conn`](Self::conn) returns):
+    /// for calling an executor directly on a [`detached`](Self::detached) context in a test.
+    #[must_use]
+    pub fn with_conn<C: Send + Sync + 'static>(mut self, conn: C) -> Self {
+        self.conn = Some(Arc::new(conn));
+        self
     }
 
     /// The dispatch id (stable across attempts): the broker's deduplication key.

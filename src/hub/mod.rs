@@ -200,6 +200,8 @@ impl HubBuilder {
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(crate::transport::NoopTransport));
+        #[cfg(feature = "postgres")]
+        check_pg_channels(store.as_ref(), transport.as_ref())?;
         let subscription = transport.subscribe().await?;
         let (shutdown_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -236,10 +238,68 @@ impl HubBuilder {
     }
 }
 
+/// A Postgres store that signals with NOTIFY and a Postgres transport must name the same
+/// channels, or every wake-up is lost (the hubs fall back to polling): refuse that at start.
+#[cfg(feature = "postgres")]
+fn check_pg_channels(store: &dyn Store, transport: &dyn Transport) -> Result<(), Error> {
+    let store = store
+        .as_any()
+        .and_then(|s| s.downcast_ref::<crate::store::PgStore>());
+    let transport = transport
+        .as_any()
+        .and_then(|t| t.downcast_ref::<crate::transport::PgTransport>());
+    if let (Some(store), Some(transport)) = (store, transport) {
+        if store.signals_on_insert() && store.signal_channel() != transport.signal_channel() {
+            return Err(Error::InvalidInput(format!(
+                "the store signals on channel {:?} but the transport listens on {:?}: give \
+                 PgStoreOptions and PgTransportOptions the same schema (or channel_prefix)",
+                store.signal_channel(),
+                transport.signal_channel()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One replica of the hub. Cheap to clone; all clones drive the same runtime.
 ///
 /// Call [`shutdown`](Hub::shutdown) to stop it gracefully. Dropping the last clone without
 /// that stops its tasks at once, like [`abort`](Hub::abort): nothing keeps running unowned.
+///
+/// ```
+/// use std::sync::Arc;
+/// use broker_dispatch::fsm::{BrokerId, Dispatch, DispatchState, NodeId, SessionId};
+/// use broker_dispatch::hub::{CancelOutcome, Command, ExecContext, FnExecutor, Hub};
+/// use broker_dispatch::store::SqliteStore;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let store = Arc::new(SqliteStore::open(dir.path().join("hub.db"))?); // the embedded default
+/// let hub = Hub::builder(NodeId::new("node-a")?)
+///     .store(store)
+///     .executor(Arc::new(FnExecutor(|ctx: ExecContext, d: Dispatch| async move {
+///         Ok(serde_json::json!({ "op": d.op, "session": ctx.session().map(|s| s.to_string()) }))
+///     })))
+///     .start()
+///     .await?;
+///
+/// // A broker connects (over the application's socket) and a command runs on it.
+/// let b1 = BrokerId::new("b1")?;
+/// hub.connect(b1.clone(), SessionId::new("ws-1")?, ()).await?;
+/// let out = hub.dispatch(Command::new(b1, "restart", serde_json::json!({}))).await?;
+/// assert_eq!(out["session"], "ws-1");
+///
+/// // A durable message for a broker not connected anywhere waits for it ...
+/// let b2 = BrokerId::new("b2")?;
+/// let receipt = hub.send(Command::new(b2, "upgrade", serde_json::json!({}))).await?;
+/// // ... unless cancelled, from any node.
+/// let CancelOutcome::Cancelled(row) = hub.cancel(receipt.id).await? else { panic!() };
+/// assert_eq!(row.state, DispatchState::Failed);
+///
+/// hub.shutdown().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Hub {
     shared: Arc<Shared>,

@@ -40,6 +40,7 @@ pub(crate) mod postgres;
 pub use postgres::{ImportOutcome, PgImport, PgStore, PgStoreOptions, PG_SCHEMA_VERSION};
 
 #[cfg(any(test, feature = "conformance"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
 /// The most rows one claim, list or sweep step may touch.

@@ -117,10 +117,55 @@ impl Stream for Subscription {
 ///   hints and re-read the store.
 /// - A publisher receives its own notices too (hubs rely on this in a one-node cluster).
 /// - `publish` does not wait for delivery. Dropping its future may drop the notice.
+///
+/// A transport over a medium of your own: here one that forwards to a [`MemoryTransport`]
+/// and counts what it publishes (`examples/custom_transport.rs` has a whole one; the
+/// `conformance` feature's suite checks the contract).
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use async_trait::async_trait;
+/// use broker_dispatch::fsm::BrokerId;
+/// use broker_dispatch::transport::{MemoryTransport, Notice, Subscription, Transport};
+/// use broker_dispatch::TransportError;
+/// use futures::StreamExt;
+///
+/// #[derive(Debug, Default)]
+/// struct Counted { inner: MemoryTransport, published: AtomicU64 }
+///
+/// #[async_trait]
+/// impl Transport for Counted {
+///     fn name(&self) -> &'static str { "counted" }
+///     async fn subscribe(&self) -> Result<Subscription, TransportError> {
+///         self.inner.subscribe().await
+///     }
+///     async fn publish(&self, notice: Notice) -> Result<(), TransportError> {
+///         self.published.fetch_add(1, Ordering::Relaxed);
+///         self.inner.publish(notice).await
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let t = Counted::default();
+/// let mut sub = t.subscribe().await?; // live when it returns
+/// let signal = Notice::Signal { broker: BrokerId::new("b1")? };
+/// t.publish(signal.clone()).await?;
+/// assert_eq!(sub.next().await, Some(signal)); // publishers hear their own notices
+/// assert_eq!(t.published.load(Ordering::Relaxed), 1);
+/// # Ok(()) }
+/// ```
 #[async_trait]
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// A short name for logs (`"memory"`, `"noop"`, `"postgres"`).
     fn name(&self) -> &'static str;
+
+    /// This transport as [`Any`](std::any::Any), so code holding a `dyn Transport` can reach
+    /// the backend's own API (the hub checks that a [`PgTransport`] listens on its
+    /// `PgStore`'s channels this way). The default is `None`; a wrapper should forward it.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 
     /// Starts a live subscription to every notice.
     async fn subscribe(&self) -> Result<Subscription, TransportError>;
@@ -130,4 +175,5 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 }
 
 #[cfg(any(test, feature = "conformance"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;

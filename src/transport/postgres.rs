@@ -143,6 +143,13 @@ struct Inner {
     task: JoinHandle<()>,
 }
 
+impl PgTransport {
+    /// The channel this transport hears signals on.
+    pub(crate) fn signal_channel(&self) -> &str {
+        &self.inner.signal
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.task.abort();
@@ -278,6 +285,10 @@ impl PgTransport {
 impl Transport for PgTransport {
     fn name(&self) -> &'static str {
         "postgres"
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     /// Subscribes, returning once the LISTEN connection is active, so every notice committed

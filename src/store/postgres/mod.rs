@@ -786,6 +786,11 @@ impl PgStore {
         })
     }
 
+    /// The channel this store's inserts signal on (with `notify`).
+    pub(crate) fn signal_channel(&self) -> &str {
+        &self.signal_channel
+    }
+
     /// The pool this store uses.
     pub fn pool(&self) -> &Pool {
         &self.pool
