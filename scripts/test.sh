@@ -32,6 +32,20 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+# The layers import downwards only: stores and transports share Postgres glue through
+# `src/pg/`, never each other; the pure core imports no layer above it.
+step "layering (no store <-> transport imports; fsm imports nothing above it)"
+layering_ok=true
+check_no_import() { # <dir> <forbidden path>
+  if grep -rnE "^[^/]*\b(use )?$2\b" "$1" --include=*.rs | grep -v '^\S*:\s*//' ; then
+    echo "layering: $1 must not use $2"; layering_ok=false
+  fi
+}
+check_no_import src/transport 'crate::store'
+check_no_import src/store 'crate::transport'
+check_no_import src/fsm 'crate::(store|transport|hub)'
+$layering_ok
+
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
 

@@ -150,6 +150,8 @@ pub mod hub;
 #[cfg(all(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "sqlite", feature = "postgres"))))]
 pub mod migrate;
+#[cfg(feature = "postgres")]
+mod pg;
 pub mod store;
 mod sync;
 pub mod transport;

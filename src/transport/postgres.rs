@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -25,52 +25,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use super::{MemoryTransport, Notice, Subscription, Transport};
 use crate::error::{BoxError, TransportError};
 use crate::fsm::{BrokerId, DispatchId};
-use crate::store::postgres::is_retryable_pg;
-
-/// The longest channel prefix accepted, in bytes (channel names are identifiers of at most 63).
-const MAX_PREFIX_LEN: usize = 40;
-
-/// Checks a channel prefix: a plain lowercase identifier, so channel names need no escaping.
-pub(crate) fn check_channel_prefix(prefix: &str) -> Result<(), TransportError> {
-    let mut chars = prefix.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !first_ok || !rest_ok || prefix.len() > MAX_PREFIX_LEN {
-        return Err(TransportError::Payload(format!(
-            "channel prefix must match [a-z_][a-z0-9_]* and be at most {MAX_PREFIX_LEN} bytes, \
-             got {prefix:?}"
-        )));
-    }
-    Ok(())
-}
-
-/// The channel prefix a store or transport uses: `prefix` if set, else the schema's name, so
-/// a store and a transport built for the same schema agree without being told, and two
-/// deployments in different schemas of one database never hear each other.
-pub(crate) fn resolve_channel_prefix(prefix: &str, schema: &str) -> Result<String, TransportError> {
-    if prefix.is_empty() {
-        check_channel_prefix(schema).map_err(|_| {
-            TransportError::Payload(format!(
-                "the channel prefix defaults to the schema's name, and {schema:?} is not a                  valid one (at most {MAX_PREFIX_LEN} bytes of [a-z_][a-z0-9_]*): set                  channel_prefix explicitly"
-            ))
-        })?;
-        return Ok(schema.to_owned());
-    }
-    check_channel_prefix(prefix)?;
-    Ok(prefix.to_owned())
-}
-
-/// The channel carrying signals (payload: broker id; empty payload: resync).
-pub(crate) fn signal_channel(prefix: &str) -> String {
-    format!("{prefix}_signal")
-}
-
-/// The channel carrying events (payload: dispatch id).
-pub(crate) fn event_channel(prefix: &str) -> String {
-    format!("{prefix}_event")
-}
+use crate::pg::{self, event_channel, resolve_channel_prefix, signal_channel};
 
 /// How a [`PgTransport`] connects.
 #[derive(Debug, Clone)]
@@ -168,7 +123,7 @@ impl fmt::Debug for PgTransport {
 }
 
 fn pg_error(e: tokio_postgres::Error) -> TransportError {
-    if is_retryable_pg(&e) {
+    if pg::is_retryable(&e) {
         TransportError::Unavailable(Box::new(e))
     } else {
         TransportError::Backend(Box::new(e))
@@ -191,19 +146,7 @@ impl PgTransport {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .build()
+        let pool = pg::build_pool(config.clone(), options.pool_size, options.connect_timeout)
             .map_err(|e| TransportError::Backend(Box::new(e)))?;
         Self::from_pool(config, pool, options).await
     }
@@ -219,7 +162,8 @@ impl PgTransport {
         pool: Pool,
         options: PgTransportOptions,
     ) -> Result<Self, TransportError> {
-        let prefix = resolve_channel_prefix(&options.channel_prefix, &options.schema)?;
+        let prefix = resolve_channel_prefix(&options.channel_prefix, &options.schema)
+            .map_err(TransportError::Payload)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
@@ -393,7 +337,7 @@ async fn listen_loop(l: Listener) {
                 }
                 let (retryable, message) = match &failure {
                     ListenFailure::Pg(e) => {
-                        (is_retryable_pg(e), format!("{e}: {}", source_text(e)))
+                        (pg::is_retryable(e), format!("{e}: {}", source_text(e)))
                     }
                     ListenFailure::TimedOut => (
                         true,
@@ -520,11 +464,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefixes_are_plain_identifiers() {
-        assert!(check_channel_prefix("broker_dispatch").is_ok());
-        for bad in ["", "9x", "A", "a-b", "a\"b", &"x".repeat(41)] {
-            assert!(check_channel_prefix(bad).is_err(), "{bad:?}");
-        }
+    fn channels_are_named_from_the_prefix() {
         assert_eq!(signal_channel("p"), "p_signal");
         assert_eq!(event_channel("p"), "p_event");
     }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, NoTls, Row};
+use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
 use super::{
@@ -30,7 +30,7 @@ use crate::fsm::{
     self, Affinity, Attempt, BrokerId, Dispatch, DispatchId, DispatchState, Event, FailReason,
     NodeId, SessionId, Timestamp,
 };
-use crate::transport::postgres::{event_channel, resolve_channel_prefix, signal_channel};
+use crate::pg::{self, event_channel, resolve_channel_prefix, signal_channel};
 
 mod statements;
 
@@ -525,20 +525,9 @@ impl fmt::Debug for PgStore {
     }
 }
 
-/// Checks a schema name: plain lowercase identifier, so it never needs escaping and never
-/// changes case.
+/// Checks a schema name (see [`pg::check_schema`]).
 fn check_schema(schema: &str) -> Result<(), StoreError> {
-    let mut chars = schema.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !first_ok || !rest_ok || schema.len() > 63 {
-        return Err(StoreError::invalid(format!(
-            "schema name must match [a-z_][a-z0-9_]* and be at most 63 bytes, got {schema:?}"
-        )));
-    }
-    Ok(())
+    pg::check_schema(schema).map_err(StoreError::invalid)
 }
 
 /// A stable 64-bit key for an advisory lock (FNV-1a), so every replica derives the same key.
@@ -568,35 +557,6 @@ fn corrupt(what: impl fmt::Display) -> StoreError {
     StoreError::Backend(format!("corrupt row: {what}").into())
 }
 
-/// Whether a driver error is one a retry may fix.
-///
-/// Retryable: connection failures and losses, timeouts, server shutdown (`57P01`..`57P03`),
-/// cancelled statements including `statement_timeout` (`57014`), lock timeouts (`55P03`),
-/// serialization failures and deadlocks (`40001`, `40P01`), too many connections (`53300`),
-/// and SQLSTATE class `08`. Everything else (bad SQL, constraint violations, permissions,
-/// authentication, encoding) is not.
-pub(crate) fn is_retryable_pg(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08")
-                || matches!(
-                    c,
-                    "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "40001" | "40P01" | "53300"
-                )
-        }
-        None => {
-            // Without a SQLSTATE the driver failed on the wire: closed, I/O, connect, timeout.
-            // The driver's error kinds are private; their messages are stable within 0.7.
-            let text = e.to_string();
-            e.is_closed()
-                || text.starts_with("error communicating")
-                || text.starts_with("error connecting")
-                || text.starts_with("timeout")
-        }
-    }
-}
-
 /// An error the server reported, as the store passes it on: its severity, SQLSTATE and
 /// message, and nothing else. The driver's error would display as just `db error` (the server's
 /// words only in its source), and its `detail` may quote the row a statement was writing
@@ -622,7 +582,7 @@ impl std::error::Error for PgServerError {}
 /// and SQLSTATE shown, no row data kept); any other driver error (I/O, connect, timeout) is
 /// the boxed source as it is.
 fn map_pg(e: tokio_postgres::Error) -> StoreError {
-    let retryable = is_retryable_pg(&e);
+    let retryable = pg::is_retryable(&e);
     let boxed: crate::error::BoxError = match e.as_db_error() {
         Some(db) => Box::new(PgServerError {
             severity: db.severity().to_owned(),
@@ -742,19 +702,7 @@ impl PgStore {
             };
             config.options(opts);
         }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .build()
+        let pool = pg::build_pool(config, options.pool_size, options.connect_timeout)
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         let store = Self::from_pool(pool, options)?;
         drop(store.client().await?);
@@ -771,7 +719,7 @@ impl PgStore {
     pub fn from_pool(pool: Pool, options: PgStoreOptions) -> Result<Self, StoreError> {
         check_schema(&options.schema)?;
         let prefix = resolve_channel_prefix(&options.channel_prefix, &options.schema)
-            .map_err(|e| StoreError::invalid(e.to_string()))?;
+            .map_err(StoreError::invalid)?;
         let quoted = format!("\"{}\"", options.schema);
         Ok(PgStore {
             pool,
