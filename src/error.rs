@@ -48,10 +48,10 @@ pub enum StoreError {
     },
     /// The backend is temporarily unreachable or busy (connection lost, lock timeout); retry later.
     #[error("store unavailable: {0}")]
-    Unavailable(#[source] BoxError),
+    Unavailable(BoxError),
     /// Any other backend failure (corrupt file, read-only database, full disk, bad SQL).
     #[error("store backend error: {0}")]
-    Backend(#[source] BoxError),
+    Backend(BoxError),
 }
 
 impl StoreError {
@@ -96,13 +96,13 @@ pub enum TransportError {
     Closed,
     /// The medium is temporarily unreachable; retry later.
     #[error("transport unavailable: {0}")]
-    Unavailable(#[source] BoxError),
+    Unavailable(BoxError),
     /// A payload could not be encoded or decoded.
     #[error("bad notice payload: {0}")]
     Payload(String),
     /// Any other failure of the medium.
     #[error("transport backend error: {0}")]
-    Backend(#[source] BoxError),
+    Backend(BoxError),
 }
 
 impl TransportError {
@@ -185,5 +185,37 @@ pub enum Error {
 impl From<IdError> for Error {
     fn from(e: IdError) -> Self {
         Error::InvalidInput(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// Each error says its cause once: in its message, not again as a `source()` that an
+    /// error reporter walking the chain would print a second time. (The cause stays reachable
+    /// as the variant's field, e.g. to downcast it.)
+    #[test]
+    fn causes_are_told_once() {
+        let cause = || -> BoxError { "connection refused".into() };
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(StoreError::Unavailable(cause())),
+            Box::new(StoreError::Backend(cause())),
+            Box::new(TransportError::Unavailable(cause())),
+            Box::new(TransportError::Backend(cause())),
+            Box::new(Error::Store(StoreError::Backend(cause()))),
+            Box::new(Error::Transport(TransportError::Unavailable(cause()))),
+        ];
+        for e in errors {
+            let mut told = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                told.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            assert_eq!(told.matches("connection refused").count(), 1, "{told}");
+        }
     }
 }

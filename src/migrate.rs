@@ -297,7 +297,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The copy was committed, but deleting the source failed.
-    #[error("copied, but could not remove {path:?}: {source}")]
+    #[error("copied, but could not remove {path:?}")]
     RemoveSource {
         /// The file that could not be removed.
         path: PathBuf,
