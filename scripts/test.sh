@@ -46,6 +46,9 @@ check_no_import src/store 'crate::transport'
 check_no_import src/fsm 'crate::(store|transport|hub)'
 $layering_ok
 
+step "rust-version (every dependency built declares it or older)"
+scripts/msrv.sh
+
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
 
