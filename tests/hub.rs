@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_dispatch::fsm::{BrokerId, Dispatch, DispatchState, FailReason, NodeId, SessionId};
-use broker_dispatch::hub::{Command, HttpFallback, Hub, HubConfig, UndeliverablePolicy};
+use broker_dispatch::hub::{Clock, Command, HttpFallback, Hub, HubConfig, UndeliverablePolicy};
 use broker_dispatch::store::{ClaimParams, Claimed, FinishParams, MemoryStore, Outcome, Store};
 use broker_dispatch::transport::MemoryTransport;
 use broker_dispatch::{Error, ExecError, StoreError};
 use parking_lot::Mutex;
 use serde_json::json;
-use support::{eventually, Ledger, Recorder, Rng};
+use support::{eventually, Ledger, PausedClock, Recorder, Rng};
 
 fn fast_config() -> HubConfig {
     HubConfig {
@@ -39,12 +39,13 @@ fn session(s: impl Into<String>) -> SessionId {
 
 /// What an originator saw (`None` for a send) and the dispatch id when known.
 type Seen = (
-    Option<Result<serde_json::Value, String>>,
+    Option<Result<broker_dispatch::hub::Dispatched, Error>>,
     Option<broker_dispatch::fsm::DispatchId>,
 );
 
 struct Cluster {
     hubs: Vec<Hub>,
+    clock: Arc<PausedClock>,
     store: Arc<MemoryStore>,
     ledger: Arc<Mutex<Ledger>>,
     transport: MemoryTransport,
@@ -54,12 +55,14 @@ async fn cluster(n: usize, config: HubConfig, tweak: impl Fn(&mut Recorder)) -> 
     let store = Arc::new(MemoryStore::new());
     let transport = MemoryTransport::new();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let clock = PausedClock::new();
     let mut hubs = Vec::new();
     for i in 0..n {
         let id = node(&format!("node-{i}"));
         let mut exec = Recorder::new(&id, &ledger);
         tweak(&mut exec);
         let hub = Hub::builder(id)
+            .clock(clock.clone())
             .store(store.clone())
             .transport(Arc::new(transport.clone()))
             .executor(Arc::new(exec))
@@ -71,6 +74,7 @@ async fn cluster(n: usize, config: HubConfig, tweak: impl Fn(&mut Recorder)) -> 
     }
     Cluster {
         hubs,
+        clock,
         store,
         ledger,
         transport,
@@ -89,7 +93,7 @@ async fn all_rows(store: &MemoryStore) -> Vec<Dispatch> {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn forward_runs_on_the_owner_and_returns_its_result() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b1");
@@ -110,7 +114,7 @@ async fn forward_runs_on_the_owner_and_returns_its_result() {
     assert_eq!(rows[0].claimed_by.as_ref(), Some(&node("node-0")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn local_fast_path_writes_no_row() {
     let c = cluster(1, fast_config(), |_| {}).await;
     let b = broker("b1");
@@ -129,7 +133,7 @@ async fn local_fast_path_writes_no_row() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
     let c = cluster(3, fast_config(), |_| {}).await;
     let brokers: Vec<BrokerId> = (0..20).map(|i| broker(&format!("broker-{i}"))).collect();
@@ -192,16 +196,8 @@ async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
                     let r = hub.send(cmd).await.expect("send must succeed");
                     results.lock().push((None, Some(r.id)));
                 } else {
-                    let r = hub.dispatch(cmd).await;
-                    let id = match &r {
-                        Err(Error::Failed { id, .. } | Error::TimedOut { id, .. }) => Some(*id),
-                        _ => None,
-                    };
-                    let r = match r {
-                        Ok(v) => Ok(v),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    results.lock().push((Some(r), id));
+                    let r = hub.dispatch_detailed(cmd).await;
+                    results.lock().push((Some(r), None));
                 }
             }
         }));
@@ -224,26 +220,65 @@ async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
     let by_id: std::collections::HashMap<_, _> = rows.iter().map(|d| (d.id, d)).collect();
     let results = results.lock();
     assert_eq!(results.len(), total);
-    let mut ok = 0;
+    // Every originator's outcome agrees with its row: a result is the row's result (or the
+    // fast path's, which writes none), a failure is the row's failure.
     for (r, id) in results.iter() {
         match r {
-            Some(Ok(v)) => {
-                ok += 1;
-                assert!(v.get("node").is_some());
-            }
-            Some(Err(e)) => {
-                let id = id.expect("failures carry the id");
-                if let Some(row) = by_id.get(&id) {
-                    assert!(row.state.is_terminal(), "{e}: row {id} not terminal");
+            Some(Ok(out)) => match by_id.get(&out.id) {
+                Some(row) => {
+                    assert!(
+                        out.durable,
+                        "{}: a row, but reported as the fast path",
+                        out.id
+                    );
+                    assert_eq!(row.state, DispatchState::Done, "{}", out.id);
+                    assert_eq!(row.result.as_ref(), Some(&out.value), "{}", out.id);
+                    assert_eq!(
+                        (row.attempt, row.claimed_by.as_ref()),
+                        (out.attempt, out.node.as_ref())
+                    );
+                }
+                None => assert!(!out.durable, "{}: reported durable, no row", out.id),
+            },
+            Some(Err(Error::Failed { id, reason })) => {
+                if let Some(row) = by_id.get(id) {
+                    assert_eq!(row.state, DispatchState::Failed, "{id}");
+                    assert_eq!(row.failure.as_ref(), Some(reason), "{id}");
                 }
             }
+            Some(Err(Error::TimedOut { id, .. })) => {
+                assert!(
+                    by_id.get(id).is_some_and(|row| row.state.is_terminal()),
+                    "{id}"
+                );
+            }
+            Some(Err(e)) => panic!("unexpected error: {e}"),
             None => {
                 let id = id.unwrap();
                 assert!(by_id[&id].state.is_terminal());
             }
         }
     }
-    assert!(ok > total / 2, "most dispatches succeed, got {ok}/{total}");
+    // Both paths were taken, and flapping did not make most commands fail.
+    let ok = |durable: bool| {
+        results
+            .iter()
+            .filter(|(r, _)| matches!(r, Some(Ok(out)) if out.durable == durable))
+            .count()
+    };
+    let dispatched = total - total.div_ceil(3);
+    assert!(
+        ok(false) > 0 && ok(true) > 0,
+        "fast {} / rows {}",
+        ok(false),
+        ok(true)
+    );
+    assert!(
+        ok(false) + ok(true) > dispatched * 9 / 10,
+        "fast {} + rows {} of {dispatched}",
+        ok(false),
+        ok(true)
+    );
     let ledger = c.ledger.lock();
     assert_eq!(ledger.duplicates(), 0, "an (id, attempt) executed twice");
     for d in &rows {
@@ -260,7 +295,7 @@ async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn originator_result_equals_the_row() {
     let c = cluster(2, fast_config(), |r| {
         r.behaviour = Some(Arc::new(|_ctx, d| {
@@ -295,7 +330,7 @@ async fn originator_result_equals_the_row() {
     assert_eq!(row.failure, Some(reason));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn teardown_of_an_old_session_after_a_newer_connect_changes_nothing() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
@@ -303,6 +338,8 @@ async fn teardown_of_an_old_session_after_a_newer_connect_changes_nothing() {
         .connect(b.clone(), session("old"), ())
         .await
         .unwrap();
+    // Connections are ordered by when they were accepted: a later one, a moment later.
+    tokio::time::sleep(Duration::from_millis(1)).await;
     c.hubs[1]
         .connect(b.clone(), session("new"), ())
         .await
@@ -319,6 +356,7 @@ async fn teardown_of_an_old_session_after_a_newer_connect_changes_nothing() {
     );
     assert_eq!(a.session, session("new"));
     // Same node, two sessions: the old teardown must not remove the new one.
+    tokio::time::sleep(Duration::from_millis(1)).await;
     c.hubs[1]
         .connect(b.clone(), session("newer"), ())
         .await
@@ -332,11 +370,11 @@ async fn teardown_of_an_old_session_after_a_newer_connect_changes_nothing() {
     assert_eq!(out["node"], "node-1");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_delayed_older_connect_is_superseded() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
-    let t = broker_dispatch::fsm::Timestamp::from_system_time(std::time::SystemTime::now());
+    let t = c.clock.now();
     c.hubs[1]
         .connect_at(b.clone(), session("s2"), (), t)
         .await
@@ -354,7 +392,7 @@ async fn a_delayed_older_connect_is_superseded() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_aborted_holder_is_reclaimed_after_its_lease_and_its_late_finish_is_fenced() {
     let config = fast_config();
     let c = cluster(2, config.clone(), |r| {
@@ -422,7 +460,7 @@ async fn an_aborted_holder_is_reclaimed_after_its_lease_and_its_late_finish_is_f
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_given_up_dispatch_is_cancelled_and_never_runs() {
     let config = HubConfig {
         wait_window: Duration::from_millis(300),
@@ -477,7 +515,7 @@ async fn a_given_up_dispatch_is_cancelled_and_never_runs() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn parked_dispatch_runs_when_the_broker_connects() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("later");
@@ -498,7 +536,7 @@ async fn parked_dispatch_runs_when_the_broker_connects() {
     assert_eq!(out["node"], "node-0");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn fail_fast_writes_nothing() {
     let config = HubConfig {
         undeliverable: UndeliverablePolicy::FailFast,
@@ -538,14 +576,16 @@ impl HttpFallback for Http {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn http_route_with_and_without_a_fallback() {
+    let clock = PausedClock::new();
     let store = Arc::new(MemoryStore::new());
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let http = Arc::new(Http {
         calls: AtomicU32::new(0),
     });
     let with = Hub::builder(node("with"))
+        .clock(clock.clone())
         .store(store.clone())
         .executor(Arc::new(Recorder::new(&node("with"), &ledger)))
         .http_fallback(http.clone())
@@ -577,6 +617,7 @@ async fn http_route_with_and_without_a_fallback() {
     ));
     // Without a fallback, an HTTP broker is treated as undeliverable too.
     let without = Hub::builder(node("without"))
+        .clock(clock.clone())
         .store(store.clone())
         .executor(Arc::new(Recorder::new(&node("without"), &ledger)))
         .config(HubConfig {
@@ -600,7 +641,7 @@ async fn http_route_with_and_without_a_fallback() {
     assert_eq!(http.calls.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn send_returns_only_after_the_row_is_durable() {
     let c = cluster(2, fast_config(), |r| r.delay = Duration::from_millis(200)).await;
     let b = broker("b");
@@ -624,7 +665,7 @@ async fn send_returns_only_after_the_row_is_durable() {
     assert_eq!(out["args"], json!("hi"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_executor_fails_only_its_dispatch() {
     let c = cluster(2, fast_config(), |r| {
         r.behaviour = Some(Arc::new(|_ctx, d| {
@@ -663,7 +704,7 @@ async fn a_panicking_executor_fails_only_its_dispatch() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn retryable_errors_retry_up_to_max_attempts() {
     let c = cluster(2, fast_config(), |r| {
         r.behaviour = Some(Arc::new(|ctx, _d| {
@@ -699,8 +740,9 @@ async fn retryable_errors_retry_up_to_max_attempts() {
     assert!(msg.contains("no attempts left"), "{msg}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn progress_extends_the_originators_wait() {
+    let clock = PausedClock::new();
     let config = HubConfig {
         wait_window: Duration::from_millis(400),
         ..fast_config()
@@ -718,6 +760,7 @@ async fn progress_extends_the_originators_wait() {
         },
     );
     let owner = Hub::builder(node("owner"))
+        .clock(clock.clone())
         .store(store.clone())
         .transport(Arc::new(transport.clone()))
         .executor(Arc::new(slow))
@@ -726,6 +769,7 @@ async fn progress_extends_the_originators_wait() {
         .await
         .unwrap();
     let origin = Hub::builder(node("origin"))
+        .clock(clock.clone())
         .store(store.clone())
         .transport(Arc::new(transport.clone()))
         .executor(Arc::new(broker_dispatch::hub::FnExecutor(|_c, _d| async {
@@ -744,7 +788,7 @@ async fn progress_extends_the_originators_wait() {
     assert_eq!(out, json!("finished"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn lost_notices_cost_latency_not_work() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
@@ -760,7 +804,7 @@ async fn lost_notices_cost_latency_not_work() {
     assert_eq!(out["node"], "node-0");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn graceful_shutdown_hands_back_and_releases() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
@@ -782,8 +826,9 @@ async fn graceful_shutdown_hands_back_and_releases() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn bad_input_is_a_typed_error_and_writes_nothing() {
+    let clock = PausedClock::new();
     let c = cluster(1, fast_config(), |_| {}).await;
     let hub = &c.hubs[0];
     assert!(BrokerId::new("").is_err());
@@ -821,6 +866,7 @@ async fn bad_input_is_a_typed_error_and_writes_nothing() {
         },
     ] {
         let err = Hub::builder(node("n"))
+            .clock(clock.clone())
             .store(c.store.clone())
             .executor(Arc::new(Recorder::new(&node("n"), &c.ledger)))
             .config(bad)
@@ -871,7 +917,7 @@ async fn bad_input_is_a_typed_error_and_writes_nothing() {
     assert_eq!(c.store.get(d.id).await.unwrap(), before);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn oversized_args_are_refused_before_anything_is_written() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let huge = json!("x".repeat(broker_dispatch::store::MAX_ARGS_BYTES + 1));
@@ -914,7 +960,7 @@ async fn oversized_args_are_refused_before_anything_is_written() {
     assert_eq!(out["args"], json!(1), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_repeated_idempotency_key_waits_for_the_first_dispatch() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");
@@ -941,7 +987,7 @@ async fn a_repeated_idempotency_key_waits_for_the_first_dispatch() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn dropping_the_last_handle_stops_the_hub() {
     let c = cluster(2, fast_config(), |_| {}).await;
     let b = broker("b");

@@ -124,3 +124,24 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A hub clock that follows tokio's (pausable) clock, so scenario tests run on paused time:
+/// leases, deadlines and freshness advance exactly as far as the test's timers do.
+#[derive(Debug)]
+#[allow(dead_code)] // not every test file that includes this module uses it
+pub struct PausedClock(tokio::time::Instant);
+
+#[allow(dead_code)]
+impl PausedClock {
+    /// A clock reading 2023-11-14 now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(PausedClock(tokio::time::Instant::now()))
+    }
+}
+
+impl broker_dispatch::hub::Clock for PausedClock {
+    fn now(&self) -> broker_dispatch::fsm::Timestamp {
+        broker_dispatch::fsm::Timestamp::from_micros(1_700_000_000_000_000)
+            .saturating_add(self.0.elapsed())
+    }
+}
