@@ -192,7 +192,7 @@ async fn three_hubs_twenty_flapping_brokers_five_thousand_commands() {
                 let hub = &hubs[rng.below(3) as usize];
                 let b = brokers[rng.below(20) as usize].clone();
                 let cmd = Command::new(b, "op", json!({ "n": n }));
-                if n % 3 == 0 {
+                if n.is_multiple_of(3) {
                     let r = hub.send(cmd).await.expect("send must succeed");
                     results.lock().push((None, Some(r.id)));
                 } else {
