@@ -359,7 +359,7 @@ impl BrokerConnection {
         // A remote call: a little latency, and now and then a transient failure.
         let h = ctx.id().as_uuid().as_u128() as u64 ^ self.seed;
         tokio::time::sleep(Duration::from_micros(200 + h % 800)).await;
-        if h % 50 == 0 && ctx.execution() == 1 {
+        if h.is_multiple_of(50) && ctx.execution() == 1 {
             return Err(ExecError::retry_after(
                 Duration::from_millis(5),
                 "broker busy",

@@ -190,7 +190,6 @@ impl From<IdError> for Error {
 
 #[cfg(test)]
 mod tests {
-    use std::error::Error as _;
 
     use super::*;
 
