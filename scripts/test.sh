@@ -72,6 +72,9 @@ fi
 step "demo (release)"
 cargo run --release --example cluster -- --commands 10000 | tail -n 1
 
+step "metrics exported to Prometheus (example self-test)"
+cargo run --release --example prometheus -- --self-test | tail -n 1
+
 step "deterministic cluster simulation (2,000 seeds)"
 cargo run --release --example simulate -- --seeds "${SIM_SEEDS:-2000}" | tail -n 1
 

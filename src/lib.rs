@@ -108,6 +108,8 @@
 //!
 //! Recorded through the [`metrics`](https://docs.rs/metrics) facade: install any recorder
 //! (e.g. a Prometheus exporter) and they appear; without one they cost nothing.
+//! `examples/prometheus.rs` exports them with `metrics-exporter-prometheus` (histograms as
+//! buckets), and `docs/grafana-dashboard.json` is a Grafana dashboard built on them.
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
