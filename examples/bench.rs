@@ -30,34 +30,22 @@ use tokio::sync::mpsc;
 #[allow(unreachable_pub, missing_docs)]
 mod pg;
 
-#[derive(Debug, Clone)]
+/// The benchmark harness: each workload against a baseline measured in the same run.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "bench")]
 struct Options {
+    /// Smaller workloads (checks that the harness runs; the figures are noisier).
+    #[arg(long)]
     quick: bool,
+    /// Also write the rows as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
     json: Option<String>,
+    /// Run only the workloads whose names start with these.
+    #[arg(long, value_name = "NAME", num_args = 1..)]
     only: Vec<String>,
-}
-
-fn parse_args() -> Result<Options, String> {
-    let mut o = Options {
-        quick: false,
-        json: None,
-        only: Vec::new(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--json" => o.json = Some(args.next().ok_or("--json needs a file")?),
-            "--only" => o.only.push(args.next().ok_or("--only needs a name")?),
-            "--bench" => {} // passed by `cargo bench`-style runners
-            "-h" | "--help" => {
-                return Err("usage: bench [--quick] [--json FILE] [--only NAME]...".into())
-            }
-            other if !other.starts_with('-') && !o.only.is_empty() => o.only.push(other.to_owned()),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(o)
+    /// Passed by `cargo bench`-style runners; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// One reported figure.
@@ -1366,13 +1354,7 @@ async fn pg_settings(env: &PgEnv) -> String {
 }
 
 fn main() {
-    let o = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let o = <Options as clap::Parser>::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

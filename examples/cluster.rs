@@ -25,7 +25,6 @@
 //! if any of `lost` to `over_attempts` is not 0.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,66 +46,36 @@ const ORIGINATORS: usize = 32;
 /// Ordering keys per broker.
 const AGENTS: usize = 4;
 
-#[derive(Debug)]
+/// The demo: three hubs, twenty flapping brokers, every command checked at the end.
+#[derive(Debug, clap::Parser)]
+#[command(name = "cluster")]
 struct Options {
+    /// Commands to send.
+    #[arg(long, default_value_t = 10_000)]
     commands: usize,
+    /// Seed of the originators' and the flapper's choices.
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The store the hubs share (postgres when --database-url is given).
+    #[arg(long, value_parser = ["sqlite", "memory", "postgres"], default_value = "sqlite")]
     store: String,
-    db: Option<std::path::PathBuf>,
+    /// The SQLite file (default: a temporary one).
+    #[arg(long, visible_alias = "db", value_name = "PATH")]
+    sqlite: Option<std::path::PathBuf>,
+    /// Run over Postgres, each hub with its own pool and LISTEN connection.
+    #[arg(long, value_name = "URL")]
     database_url: Option<String>,
-    round_trip: Option<usize>,
+    /// Measure N sequential cross-node round trips instead.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    round_trip: Option<u64>,
 }
 
-const USAGE: &str = "usage: cluster [--commands N] [--seed S] [--store sqlite|memory] [--db PATH] \
-                     [--database-url postgres://…] [--round-trip N]";
-
-fn parse_args() -> Result<Options, String> {
-    let mut o = Options {
-        commands: 10_000,
-        seed: 1,
-        store: default_store().to_owned(),
-        db: None,
-        database_url: None,
-        round_trip: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--commands" => {
-                o.commands = value("--commands")?
-                    .parse()
-                    .map_err(|e| format!("--commands: {e}"))?
-            }
-            "--seed" => {
-                o.seed = value("--seed")?
-                    .parse()
-                    .map_err(|e| format!("--seed: {e}"))?
-            }
-            "--store" => o.store = value("--store")?,
-            "--db" => o.db = Some(value("--db")?.into()),
-            "--database-url" => {
-                o.database_url = Some(value("--database-url")?);
-                o.store = "postgres".into();
-            }
-            "--round-trip" => {
-                let n: usize = value("--round-trip")?
-                    .parse()
-                    .map_err(|e| format!("--round-trip: {e}"))?;
-                if n == 0 {
-                    return Err("--round-trip needs at least 1".into());
-                }
-                o.round_trip = Some(n);
-            }
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
-        }
+fn parse_args() -> Options {
+    let mut o = <Options as clap::Parser>::parse();
+    if o.database_url.is_some() {
+        o.store = "postgres".into();
     }
-    Ok(o)
-}
-
-fn default_store() -> &'static str {
-    "sqlite"
+    o
 }
 
 /// One hub's store and transport.
@@ -138,7 +107,7 @@ async fn open_backends(o: &Options) -> Result<(Vec<Backend>, Cleanup), String> {
     let shared: Arc<dyn Store> = match o.store.as_str() {
         "memory" => Arc::new(MemoryStore::new()),
         "sqlite" => {
-            let path = match &o.db {
+            let path = match &o.sqlite {
                 Some(p) => p.clone(),
                 None => {
                     let dir =
@@ -389,13 +358,7 @@ enum Result_ {
 }
 
 fn main() {
-    let o = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let o = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -438,7 +401,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if let Some(n) = o.round_trip {
-        let r = round_trip(&hubs, n).await;
+        let r = round_trip(&hubs, usize::try_from(n)?).await;
         for h in &hubs {
             h.shutdown().await?;
         }
@@ -535,7 +498,6 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     bar.abort();
     stop.store(true, Ordering::Relaxed);
     flapper.await??;
-    eprintln!();
 
     // Settle: every open command must reach a terminal row.
     let outcomes = std::mem::take(&mut *outcomes.lock());
@@ -725,16 +687,14 @@ async fn flap(
 }
 
 async fn progress(finished: Arc<AtomicUsize>, total: usize) {
+    // Drawn on stderr, and only on a terminal: the summary on stdout stays machine-readable.
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("[{bar:40}] {pos}/{len} commands ({per_sec})")
+            .expect("a valid template")
+            .progress_chars("#> "),
+    );
     loop {
-        let n = finished.load(Ordering::Relaxed);
-        let width = 40;
-        let filled = (n * width).checked_div(total).unwrap_or(width).min(width);
-        eprint!(
-            "\r[{}{}] {n}/{total}",
-            "#".repeat(filled),
-            " ".repeat(width - filled)
-        );
-        let _ = std::io::stderr().flush();
+        bar.set_position(finished.load(Ordering::Relaxed) as u64);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

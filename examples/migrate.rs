@@ -14,44 +14,38 @@
 
 use broker_dispatch::migrate::{sqlite_to_postgres, MigrateOptions};
 
-const USAGE: &str = "usage: migrate --from SQLITE_DSN --to POSTGRES_URL [--schema S] \
-                     [--batch N] [--drop-source]";
-
-fn parse_args() -> Result<(String, String, MigrateOptions), String> {
-    let mut from = None;
-    let mut to = None;
-    let mut opts = MigrateOptions::default();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--from" => from = Some(value("--from")?),
-            "--to" => to = Some(value("--to")?),
-            "--schema" => opts.schema = value("--schema")?,
-            "--batch" => {
-                opts.batch = value("--batch")?
-                    .parse()
-                    .map_err(|e| format!("--batch: {e}"))?
-            }
-            "--drop-source" => opts.drop_source = true,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    match (from, to) {
-        (Some(from), Some(to)) => Ok((from, to, opts)),
-        _ => Err(format!("--from and --to are required\n{USAGE}")),
-    }
+/// Copies a SQLite deployment into Postgres, exactly and idempotently.
+#[derive(Debug, clap::Parser)]
+#[command(name = "migrate")]
+struct Cli {
+    /// The SQLite database: a path, `sqlite:PATH` or `file:PATH`.
+    #[arg(long, value_name = "SQLITE_DSN")]
+    from: String,
+    /// The Postgres database: `postgres://…`.
+    #[arg(long, value_name = "POSTGRES_URL")]
+    to: String,
+    /// The destination schema.
+    #[arg(long, default_value = "broker_dispatch")]
+    schema: String,
+    /// Rows per page read from the source.
+    #[arg(long, value_name = "N")]
+    batch: Option<u32>,
+    /// Delete the SQLite file and its companions after the copy commits.
+    #[arg(long)]
+    drop_source: bool,
 }
 
 fn main() {
-    let (from, to, opts) = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
+    let cli = <Cli as clap::Parser>::parse();
+    let mut opts = MigrateOptions {
+        schema: cli.schema,
+        drop_source: cli.drop_source,
+        ..MigrateOptions::default()
     };
+    if let Some(batch) = cli.batch {
+        opts.batch = batch;
+    }
+    let (from, to) = (cli.from, cli.to);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -29,8 +29,6 @@ use broker_dispatch::ExecError;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const USAGE: &str = "usage: prometheus [--listen ADDR] [--self-test]";
-
 /// The series the dashboard in `docs/grafana-dashboard.json` is built on, with a label
 /// each must carry where it has one: the self-test fails if the exporter does not serve them.
 const EXPECTED: &[&str] = &[
@@ -48,24 +46,23 @@ const EXPECTED: &[&str] = &[
     "broker_dispatch_oldest_pending_seconds",
 ];
 
+/// Two hubs running a steady mix of commands, their metrics served to Prometheus.
+#[derive(Debug, clap::Parser)]
+#[command(name = "prometheus")]
+struct Options {
+    /// Where to serve `/metrics`.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    listen: SocketAddr,
+    /// Run a fixed workload, scrape `/metrics` once, check it and exit.
+    #[arg(long)]
+    self_test: bool,
+}
+
 fn main() {
-    let mut listen: SocketAddr = "127.0.0.1:9464".parse().expect("a socket address");
-    let mut self_test = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--listen" => match args.next().and_then(|v| v.parse().ok()) {
-                Some(addr) => listen = addr,
-                None => usage_error("--listen needs an address such as 127.0.0.1:9464"),
-            },
-            "--self-test" => self_test = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return;
-            }
-            other => usage_error(&format!("unknown argument {other:?}")),
-        }
-    }
+    let Options {
+        mut listen,
+        self_test,
+    } = <Options as clap::Parser>::parse();
     if self_test {
         // Any free port: the self-test scrapes itself.
         listen.set_port(0);
@@ -80,11 +77,6 @@ fn main() {
     if let Err(e) = rt.block_on(run(listen, self_test)) {
         fail(&e.to_string());
     }
-}
-
-fn usage_error(msg: &str) -> ! {
-    eprintln!("{msg}\n{USAGE}");
-    std::process::exit(2);
 }
 
 fn fail(msg: &str) -> ! {

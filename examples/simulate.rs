@@ -2127,65 +2127,68 @@ fn quiet_simulated_panics() {
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-#[derive(Debug)]
+/// The deterministic cluster simulation: seeded runs of several hubs over one store with
+/// faults injected, each checked against the invariants.
+#[derive(Debug, clap::Parser)]
+#[command(name = "simulate")]
+struct Cli {
+    /// Seeds to run: N (0..N) or A..B.
+    #[arg(long, value_name = "N|A..B", default_value = "200", value_parser = parse_seeds, conflicts_with = "seed")]
+    seeds: std::ops::Range<u64>,
+    /// Replay one seed, printing its trace.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Longer runs per seed.
+    #[arg(long)]
+    soak: bool,
+    /// Also check the strict invariants.
+    #[arg(long)]
+    strict: bool,
+    /// Disable one store guard, to see the simulation catch it.
+    #[arg(long, value_name = "NAME", value_parser = parse_fault)]
+    fault: Option<SimFault>,
+}
+
+fn parse_seeds(v: &str) -> Result<std::ops::Range<u64>, String> {
+    match v.split_once("..") {
+        Some((lo, hi)) => Ok(lo.parse().map_err(|e| format!("{v}: {e}"))?
+            ..hi.parse().map_err(|e| format!("{v}: {e}"))?),
+        None => Ok(0..v.parse().map_err(|e| format!("{v}: {e}"))?),
+    }
+}
+
+fn parse_fault(name: &str) -> Result<SimFault, String> {
+    SimFault::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SimFault::ALL.iter().map(|(n, _)| *n).collect();
+            format!("unknown fault {name} (one of {})", names.join(", "))
+        })
+}
+
 struct Args {
     seeds: std::ops::Range<u64>,
     opts: SimOptions,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut seeds = 0..200;
-    let mut opts = SimOptions::default();
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--seeds" => {
-                let v = value()?;
-                seeds = match v.split_once("..") {
-                    Some((lo, hi)) => {
-                        lo.parse().map_err(|e| format!("{v}: {e}"))?
-                            ..hi.parse().map_err(|e| format!("{v}: {e}"))?
-                    }
-                    None => 0..v.parse().map_err(|e| format!("{v}: {e}"))?,
-                };
-            }
-            "--seed" => {
-                let s: u64 = value()?.parse().map_err(|e| format!("--seed: {e}"))?;
-                seeds = s..s + 1;
-                opts.verbose = true;
-            }
-            "--soak" => opts.soak = true,
-            "--strict" => opts.strict = true,
-            "--fault" => {
-                let name = value()?;
-                opts.fault = Some(
-                    SimFault::ALL
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .map(|(_, f)| *f)
-                        .ok_or(format!("unknown fault {name}"))?,
-                );
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok(Args { seeds, opts })
-}
-
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("simulate: {e}");
-            let faults: Vec<&str> = SimFault::ALL.iter().map(|(n, _)| *n).collect();
-            eprintln!(
-                "usage: simulate [--seeds N | --seeds A..B | --seed S] [--soak] [--strict] [--fault {}]",
-                faults.join("|")
-            );
-            std::process::exit(2);
-        }
+    let cli = <Cli as clap::Parser>::parse();
+    let mut opts = SimOptions {
+        soak: cli.soak,
+        strict: cli.strict,
+        fault: cli.fault,
+        ..SimOptions::default()
     };
+    let seeds = match cli.seed {
+        Some(s) => {
+            opts.verbose = true;
+            s..s + 1
+        }
+        None => cli.seeds,
+    };
+    let args = Args { seeds, opts };
     let started = std::time::Instant::now();
     let (mut n, mut bad, mut events, mut rows) = (0u64, 0u64, 0u64, 0usize);
     let (mut execs, mut keyed, mut stale, mut releases) = (0usize, 0usize, 0usize, 0u32);
