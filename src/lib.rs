@@ -156,6 +156,9 @@ pub mod migrate;
 mod pg;
 pub mod store;
 mod sync;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 pub mod transport;
 
 pub use error::{BoxError, Error, ExecError, StoreError, TransportError};
