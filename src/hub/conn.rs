@@ -25,8 +25,11 @@ use futures::Stream;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, Notify};
 
-use super::{drain, Shared};
+use super::{drain, Hub, Shared};
+use crate::error::Error;
 use crate::fsm::{BrokerId, DispatchId, SessionId, Timestamp};
+use crate::store::{ConnectOutcome, ConnectParams, DisconnectParams};
+use crate::transport::Notice;
 
 /// The application's handle for one broker connection (a channel to its socket, say), as given
 /// to [`Hub::connect`](super::Hub::connect).
@@ -410,4 +413,176 @@ pub(crate) fn check_cancel(sh: &Arc<Shared>, id: DispatchId) {
             }
         }
     });
+}
+
+// The hub's connection API: connect, disconnect, hear of losses, size a broker's slots.
+impl Hub {
+    /// Whether `broker` is connected to this node.
+    pub fn is_connected(&self, broker: &BrokerId) -> bool {
+        self.shared.conns.lock().contains_key(broker)
+    }
+
+    /// The broker connections this node loses from now on, and why: close their sockets.
+    /// Each reader gets every loss (a slow one keeps the last [`LOST_BUFFER`]); the stream ends
+    /// when the hub is dropped.
+    pub fn lost(&self) -> LostStream {
+        LostStream::new(self.shared.lost.subscribe())
+    }
+
+    /// A broker's control connection arrived at this node: claim its affinity (newest
+    /// connection wins, by `connected_at`) and drain its pending work.
+    ///
+    /// `conn` is the application's handle for this connection (a channel to its socket, say;
+    /// `()` when the executor needs none): every execution for the broker on this node gets it
+    /// from [`ExecContext::conn`](super::ExecContext::conn), with the session it belongs to. When the node loses the
+    /// connection, [`lost`](Hub::lost) says so. A newer connection replaces an older one of the
+    /// same broker on this node, and the node holding an older one elsewhere is told at once
+    /// (a signal, which makes it read the broker's affinity).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Superseded`] if a newer session of the broker already holds it (this
+    /// connection is stale and should be closed); store errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped after the store accepted the claim, the affinity names this node but the hub
+    /// does not know the connection; it goes stale after `freshness` and routing ignores it.
+    pub async fn connect<C: Send + Sync + 'static>(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        conn: C,
+    ) -> Result<(), Error> {
+        // Stamped by the store's clock (the database's on Postgres) unless the hub runs on a
+        // clock of its own: a node whose clock is off cannot order connections wrongly.
+        let connected_at = self.shared.store_now();
+        self.connect_with(broker, session, Arc::new(conn), connected_at)
+            .await
+    }
+
+    /// [`connect`](Hub::connect) with an explicit `connected_at` (when the connection was
+    /// accepted, if that was earlier than now).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Hub::connect).
+    pub async fn connect_at<C: Send + Sync + 'static>(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        conn: C,
+        connected_at: Timestamp,
+    ) -> Result<(), Error> {
+        self.connect_with(broker, session, Arc::new(conn), Some(connected_at))
+            .await
+    }
+
+    async fn connect_with(
+        &self,
+        broker: BrokerId,
+        session: SessionId,
+        handle: ConnHandle,
+        connected_at: Option<Timestamp>,
+    ) -> Result<(), Error> {
+        let sh = &self.shared;
+        if sh.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let outcome = sh
+            .bounded(sh.store.connect(ConnectParams {
+                broker: broker.clone(),
+                node: sh.node.clone(),
+                session: session.clone(),
+                connected_at,
+                now: sh.store_now(),
+            }))
+            .await?;
+        match outcome {
+            ConnectOutcome::Claimed(affinity) => {
+                let connected_at = affinity.connected_at;
+                let replaced = {
+                    let mut conns = sh.conns.lock();
+                    let newer = conns
+                        .get(&broker)
+                        .is_none_or(|c| (connected_at, &session) >= (c.connected_at, &c.session));
+                    if !newer {
+                        return Err(Error::Superseded);
+                    }
+                    conns
+                        .insert(
+                            broker.clone(),
+                            LocalConn {
+                                session: session.clone(),
+                                connected_at,
+                                handle,
+                            },
+                        )
+                        .filter(|old| old.session != session)
+                };
+                if let Some(old) = replaced {
+                    announce_loss(sh, &broker, &old.session, LostReason::Superseded);
+                }
+                tracing::debug!(node = %sh.node, %broker, "broker connected");
+                drain::schedule(sh, &broker);
+                // Whichever node held an older connection reads the affinity on this signal
+                // and lets it go now, not at its next refresh.
+                sh.publish(Notice::Signal {
+                    broker: broker.clone(),
+                })
+                .await;
+                Ok(())
+            }
+            ConnectOutcome::Superseded(_) => Err(Error::Superseded),
+        }
+    }
+
+    /// A broker's control connection went away: forget it locally and release its affinity,
+    /// both only if `session` is still the current one (a teardown of an old session after a
+    /// newer connect changes nothing). Returns whether it released anything. Executions already
+    /// running for it finish and record their outcomes; nothing new starts on that session.
+    ///
+    /// # Errors
+    ///
+    /// Store errors (the local map is updated first regardless).
+    pub async fn disconnect(&self, broker: &BrokerId, session: &SessionId) -> Result<bool, Error> {
+        let sh = &self.shared;
+        let removed = forget(sh, broker, session, LostReason::Released);
+        let released = sh
+            .bounded(sh.store.disconnect(DisconnectParams {
+                broker: broker.clone(),
+                node: sh.node.clone(),
+                session: session.clone(),
+                now: sh.store_now(),
+            }))
+            .await?;
+        if removed || released {
+            tracing::debug!(node = %sh.node, %broker, "broker disconnected");
+        }
+        Ok(removed || released)
+    }
+
+    /// Sets how many executions of `broker` may run at once on this node (`None`: back to
+    /// [`HubConfig::max_in_flight`](super::HubConfig::max_in_flight)). Takes effect at the broker's next claim; running
+    /// executions are not interrupted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for 0 or more than [`MAX_BATCH`](crate::store::MAX_BATCH).
+    pub fn set_max_in_flight(&self, broker: &BrokerId, n: Option<u32>) -> Result<(), Error> {
+        let sh = &self.shared;
+        match n {
+            Some(n) => {
+                super::config::check_slots("max_in_flight", n)?;
+                sh.slots.lock().insert(broker.clone(), n);
+            }
+            None => {
+                sh.slots.lock().remove(broker);
+            }
+        }
+        if sh.conns.lock().contains_key(broker) {
+            drain::schedule(sh, broker);
+        }
+        Ok(())
+    }
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{outcome_of_row, Shared};
+use super::{Hub, Shared};
 use crate::error::{Error, StoreError};
-use crate::fsm::{Dispatch, DispatchId, DispatchState, RollingDeadline, Timestamp};
+use crate::fsm::{Dispatch, DispatchId, DispatchState, FailReason, RollingDeadline, Timestamp};
 use crate::store::CancelParams;
 
 /// One registration's entry in the hub's waiter map: its token and its notifier.
@@ -168,5 +168,42 @@ impl Seen {
             attempt: d.attempt,
             progress_seq: d.progress.as_ref().map(|p| p.seq),
         }
+    }
+}
+
+impl Hub {
+    /// Waits for a dispatch written by [`send`](Hub::send) (or by another node) to finish, with
+    /// the rolling deadline of [`dispatch`](Hub::dispatch). Unlike `dispatch`, it does not
+    /// cancel the row when it gives up.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Failed`], [`Error::TimedOut`], [`StoreError::NotFound`] (as
+    /// [`Error::Store`]).
+    pub async fn wait(&self, id: DispatchId) -> Result<serde_json::Value, Error> {
+        let sh = &self.shared;
+        let waiter = Registration::new(sh, id).observe_only();
+        let d = sh
+            .bounded(sh.store.get(id))
+            .await?
+            .ok_or(Error::Store(StoreError::NotFound(id)))?;
+        let done = waiter.wait(d).await?;
+        Ok(done.result.unwrap_or(serde_json::Value::Null))
+    }
+}
+
+/// The outcome a row reports to its originator: the `done` row itself, the failure of a
+/// `failed` one; one not yet finished (the wait gave up) is [`Error::TimedOut`].
+pub(crate) fn outcome_of_row(d: Dispatch) -> Result<Dispatch, Error> {
+    match d.state {
+        DispatchState::Done => Ok(d),
+        DispatchState::Failed => Err(Error::Failed {
+            id: d.id,
+            reason: d.failure.unwrap_or(FailReason::Error(String::new())),
+        }),
+        DispatchState::Pending | DispatchState::InProgress => Err(Error::TimedOut {
+            id: d.id,
+            last_state: d.state,
+        }),
     }
 }
