@@ -1206,3 +1206,71 @@ fn the_metrics_table_lists_every_metric_recorded() {
         "the metrics table in src/lib.rs is out of date"
     );
 }
+
+/// Through a backlog, a drain refills its slots in whole batches: about one claim per
+/// `claim_batch` rows, not a claim for each slot as it frees while outcomes are being written
+/// (a round trip and a commit for a row or two: 124 claims here before).
+#[tokio::test(start_paused = true)]
+async fn a_backlog_is_claimed_and_finished_in_whole_batches() {
+    use broker_dispatch::store::NewDispatch;
+    use broker_dispatch::testkit::{Fault, FaultStore, StoreOp};
+
+    let store = Arc::new(FaultStore::new(MemoryStore::new()));
+    let clock = PausedClock::new();
+    let b = broker("b1");
+    for i in 0..1_000 {
+        let mut new = NewDispatch::new(b.clone(), "op", json!(i));
+        new.now = Some(clock.now());
+        store.insert(new).await.unwrap();
+    }
+    // Executions of a batch end at different moments, over 10 ms.
+    let executor = broker_dispatch::hub::FnExecutor(|_ctx, d: Dispatch| async move {
+        let n = d.args.as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(n % 10)).await;
+        Ok(json!(n))
+    });
+    let hub = Hub::builder(node("n"))
+        .clock(clock)
+        .store(store.clone())
+        .executor(Arc::new(executor))
+        .config(HubConfig {
+            claim_batch: 100,
+            max_in_flight: 100,
+            ..fast_config()
+        })
+        .start()
+        .await
+        .unwrap();
+    // Each group commit takes a moment, as a real one does: slots free while it runs.
+    store.inject_n(
+        StoreOp::Finish,
+        Fault::Delay(Duration::from_millis(2)),
+        10_000,
+    );
+    hub.connect(b, session("s1"), ()).await.unwrap();
+    let rows = || async {
+        broker_dispatch::store::list_all(
+            store.as_ref(),
+            broker_dispatch::store::ListFilter {
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    };
+    eventually(Duration::from_secs(30), "every row done", || async {
+        rows().await.iter().all(|d| d.state == DispatchState::Done)
+    })
+    .await;
+    let (claims, finishes) = (store.calls(StoreOp::Claim), store.calls(StoreOp::Finish));
+    // Ten full batches, plus the claim that finds the backlog empty and a catch-up poll or two.
+    assert!(
+        claims <= 15,
+        "{claims} claims for 1,000 rows in batches of 100"
+    );
+    // Outcomes that trickle in over 10 ms while a commit takes 2 ms: a handful of group
+    // commits per batch, never one per row.
+    assert!(finishes <= 100, "{finishes} finish calls for 1,000 rows");
+    hub.shutdown().await.unwrap();
+}

@@ -37,6 +37,8 @@ pub(crate) struct Runner {
     wake: Notify,
     /// Executions running now (slots in use).
     in_flight: AtomicU32,
+    /// The last claim was full: the broker has a backlog, so slots are refilled in batches.
+    backlog: AtomicBool,
     pub(crate) finisher: Finisher,
     /// The runner's own task and its finisher's.
     tasks: Mutex<Vec<AbortHandle>>,
@@ -51,6 +53,7 @@ impl Runner {
             dirty: AtomicBool::new(true),
             wake: Notify::new(),
             in_flight: AtomicU32::new(0),
+            backlog: AtomicBool::new(false),
             finisher: Finisher::new(),
             tasks: Mutex::new(Vec::new()),
             execs: Mutex::new(JoinSet::new()),
@@ -79,6 +82,11 @@ impl Runner {
     /// Executions running now.
     pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether the broker has a backlog (the last claim was full).
+    pub(crate) fn has_backlog(&self) -> bool {
+        self.backlog.load(Ordering::Acquire)
     }
 
     fn is_idle(&self) -> bool {
@@ -171,7 +179,13 @@ async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
         };
         let limit = sh.max_in_flight(&r.broker);
         let free = limit.saturating_sub(r.in_flight.load(Ordering::Acquire));
-        if free == 0 || !r.dirty.swap(false, Ordering::AcqRel) {
+        // Through a backlog, refill in batches: while outcomes are still being written (each
+        // written batch frees more slots and wakes this runner), a claim for the first slot or
+        // two to free up would cost a round trip and a commit for a row or two. Without a
+        // backlog, or once nothing is left to write, free slots are filled at once.
+        let refill = limit.min(sh.config.claim_batch);
+        let batching = r.backlog.load(Ordering::Acquire) && free < refill && !r.finisher.is_idle();
+        if free == 0 || batching || !r.dirty.swap(false, Ordering::AcqRel) {
             r.wake.notified().await;
             continue;
         }
@@ -194,6 +208,8 @@ async fn run(sh: Arc<Shared>, r: Arc<Runner>) {
             .record(started.elapsed().as_secs_f64());
         match claimed {
             Ok(claimed) => {
+                r.backlog
+                    .store(claimed.len() as u32 >= want, Ordering::Release);
                 if claimed.len() as u32 >= want {
                     // Maybe more: claim again once slots are free.
                     r.dirty.store(true, Ordering::Release);
